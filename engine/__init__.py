@@ -1,0 +1,1 @@
+"""CMD engine: models, configs, pipeline, backends and the command-line tools."""

