@@ -1,0 +1,1 @@
+"""Training code for CMD video diffusion: data sets, attribute metrics, training loops."""
