@@ -1,0 +1,112 @@
+"""``cudagraph``: the content-UNet step and the motion-DiT step replayed as captured CUDA graphs.
+
+One graph per shape bucket (network, batch bucket, input shapes, dtypes), captured on first use:
+inputs are copied into static buffers, the step is warmed up on a side stream (cuDNN/cuBLAS
+heuristics, Triton autotuning and lazy allocations happen there, not in the graph), then captured
+into a memory pool shared by all graphs of the backend (they never run concurrently). Graphs are
+cached for the life of the backend, so later pipeline calls of the same shapes replay at once.
+
+The CFG batch (conditional and unconditional halves) is one input of one graph. With
+``device_scheduler = True`` the pipeline runs the scheduler as device tables, so a denoising loop
+enqueues copies, replays and a few elementwise ops and never waits on the host.
+
+Caveats (as with every graph engine): captured graphs read the parameter *storage* they saw at
+capture; after replacing parameters call :meth:`reset`. The AE decoder runs once per video and
+stays eager.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from engine.backends import register_backend
+from engine.backends.eager import EagerBackend
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: List[torch.Tensor]  # static input buffers, batch = bucket size
+    output: torch.Tensor  # static output buffer
+
+
+@register_backend("cudagraph")
+class CUDAGraphBackend(EagerBackend):
+    """``warmup_iters``: eager runs before each capture; ``batch_buckets``: optional batch sizes
+    (e.g. ``(2, 4, 8, 16)``) that each batch is padded up to, so fewer graphs serve more batch sizes;
+    without it every batch size is its own bucket."""
+
+    device_scheduler = True
+
+    def __init__(self, model, device=None, dtype=None, warmup_iters: int = 3,
+                 batch_buckets: Optional[Sequence[int]] = None):
+        super().__init__(model, device, dtype)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"backend 'cudagraph' needs a CUDA device, got {str(self.device)!r}")
+        if warmup_iters < 1:
+            raise ValueError(f"warmup_iters must be >= 1 before a capture, got {warmup_iters}")
+        self.warmup_iters = warmup_iters
+        self.batch_buckets = tuple(sorted(batch_buckets)) if batch_buckets else None
+        self.captures = 0  # how many graphs were captured (tests check the cache with it)
+        self.reset()
+
+    def reset(self) -> None:
+        self._graphs: Dict[Tuple, _Captured] = {}
+        self._pool = None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def unet_step(self, sample, timestep, states):
+        return self._replay("unet", super().unet_step, (sample, timestep, states))
+
+    def dit_step(self, motion, timestep, content, text):
+        return self._replay("dit", super().dit_step, (motion, timestep, content, text))
+
+    def _bucket(self, n: int) -> int:
+        if self.batch_buckets is None:
+            return n
+        for size in self.batch_buckets:
+            if size >= n:
+                return size
+        return n  # larger than every bucket: its own graph
+
+    @torch.no_grad()
+    def _replay(self, kind: str, fn: Callable, inputs: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        n = inputs[0].shape[0]
+        bucket = self._bucket(n)
+        key = (kind, bucket) + tuple((tuple(x.shape[1:]), x.dtype) for x in inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(fn, inputs, bucket)
+        for buf, x in zip(entry.inputs, inputs):
+            buf[:n].copy_(x, non_blocking=True)
+        entry.graph.replay()
+        return entry.output[:n]
+
+    def _capture(self, fn: Callable, inputs: Tuple[torch.Tensor, ...], bucket: int) -> _Captured:
+        with torch.cuda.device(self.device):
+            # Pad rows repeat real inputs, so padded samples stay finite and cost only compute.
+            static = [self._padded(x, bucket) for x in inputs]
+            stream = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup_iters):
+                    fn(*static)
+            stream.wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = fn(*static)
+        self.captures += 1
+        return _Captured(graph, static, output)
+
+    @staticmethod
+    def _padded(x: torch.Tensor, bucket: int) -> torch.Tensor:
+        n = x.shape[0]
+        index = torch.arange(bucket, device=x.device) % n
+        return x.index_select(0, index).contiguous()

@@ -1,0 +1,63 @@
+"""Where models come from: the shipped default weights, a model folder, or random weights.
+
+A model spec (``--model`` on the command line, ``CMDPipeline.from_pretrained(spec)``) is one of
+
+- ``default`` (or nothing): the shipped weights in ``engine/weights/default/``, a CMDModel folder;
+- a path to a folder written by ``CMDModel.save_pretrained``;
+- ``random:<config>``: random weights for a named config or a config JSON file, with a random-weight
+  text encoder (:mod:`engine.random_text`); for benchmarks and tests, e.g. ``random:ucf101-64``.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.configs import CMDConfig, load_config
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DEFAULT_MODEL_DIR = os.path.join(WEIGHTS_DIR, "default")
+CONFIG_FILE = "cmd_config.json"  # as engine.models.bundle writes it
+RANDOM_PREFIX = "random:"
+
+
+@dataclass
+class ModelSpec:
+    """A resolved spec: ``path`` (a model folder) or ``random_config`` (random weights)."""
+
+    path: Optional[str] = None
+    random_config: Optional[str] = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.random_config is not None
+
+    def load_config(self) -> CMDConfig:
+        """The model's config alone (cheap: no weights), for validating a request first."""
+        if self.is_random:
+            return load_config(self.random_config)
+        return load_config(os.path.join(self.path, CONFIG_FILE))
+
+
+def default_model_dir() -> str:
+    """The shipped default model folder; a clear ValueError where this install has none."""
+    if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, CONFIG_FILE)):
+        raise ValueError(f"no default weights yet: {DEFAULT_MODEL_DIR} holds no model in this install; "
+                         "pass --model DIR (a CMD model folder) or --model random:default")
+    return DEFAULT_MODEL_DIR
+
+
+def resolve_model(spec: Optional[str] = None) -> ModelSpec:
+    """``default`` / None, a model folder, or ``random:<config>`` -> :class:`ModelSpec`."""
+    if spec is None or spec == "default":
+        return ModelSpec(path=default_model_dir())
+    if spec.startswith(RANDOM_PREFIX):
+        name = spec[len(RANDOM_PREFIX):]
+        load_config(name)  # a ValueError naming the config if it is unknown
+        return ModelSpec(random_config=name)
+    if not os.path.exists(spec):
+        raise ValueError(f"model folder not found: {spec!r} (a CMD model folder, 'default' or random:<config>)")
+    if not os.path.isdir(spec):
+        raise ValueError(f"model path is not a folder: {spec!r}")
+    if not os.path.isfile(os.path.join(spec, CONFIG_FILE)):
+        raise ValueError(f"not a CMD model folder (no {CONFIG_FILE}): {spec!r}")
+    return ModelSpec(path=spec)

@@ -1,0 +1,489 @@
+"""CMDPipeline: text (or an image) -> video, in the diffusers style (DESIGN 2 and 6).
+
+    prompts --text encoder--> token states, pooled
+      --content UNet loop (CFG with a negative prompt)--> content frame xbar   [or a given image]
+      --motion DiT loop (CFG on the text only; xbar in both halves)--> motion latent z
+      --AE decoder(xbar, z)--> frames   [--image VAE per frame, chunked, latent mode]
+
+The networks run through a backend (:mod:`engine.backends`); the pipeline builds the CFG batches,
+runs the scheduler loops (:mod:`engine.schedulers`), draws the noise and times the stages.
+
+Seeds: noise is drawn on the CPU from one generator per prompt (``generator=seed`` gives prompt i
+the seed ``seed + i``), so a prompt's video does not depend on the batch it ran in or the device.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.backends import Backend, get_backend
+from engine.configs import CMDConfig
+from engine.default_model import ModelSpec, resolve_model
+from engine.models.bundle import CMDModel
+from engine.profiling import StageTimer, nvtx_range
+from engine.schedulers import SCHEDULERS, make_sampler
+
+OUTPUT_TYPES = ("np", "pt", "latent")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_SIZE_FACTOR = 4  # sizes up to 4x the training size per side (positions are sin-cos, so they extend)
+
+Generator = Union[None, int, torch.Generator, Sequence[torch.Generator]]
+
+
+@dataclass
+class CMDPipelineOutput:
+    """``frames``: (B, L, H, W, 3) float32 numpy in [0, 1] ("np"), (B, L, 3, H, W) torch in [0, 1]
+    ("pt"), or None ("latent"). ``content`` (B, C, H, W) and ``motion`` (B, D, L, H'+W') are the
+    generated latents (content in [-1, 1] pixels in pixel mode). ``timings``: seconds per stage
+    (text, content, motion, decode, vae) and total. ``prompts``: the prompt of each video.
+    Batch order: prompt, then video of that prompt, then motion variation."""
+
+    frames: Any
+    content: torch.Tensor
+    motion: torch.Tensor
+    timings: Dict[str, float] = field(default_factory=dict)
+    prompts: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    """A validated generation request (see :func:`check_request`)."""
+
+    num_frames: int
+    height: int
+    width: int
+    steps: int
+    motion_steps: int
+    guidance: float
+    motion_guidance: float
+    scheduler: str
+    num_videos: int
+    motion_variations: int
+
+    @property
+    def generated_frames(self) -> int:
+        """The motion DiT patches time by 2: odd frame counts are generated one longer and trimmed."""
+        return self.num_frames + self.num_frames % 2
+
+
+def size_multiple(config: CMDConfig) -> int:
+    """Heights and widths (pixels) the model supports are multiples of this: the AE patch times the
+    DiT's motion patch (H' + W' must split into DiT patches), the DiT's content patch and the UNet's
+    downsampling, in latent pixels, times the VAE factor."""
+    down = len(config.content_unet.get("down_block_types", (0, 0, 0, 0)))
+    unet = 2 ** max(down - 1, 0)
+    latent = math.lcm(config.autoencoder.patch_size * config.motion_dit.patch_size,
+                      config.motion_dit.content_patch_size, unet)
+    return latent * config.vae_scale
+
+
+def _int(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}{why}, got {value}")
+    return int(value)
+
+
+def _guidance(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_request(config: CMDConfig, num_frames=None, height=None, width=None, num_inference_steps=None,
+                  motion_steps=None, guidance_scale=None, motion_guidance_scale=None, scheduler=None,
+                  num_videos_per_prompt=1, motion_variations=1) -> Request:
+    """Fill defaults from ``config.sampling`` and validate everything about a request; a ValueError
+    naming the bad value otherwise. Needs only the config, so callers can check before loading weights."""
+    s = config.sampling
+    frames = _int("num_frames", config.num_frames if num_frames is None else num_frames, 1, config.num_frames,
+                  f" for this model (trained on {config.num_frames} frames)")
+    mult = size_multiple(config)
+    sizes = {}
+    for name, value, trained in (("height", height, config.height), ("width", width, config.width)):
+        value = _int(name, trained if value is None else value, mult, MAX_SIZE_FACTOR * trained,
+                     f" for this model (trained at {config.height}x{config.width})")
+        if value % mult:
+            raise ValueError(f"{name} must be a multiple of {mult} for this model, got {value}")
+        sizes[name] = value
+    train_steps = config.content_scheduler.num_train_timesteps
+    steps = _int("num_inference_steps", s.get("steps", 25) if num_inference_steps is None else num_inference_steps,
+                 1, train_steps)
+    mtrain = config.motion_scheduler.num_train_timesteps
+    msteps = _int("motion_steps", s.get("motion_steps", steps) if motion_steps is None else motion_steps, 1, mtrain)
+    guidance = _guidance("guidance_scale", s.get("guidance", 4.0) if guidance_scale is None else guidance_scale)
+    mguidance = _guidance("motion_guidance_scale",
+                          s.get("motion_guidance", guidance) if motion_guidance_scale is None else motion_guidance_scale)
+    scheduler = s.get("scheduler", "ddim") if scheduler is None else scheduler
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1)
+    variations = _int("motion_variations", motion_variations, 1)
+    return Request(frames, sizes["height"], sizes["width"], steps, msteps, guidance, mguidance, scheduler,
+                   videos, variations)
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; choose from {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_device(device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' (or a torch.device); a ValueError if unknown or CUDA is missing."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def load_text_encoder(config: CMDConfig, random_weights: bool = False):
+    """The text encoder a config names (MiniLM or CLIP), or a random-weight one (``random_weights``
+    or ``text_encoder.kind == "random"``) of the config's width and length."""
+    cfg = config.text_encoder
+    if random_weights or cfg.kind == "random":
+        from engine.random_text import RandomTextEncoder
+
+        return RandomTextEncoder(cfg.hidden_size, cfg.max_length)
+    from engine.models.text import TextEncoder
+
+    try:
+        return TextEncoder.from_config(cfg)
+    except (RuntimeError, OSError) as e:  # package missing or folder unreadable
+        raise ValueError(f"cannot load the text encoder ({cfg.kind}): {str(e).splitlines()[0]}") from None
+
+
+def _prompt_list(name: str, value, n: Optional[int] = None) -> List[str]:
+    if isinstance(value, str):
+        return [value] * (n or 1)
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+    if n is not None and len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+    return list(value)
+
+
+def _generators(generator: Generator, n: int) -> List[Optional[torch.Generator]]:
+    """One generator per prompt: an int seeds prompt i with seed + i; one Generator is shared in order."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * n
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        return [torch.Generator().manual_seed(int(generator) + i) for i in range(n)]
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != n:
+            raise ValueError(f"got {len(generator)} generators for {n} prompts")
+        return list(generator)
+    raise ValueError(f"generator must be None, a seed, a torch.Generator or one per prompt, got {generator!r}")
+
+
+def _randn(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+class _Progress:
+    """A tqdm bar per loop. On CUDA it is kept honest without stalling the device: after enqueuing
+    step i it waits for step i - 1 to finish, so the device always has one step queued."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.cuda = enabled and device.type == "cuda"
+        self._pending = None
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def step(self) -> None:
+        if not self.enabled:
+            return
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            if self._pending is not None:
+                self._pending.synchronize()
+                self.bar.update(1)
+            self._pending = event
+        else:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.synchronize()
+            self.bar.update(1)
+            self._pending = None
+        if self.bar is not None:
+            self.bar.close()
+
+
+class CMDPipeline:
+    """``CMDPipeline(model, text_encoder, backend="eager")``: the model's networks run through the
+    named backend (or a :class:`~engine.backends.Backend` instance) on the model's device and dtype.
+    ``text_encoder``: anything with the ``TextEncoder`` interface."""
+
+    def __init__(self, model: CMDModel, text_encoder, backend: Union[str, Backend] = "eager",
+                 backend_options: Optional[Dict[str, Any]] = None):
+        self.model = model.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.config: CMDConfig = model.config
+        self.vae_chunk = 8  # frames per image-VAE decode call (latent mode): bounds memory
+        self.set_backend(backend, **(backend_options or {}))
+
+    # ----------------------------------------------------------------------------------------- set-up
+    @classmethod
+    def from_pretrained(cls, model: Optional[str] = "default", device="cpu", dtype="float32",
+                        backend: Union[str, Backend] = "eager", text_encoder=None,
+                        backend_options: Optional[Dict[str, Any]] = None) -> "CMDPipeline":
+        """A model spec (``default``, a model folder, or ``random:<config>``; see
+        :mod:`engine.default_model`) on ``device`` in ``dtype``. The text encoder is the one the
+        config names unless given (random-weight for ``random:`` specs)."""
+        dev, dt = parse_device(device), parse_dtype(dtype)
+        spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+        if spec.is_random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the same random model every time
+                net = CMDModel.from_config(spec.random_config)
+        else:
+            net = CMDModel.from_pretrained(spec.path)
+        net = net.to(device=dev, dtype=dt)
+        if text_encoder is None:
+            text_encoder = load_text_encoder(net.config, random_weights=spec.is_random)
+        text_encoder = text_encoder.to(dev)
+        return cls(net, text_encoder, backend, backend_options)
+
+    def set_backend(self, backend: Union[str, Backend], **options) -> "CMDPipeline":
+        """Switch how the networks run; a name from :func:`engine.backends.available_backends`."""
+        if isinstance(backend, Backend):
+            self.backend = backend
+        else:
+            self.backend = get_backend(backend)(self.model, self.device, self.dtype, **options)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.content_unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.content_unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "CMDPipeline":
+        """Move the model (and text encoder) and rebuild the backend for the new device/dtype."""
+        dev = parse_device(device) if device is not None else self.device
+        dt = parse_dtype(dtype) if dtype is not None else self.dtype
+        self.model.to(device=dev, dtype=dt)
+        self.text_encoder.to(dev)
+        return self.set_backend(self.backend.name)
+
+    def check_inputs(self, **kwargs) -> Request:
+        """:func:`check_request` against this pipeline's model config."""
+        return check_request(self.config, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- stages
+    @torch.no_grad()
+    def encode_prompt(self, prompts: List[str], negative_prompts: Optional[List[str]]):
+        """-> (states (B, T, d), pooled (B, d), negative states (B, T, d) or None), in the model dtype.
+        Prompts and negatives go through the encoder in one batch."""
+        texts = prompts + (negative_prompts or [])
+        states, pooled = self.text_encoder(texts)
+        states = states.to(self.device, self.dtype)
+        pooled = pooled.to(self.device, self.dtype)
+        b = len(prompts)
+        negative = states[b:] if negative_prompts is not None else None
+        return states[:b], pooled[:b], negative
+
+    def _sampler(self, kind: str, steps: int, stage: str):
+        sched = self.config.content_scheduler if stage == "content" else self.config.motion_scheduler
+        # Predicted x0 is clamped to [-1, 1] where the target lives there: pixel content frames, and
+        # the motion latent (tanh-bounded) in every mode.
+        clip = stage == "motion" or self.config.space == "pixel"
+        spacing = self.config.sampling.get("timestep_spacing", "trailing")
+        return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler, clip, spacing)
+
+    def _loop(self, stage: str, denoise: Callable, x: torch.Tensor, steps: int, guidance: float,
+              scheduler: str, callback, progress: bool) -> torch.Tensor:
+        """One denoising loop; ``denoise(batch, t)`` runs the backend on the (CFG) batch."""
+        sampler = self._sampler(scheduler, steps, stage)
+        cfg = guidance > 1.0  # diffusers' convention: guidance <= 1 runs the conditional branch only
+        bar = _Progress(len(sampler), stage, progress, self.device)
+        try:
+            for i in range(len(sampler)):
+                with nvtx_range(f"{stage} step {i}"):
+                    t = sampler.timestep(i)
+                    batch = torch.cat([x, x]) if cfg else x
+                    out = denoise(batch.to(self.dtype), t.repeat(batch.shape[0])).float()
+                    if cfg:
+                        cond, uncond = out.chunk(2)
+                        out = uncond + guidance * (cond - uncond)
+                    x = sampler.step(i, out, x)
+                if callback is not None:
+                    update = callback(self, i, t, {"stage": stage, "latents": x, "num_steps": len(sampler)})
+                    if isinstance(update, dict) and "latents" in update:
+                        x = update["latents"].to(device=x.device, dtype=x.dtype)
+                bar.step()
+        finally:
+            bar.close()
+        return x
+
+    @torch.no_grad()
+    def generate_content(self, states: torch.Tensor, negative_states: Optional[torch.Tensor], noise: torch.Tensor,
+                         steps: int, guidance: float, scheduler: str = "ddim", callback=None,
+                         progress: bool = False) -> torch.Tensor:
+        """Content UNet loop: noise (B, C, h, w) -> content frames, CFG with the negative prompt states."""
+        cond = torch.cat([states, negative_states]) if guidance > 1.0 else states
+
+        def denoise(batch, t):
+            return self.backend.unet_step(batch, t, cond)
+
+        return self._loop("content", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress)
+
+    @torch.no_grad()
+    def generate_motion(self, content: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor, steps: int,
+                        guidance: float, scheduler: str = "ddim", callback=None, progress: bool = False) -> torch.Tensor:
+        """Motion DiT loop: noise (B, D, L, H'+W') -> motion latents for content frames (B, C, h, w) and
+        pooled text (B, d). CFG on the text only: the unconditional half gets the learned null text,
+        both halves see the same content frame."""
+        content = content.to(self.dtype)
+        if guidance > 1.0:
+            null = self.model.motion_dit.null_text.to(self.dtype)[None].expand(pooled.shape[0], -1)
+            text, frames = torch.cat([pooled, null]), torch.cat([content, content])
+        else:
+            text, frames = pooled, content
+
+        def denoise(batch, t):
+            return self.backend.dit_step(batch, t, frames, text)
+
+        return self._loop("motion", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress)
+
+    @torch.no_grad()
+    def decode_latents(self, content: torch.Tensor, motion: torch.Tensor, timer: Optional[StageTimer] = None):
+        """AE decode (+ image VAE per frame in latent mode) -> RGB video (B, L, 3, H, W) in [-1, 1]."""
+        timer = timer or StageTimer(self.device)
+        with timer.stage("decode"):
+            video = self.backend.decode(content.to(self.dtype), motion.to(self.dtype))
+        if self.config.space == "latent":
+            from engine.models.vae import decode_frames
+
+            with timer.stage("vae"):
+                video = decode_frames(self.model.vae, video, chunk=self.vae_chunk)
+        return video.float()
+
+    def prepare_image(self, image, height: int, width: int, batch: int) -> torch.Tensor:
+        """An image -> the content frame (batch, C, h, w). ``image``: a path, an (H, W, 3) array (uint8,
+        or float in [0, 1]), a torch tensor (3, H, W) or (B, 3, H, W) in [0, 1], or a list of these (one
+        per prompt). Resized to (height, width) if needed; VAE-encoded in latent mode."""
+        from engine.video_io import read_image
+
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        tensors = []
+        for item in items:
+            if isinstance(item, str):
+                item = read_image(item)
+            if isinstance(item, np.ndarray):
+                if item.ndim != 3 or item.shape[2] != 3:
+                    raise ValueError(f"image arrays must be (H, W, 3), got {item.shape}")
+                item = torch.from_numpy(item.astype(np.float32) / (255.0 if item.dtype == np.uint8 else 1.0))
+                item = item.permute(2, 0, 1)
+            if not isinstance(item, torch.Tensor):
+                raise ValueError(f"unsupported image {type(item).__name__}: use a path, an array or a tensor")
+            item = item.float()
+            item = item[None] if item.dim() == 3 else item
+            if item.dim() != 4 or item.shape[1] != 3:
+                raise ValueError(f"image tensors must be (3, H, W) or (B, 3, H, W), got {tuple(item.shape)}")
+            tensors.append(item)
+        pixels = torch.cat(tensors).to(self.device)
+        if pixels.shape[0] == 1:
+            pixels = pixels.expand(batch, -1, -1, -1)
+        if pixels.shape[0] != batch:
+            raise ValueError(f"got {pixels.shape[0]} images for {batch} prompts")
+        if pixels.shape[-2:] != (height, width):
+            pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        pixels = pixels.clamp(0, 1) * 2 - 1
+        if self.config.space == "latent":
+            from engine.models.vae import encode_frames
+
+            return encode_frames(self.model.vae, pixels[:, None].to(self.dtype), chunk=self.vae_chunk)[:, 0].float()
+        return pixels
+
+    # ----------------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[None, str, List[str]] = None,
+                 num_frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: Optional[int] = None, motion_steps: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, motion_guidance_scale: Optional[float] = None,
+                 scheduler: Optional[str] = None, num_videos_per_prompt: int = 1, generator: Generator = None,
+                 image=None, motion_variations: int = 1, output_type: str = "np",
+                 callback_on_step_end: Optional[Callable] = None, progress: bool = True) -> CMDPipelineOutput:
+        """Generate ``len(prompt) * num_videos_per_prompt * motion_variations`` videos.
+
+        Defaults come from ``model.config.sampling``. ``image``: image-to-video, the image becomes the
+        content frame (the content model does not run). ``motion_variations``: motions per content
+        frame (the content model runs once for all of them). ``callback_on_step_end(pipe, step,
+        timestep, kwargs)`` runs after each step of both loops with ``kwargs = {"stage", "latents",
+        "num_steps"}``; a returned dict with "latents" replaces them."""
+        req = self.check_inputs(num_frames=num_frames, height=height, width=width,
+                                num_inference_steps=num_inference_steps, motion_steps=motion_steps,
+                                guidance_scale=guidance_scale, motion_guidance_scale=motion_guidance_scale,
+                                scheduler=scheduler, num_videos_per_prompt=num_videos_per_prompt,
+                                motion_variations=motion_variations)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
+        prompts = _prompt_list("prompt", prompt)
+        gens = _generators(generator, len(prompts))
+        need_negative = image is None and req.guidance > 1.0
+        negatives = _prompt_list("negative_prompt", negative_prompt or "", len(prompts)) if need_negative else None
+
+        cfg, v, m = self.config, req.num_videos, req.motion_variations
+        h, w = req.height // cfg.vae_scale, req.width // cfg.vae_scale
+        motion_shape = cfg.motion_shape(req.generated_frames, req.height, req.width)
+        # Per prompt: its content noise, then its motion noise, from its own generator.
+        content_noise, motion_noise = [], []
+        for g in gens:
+            content_noise.append(_randn((v, cfg.channels, h, w), g))
+            motion_noise.append(_randn((v * m, *motion_shape), g))
+        content_noise, motion_noise = torch.cat(content_noise), torch.cat(motion_noise)
+
+        timer = StageTimer(self.device)
+        with timer.stage("text"):
+            states, pooled, negative = self.encode_prompt(prompts, negatives)
+            states, pooled = states.repeat_interleave(v, 0), pooled.repeat_interleave(v, 0)
+            negative = negative.repeat_interleave(v, 0) if negative is not None else None
+        with timer.stage("content"):
+            if image is not None:
+                content = self.prepare_image(image, req.height, req.width, len(prompts)).repeat_interleave(v, 0)
+            else:
+                content = self.generate_content(states, negative, content_noise, req.steps, req.guidance,
+                                                 req.scheduler, callback_on_step_end, progress)
+        with timer.stage("motion"):
+            motion = self.generate_motion(content.repeat_interleave(m, 0), pooled.repeat_interleave(m, 0),
+                                          motion_noise, req.motion_steps, req.motion_guidance, req.scheduler,
+                                          callback_on_step_end, progress)
+        content = content.repeat_interleave(m, 0)
+        frames = None
+        if output_type != "latent":
+            video = self.decode_latents(content, motion, timer)[:, : req.num_frames]
+            video = ((video + 1) / 2).clamp(0, 1)
+            frames = video if output_type == "pt" else video.permute(0, 1, 3, 4, 2).cpu().numpy()
+        names = [p for p in prompts for _ in range(v * m)]
+        return CMDPipelineOutput(frames, content, motion, timer.result(), names)
