@@ -1,0 +1,140 @@
+"""Training checkpoints: safetensors for weights, EMA weights, optimizer state and RNG state, plus a
+small JSON file for everything else. Nothing is ever unpickled.
+
+A checkpoint is a folder ``<root>/step-<N>/``::
+
+    model.safetensors       the trained network's weights
+    ema.safetensors         its exponential moving average
+    optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments and step counts)
+    rng.safetensors         RNG states (the trainer's generator, torch's global CPU/CUDA generators)
+    state.json              step, optimizer param groups, EMA update count, anything else the trainer adds
+
+The folder is written under a temporary name and renamed into place in one step, so a crash during a
+save leaves the previous checkpoints untouched and no half-written ``step-*`` folder. The last ``keep``
+checkpoints are kept.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    # safetensors wants contiguous CPU tensors that share no memory.
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into flat tensors ("<param index>.<key>") and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor],
+                           meta: Dict[str, Any]) -> None:
+    state: Dict[int, Dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = meta["param_groups"]
+    for group in groups:  # JSON turned tuples into lists
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def list_checkpoints(root: str) -> List[Tuple[int, str]]:
+    """(step, path) of the complete checkpoints under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, "state.json")):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(root: str, step: int, model_state: Dict[str, torch.Tensor], ema_state: Dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, rng: Dict[str, torch.Tensor], extra: Dict[str, Any],
+                    keep: int = 3) -> str:
+    """Write ``<root>/step-<step>`` atomically and prune all but the newest ``keep`` checkpoints."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root)
+    try:
+        _save_tensors(model_state, os.path.join(tmp, "model.safetensors"))
+        _save_tensors(ema_state, os.path.join(tmp, "ema.safetensors"))
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        _save_tensors(rng, os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "optimizer": opt_meta, **extra}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved again (after a resume): replace it
+            old = tempfile.mkdtemp(prefix=".old-", dir=root)
+            os.rename(final, os.path.join(old, "ckpt"))
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, path in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+    """Read a checkpoint folder: returns {"model", "ema", "rng": tensor dicts, "state": the JSON};
+    loads the optimizer state in place when one is given."""
+    state_path = os.path.join(path, "state.json")
+    if not os.path.isfile(state_path):
+        raise ValueError(f"not a complete checkpoint (no state.json): {path!r}")
+    with open(state_path) as f:
+        state = json.load(f)
+    out = {"state": state}
+    for name in ("model", "ema", "rng"):
+        out[name] = load_file(os.path.join(path, f"{name}.safetensors"))
+    if optimizer is not None:
+        optimizer_from_tensors(optimizer, load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer"])
+    return out

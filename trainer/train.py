@@ -1,0 +1,474 @@
+"""python -m trainer.train: train one CMD stage; the result is a model folder the engine loads.
+
+    python -m trainer.train --stage autoencoder --config default --data synthetic --out runs/default
+    python -m trainer.train --stage content --data synthetic --out runs/default     # --init runs/default/model
+    python -m trainer.train --stage motion  --data synthetic --out runs/default
+    python -m engine.run --model runs/default/model --prompt "a red circle moving right" --out red.mp4
+
+Every stage writes into ``--out``::
+
+    model/                      a CMD model folder (CMDModel.save_pretrained): the EMA weights of the trained
+                                network beside the networks of --init (the frozen AE, earlier stages); written
+                                at every checkpoint and at the end
+    checkpoints/<stage>/step-N  training state (trainer/checkpoint.py), the last --keep of them
+    logs/<stage>.jsonl          one JSON line per logged step (TensorBoard events too, when installed)
+    samples/<stage>/step-N.gif  sample videos from the EMA weights (trainer/preview.py)
+
+The content and motion stages start from the model folder of the stage before (``--init``, by default
+``<out>/model``), keep its networks frozen and replace only their own. Under ``torchrun`` every rank
+trains on its shard of each epoch (DistributedSampler) with DDP (gloo on CPU, nccl on CUDA).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from engine.configs import CMDConfig, load_config
+from engine.models import CMDModel
+from engine.models.bundle import CONFIG_FILE, build_motion_dit
+from engine.models.content import build_content_unet, load_content_unet
+from engine.models.vae import load_vae
+from trainer import checkpoint as ckpt
+from trainer.distributed import DistInfo, barrier, finish, gather_objects, init_distributed, mean_across_ranks
+from trainer.ema import EMA
+from trainer.stages import NETWORK_OF, STAGES, make_stage
+from trainer.text_cache import CaptionEmbeddings
+
+# Used where the config's train section leaves a value out.
+DEFAULTS = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "batch_size": 8, "steps": 1000,
+            "grad_clip": 1.0, "ema_decay": 0.999, "warmup_steps": 0, "precision": "bf16",
+            "checkpoint_every": 500, "log_every": 10}
+
+
+class UsageError(ValueError):
+    """Bad user input: reported as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
+    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--config", help="config name or JSON file (default: the --init folder's, else 'default')")
+    p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos with captions.csv, "
+                   "or a UCF-101 folder")
+    p.add_argument("--out", required=True, help="run folder (model/, checkpoints/, logs/, samples/)")
+    p.add_argument("--init", help="model folder of the previous stage (content/motion; default <out>/model)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (config: train.<stage>.steps)")
+    p.add_argument("--batch-size", type=int, help="clips per step per process (config: train.<stage>.batch_size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (config: train.<stage>.lr)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (config: train.<stage>.precision)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: cores / local processes)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for synthetic data, else 2)")
+    p.add_argument("--num-clips", type=int, default=20000, help="size of the synthetic data set")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and model exports)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--log-every", type=int, help="steps between log lines")
+    p.add_argument("--sample-every", type=int, help="steps between sample videos (default: --checkpoint-every; "
+                   "0: never)")
+    p.add_argument("--num-samples", type=int, default=4, help="clips in each sample grid")
+    p.add_argument("--text-cache", help="caption embedding file (trainer/text_cache.py): read at the start")
+    p.add_argument("--no-encoding-cache", action="store_true",
+                   help="re-run the frozen encoder on every batch instead of caching (xbar, z) per synthetic clip")
+    p.add_argument("--vae", help="latent mode: a Stable Diffusion folder (or a VAE folder) for the image VAE")
+    p.add_argument("--pretrained-unet", help="content stage: fine-tune the UNet of this Stable Diffusion folder")
+    p.add_argument("--latent-cache", help="latent mode: folder for per-video VAE latents (video folders)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
+    """The stage's hyper-parameters: DEFAULTS < config train.<stage> < command-line flags."""
+    hp = dict(DEFAULTS)
+    hp.update(cfg.train.get(args.stage, {}))
+    for key in ("steps", "batch_size", "lr", "precision", "checkpoint_every", "log_every"):
+        value = getattr(args, key)
+        if value is not None:
+            hp[key] = value
+    for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        if int(hp[key]) < 1:
+            raise UsageError(f"{key.replace('_', '-')} must be at least 1, got {hp[key]}")
+    if not hp["lr"] > 0:
+        raise UsageError(f"lr must be positive, got {hp['lr']}")
+    if args.keep < 1:
+        raise UsageError(f"--keep must be at least 1, got {args.keep}")
+    hp["betas"] = tuple(hp["betas"])
+    return hp
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def _frozen_fields(cfg: CMDConfig) -> Dict[str, Any]:
+    """What the later stages inherit and must agree on with the stage-1 model."""
+    d = cfg.to_dict()
+    return {k: d[k] for k in ("space", "channels", "num_frames", "height", "width", "vae_scale", "autoencoder")}
+
+
+def load_model(args, stage: str, out: str) -> CMDModel:
+    """The model bundle for a stage: stage 1 builds it from the config; stages 2a/2b load the previous
+    stage's folder and put a freshly initialised (or --pretrained-unet) network in their slot."""
+    if stage == "autoencoder":
+        cfg = _config(args.config or "default")
+        torch.manual_seed(args.seed)
+        model = CMDModel.from_config(cfg)
+        if cfg.space == "latent":
+            if not args.vae:
+                raise UsageError(f"config {cfg.name!r} is in latent space: give the image VAE with --vae DIR")
+            model.vae = load_vae(args.vae)
+        return model
+
+    init = args.init or os.path.join(out, "model")
+    if not os.path.isfile(os.path.join(init, CONFIG_FILE)):
+        raise UsageError(f"the {stage} stage needs the stage-1 model folder: {init!r} is not one (--init DIR)")
+    model = CMDModel.from_pretrained(init)
+    cfg = _config(args.config) if args.config else model.config
+    if _frozen_fields(cfg) != _frozen_fields(model.config):
+        raise UsageError(f"config {cfg.name!r} does not match the autoencoder/clip geometry of {init!r}")
+    model.config = cfg
+    torch.manual_seed(args.seed)
+    if stage == "content":
+        if args.pretrained_unet:
+            model.content_unet = load_content_unet(args.pretrained_unet)
+        else:
+            model.content_unet = build_content_unet(cfg.content_unet)
+    else:
+        model.motion_dit = build_motion_dit(cfg)
+    return model
+
+
+def _config(name: str) -> CMDConfig:
+    try:
+        return load_config(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def export_model(model: CMDModel, stage_name: str, ema: EMA, path: str) -> None:
+    """Write the model folder with the EMA weights in the trained network's slot."""
+    name = NETWORK_OF[stage_name]
+    trained = getattr(model, name)
+    setattr(model, name, ema.model)
+    try:
+        model.save_pretrained(path)
+    finally:
+        setattr(model, name, trained)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+class Indexed(Dataset):
+    """Adds the item's index (for the per-clip encoding cache); failing items (corrupt videos) become None."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if item is None:
+            return None
+        out = {"index": index, "caption": item["caption"]}
+        for key in ("video", "latents"):
+            if key in item:
+                out[key] = item[key]
+        return out
+
+
+def collate(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Stack a batch; items that failed to load (None) are dropped and counted in ``skipped``."""
+    good = [x for x in items if x is not None]
+    batch: Dict[str, Any] = {"skipped": len(items) - len(good), "caption": [x["caption"] for x in good],
+                             "index": torch.tensor([x["index"] for x in good], dtype=torch.long)}
+    for key in ("video", "latents"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([x[key] for x in good])
+    return batch
+
+
+def make_dataset(args, cfg: CMDConfig, model: CMDModel) -> Dataset:
+    if args.data == "synthetic":
+        from trainer.data import SyntheticVideos
+
+        if args.num_clips < 1:
+            raise UsageError(f"--num-clips must be at least 1, got {args.num_clips}")
+        return SyntheticVideos(args.num_clips, cfg.num_frames, cfg.height, cfg.width, seed=args.seed)
+    if not os.path.isdir(args.data):
+        raise UsageError(f"--data must be 'synthetic' or a folder, got {args.data!r}")
+    from trainer.data.videos import open_video_folder
+
+    return open_video_folder(args.data, cfg.num_frames, cfg.height, cfg.width, seed=args.seed,
+                             vae=model.vae if cfg.space == "latent" else None, latent_cache=args.latent_cache)
+
+
+def batches(dataset: Dataset, batch_size: int, info: DistInfo, seed: int, start_step: int,
+            workers: int) -> Iterator[Dict[str, Any]]:
+    """Endless batches for this rank, starting exactly where step ``start_step`` of an uninterrupted run
+    would: epoch e is the DistributedSampler permutation of (seed, e); a resumed run skips the indices of
+    the steps already done (indices only, no decoding)."""
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise UsageError(f"the data set has {len(dataset)} clips: fewer than one batch of {batch_size} "
+                         f"per process ({info.world_size} processes)")
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        indices = list(sampler)[skip * batch_size: per_epoch * batch_size]
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
+                            collate_fn=collate, persistent_workers=False)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+
+
+class RunLog:
+    """JSON lines (one object per event; rank 0 only) and TensorBoard scalars when tensorboard is installed."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard",
+                                                 os.path.splitext(os.path.basename(path))[0]))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def _rng_state(generator: torch.Generator, info: DistInfo) -> Dict[str, torch.Tensor]:
+    """Every rank's generator (gathered to all ranks; rank 0 writes them) and rank 0's global RNGs."""
+    states = gather_objects([generator.get_state()], info)
+    state = {f"generator.{rank}": s for rank, s in enumerate(states)}
+    state["torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: Dict[str, torch.Tensor], info: DistInfo) -> None:
+    key = f"generator.{info.rank}"
+    if key not in state or f"generator.{info.world_size}" in state:
+        saved = sum(k.startswith("generator.") for k in state)
+        raise UsageError(f"the checkpoint was written by {saved} processes, this run has {info.world_size}: "
+                         "resume with the same number")
+    generator.set_state(state[key])
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def lr_at(step: int, hp: Dict[str, Any]) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant."""
+    warmup = int(hp.get("warmup_steps", 0))
+    return hp["lr"] * min(1.0, (step + 1) / warmup) if warmup > 0 else hp["lr"]
+
+
+def train(args, info: DistInfo) -> str:
+    """Run one stage; returns the model folder written."""
+    out = args.out
+    stage_name = args.stage
+    model = load_model(args, stage_name, out)
+    cfg = model.config
+    hp = hyperparams(cfg, args)
+    device = info.device
+    if device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
+
+    text = None
+    if stage_name != "autoencoder":
+        from engine.models.text import TextEncoder
+
+        text = CaptionEmbeddings(lambda: TextEncoder.from_config(cfg.text_encoder), device=device)
+        if args.text_cache:
+            text.load(args.text_cache)
+    amp = hp["precision"] == "bf16"
+    stage = make_stage(stage_name, model, hp, device, text, amp=amp,
+                       cache_encodings=args.data == "synthetic" and not args.no_encoding_cache)
+    net = stage.network
+    ema = EMA(net, float(hp["ema_decay"]))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=hp["lr"], betas=hp["betas"],
+                                  weight_decay=float(hp["weight_decay"]))
+    generator = torch.Generator().manual_seed(args.seed + 100_003 * info.rank)  # per-rank draws
+
+    ckpt_root = os.path.join(out, "checkpoints", stage_name)
+    model_dir = os.path.join(out, "model")
+    start = 0
+    if args.resume:
+        path = ckpt.latest_checkpoint(ckpt_root)
+        if path is None:
+            if info.is_main:
+                print(f"note: no checkpoint under {ckpt_root}: starting from step 0", file=sys.stderr)
+        else:
+            state = ckpt.load_checkpoint(path, optimizer)
+            if state["state"].get("stage") != stage_name:
+                raise UsageError(f"checkpoint {path!r} is of stage {state['state'].get('stage')!r}, not {stage_name!r}")
+            net.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"], state["state"]["ema_updates"])
+            _set_rng_state(generator, state["rng"], info)
+            start = int(state["state"]["step"])
+
+    train_net = net
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dataset = Indexed(make_dataset(args, cfg, model))
+    workers = args.workers if args.workers is not None else (0 if args.data == "synthetic" else 2)
+    data = batches(dataset, int(hp["batch_size"]), info, args.seed, start, workers)
+    preview_batch = None
+    sample_every = args.sample_every if args.sample_every is not None else int(hp["checkpoint_every"])
+
+    log = RunLog(os.path.join(out, "logs", f"{stage_name}.jsonl"), info.is_main)
+    n_params = sum(p.numel() for p in net.parameters())
+    log.write({"event": "start", "stage": stage_name, "config": cfg.name, "start_step": start,
+               "params": n_params, "world_size": info.world_size, "hparams": {k: v for k, v in hp.items()},
+               "device": str(device)})
+    total = int(hp["steps"])
+    bar = None
+    if info.is_main and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=stage_name, unit="step", dynamic_ncols=True)
+
+    smooth, clips, skipped, t_log = None, 0, 0, time.perf_counter()
+    for step in range(start, total):
+        batch = next(data)
+        skipped += batch["skipped"]
+        while batch["caption"] == []:  # every clip of the batch failed to load: take the next batch
+            batch = next(data)
+            skipped += batch["skipped"]
+        lr = lr_at(step, hp)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.no_grad():
+            inputs = stage.prepare(batch)
+        with stage.autocast():
+            loss, extra = stage.loss(train_net, inputs, generator)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"step {step}: the loss is {loss.item()}; lower the learning rate")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float(hp["grad_clip"]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(net)
+        clips += len(batch["caption"]) * info.world_size
+        done = step + 1
+
+        value = loss.item()
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        if done % int(hp["log_every"]) == 0 or done == total or done == start + 1:
+            mean_loss = mean_across_ranks(loss.detach(), info).item()
+            now = time.perf_counter()
+            record = {"step": done, "loss": mean_loss, "rank0_loss": value, "lr": lr,
+                      "grad_norm": float(grad_norm), "clips_per_s": clips / max(now - t_log, 1e-9),
+                      "skipped_clips": skipped, "time": time.time(), **extra}
+            log.write(record)
+            clips, t_log = 0, now
+            if bar is not None:
+                bar.set_postfix(loss=f"{smooth:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
+        if bar is not None:
+            bar.update(1)
+
+        if done % int(hp["checkpoint_every"]) == 0 or done == total:
+            rng = _rng_state(generator, info)  # a collective: every rank takes part
+            if info.is_main:
+                path = ckpt.save_checkpoint(
+                    ckpt_root, done, net.state_dict(), ema.state_dict(), optimizer, rng,
+                    {"stage": stage_name, "ema_updates": ema.num_updates, "config": cfg.name, "seed": args.seed,
+                     "batch_size": int(hp["batch_size"]), "world_size": info.world_size}, keep=args.keep)
+                export_model(model, stage_name, ema, model_dir)
+                log.write({"event": "checkpoint", "step": done, "path": path, "model": model_dir})
+            barrier(info)
+        if info.is_main and sample_every > 0 and (done % sample_every == 0 or done == total):
+            if preview_batch is None:
+                preview_batch = collate([dataset[i] for i in range(min(args.num_samples, len(dataset)))])
+            write_samples(stage, ema, preview_batch, os.path.join(out, "samples", stage_name, f"step-{done:08d}"),
+                          int(cfg.sampling.get("fps", 8)), log, done)
+    if bar is not None:
+        bar.close()
+    log.write({"event": "done", "step": total, "model": model_dir})
+    log.close()
+    return model_dir
+
+
+def write_samples(stage, ema: EMA, batch, path: str, fps: int, log: RunLog, step: int) -> None:
+    from trainer.preview import preview, write_frames
+
+    net = ema.model
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        frames = preview(stage, net, batch)
+    written = write_frames(frames, path, fps)
+    log.write({"event": "samples", "step": step, "path": written, "seconds": time.perf_counter() - t0})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    info = DistInfo()
+    code = 0
+    try:
+        info = init_distributed(args.device)
+        path = train(args, info)
+        if info.is_main:
+            print(f"model folder: {path}")
+    except (UsageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finish(info, code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
