@@ -52,7 +52,9 @@ def test_configs_are_data():
 def test_decoder_input_is_the_broadcast_sum(monkeypatch):
     torch.manual_seed(0)
     ae = CMDModel.from_config("default").autoencoder
-    content, motion = torch.rand(1, 3, 32, 64) * 2 - 1, torch.rand(1, 8, 4, 16 + 32) * 2 - 1
+    p = ae.config.patch_size
+    hp, wp = 32 // p, 64 // p
+    content, motion = torch.rand(1, 3, 32, 64) * 2 - 1, torch.rand(1, 8, 4, hp + wp) * 2 - 1
     seen = {}
     import kernels
 
@@ -67,13 +69,12 @@ def test_decoder_input_is_the_broadcast_sum(monkeypatch):
     monkeypatch.setattr(kernels, "decoder_fusion", spy)
     ae.decode(content, motion)
     cube = seen["cube"]
-    assert cube.shape == (1, 4, 16, 32, 64)
-    l, h, w = 3, 5, 20
+    assert cube.shape == (1, 4, hp, wp, ae.config.hidden_size)
+    l, h, w = 3, hp - 1, wp - 2
     torch.testing.assert_close(cube[0, l, h, w], seen["content"][0, h, w] + seen["th"][0, l, h] + seen["tw"][0, l, w])
-    # The time-height plane comes from the first H' = 16 motion positions, the time-width plane from the rest.
+    # The time-height plane comes from the first H' motion positions, the time-width plane from the other W'.
     planes = motion.permute(0, 2, 3, 1)
-    v_w = ae.motion_embed_width(planes[:, :, 16:])
-    torch.testing.assert_close(seen["tw"], v_w)
+    torch.testing.assert_close(seen["tw"], ae.motion_embed_width(planes[:, :, hp:]))
 
 
 def test_non_square_round_trip_and_content_frame():
@@ -81,7 +82,8 @@ def test_non_square_round_trip_and_content_frame():
     ae = CMDModel.from_config("default").autoencoder
     video = torch.rand(2, 16, 3, 32, 64) * 2 - 1
     content, motion = ae.encode(video)
-    assert content.shape == (2, 3, 32, 64) and motion.shape == (2, 8, 16, 16 + 32)
+    p = ae.config.patch_size
+    assert content.shape == (2, 3, 32, 64) and motion.shape == (2, 8, 16, 32 // p + 64 // p)
     assert motion.abs().max() <= 1
     # Content frame: per pixel within the frames' range over time.
     assert torch.all(content <= video.max(1).values + 1e-5) and torch.all(content >= video.min(1).values - 1e-5)
@@ -107,7 +109,7 @@ def test_motion_dit_uses_its_text_condition():
     dit = CMDModel.from_config("default").motion_dit
     for p in dit.parameters():  # leave adaLN-Zero's zero init, as after training
         torch.nn.init.normal_(p, std=0.05)
-    z, content, t = torch.randn(2, 8, 16, 32), torch.rand(2, 3, 32, 32), torch.tensor([3, 700])
+    z, content, t = torch.randn(2, 8, 16, 16), torch.rand(2, 3, 32, 32), torch.tensor([3, 700])
     a = dit(z, t, content, torch.randn(2, 384))
     b = dit(z, t, content, torch.randn(2, 384))
     assert not torch.allclose(a, b, atol=1e-4)
