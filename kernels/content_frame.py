@@ -3,11 +3,27 @@
     xbar[b, c, h, w] = sum_l softmax_l(logits[b, :, c, h, w])[l] * frames[b, l, c, h, w]
 
 The softmax is computed in fp32 whatever the input dtype; the result has the frames' dtype.
+
+Triton kernels: the forward reads each frame and logit once, a (BLOCK_L x BLOCK_P) tile of time x
+pixels at a time, with an online softmax across time blocks (any L); the backward recomputes the
+softmax and writes both gradients in one pass,
+
+    d frames[l] = w_l * g,    d logits[l] = w_l * (frames[l] - xbar) * g,    w = softmax(logits).
+
+The op is memory-bound (about one FLOP per byte): what matters is one read of each input, fp32 math
+in registers, and coalesced, vectorised access (a flat pixel index when the C, H, W axes are dense).
 """
 
+from typing import Tuple
+
 import torch
+import triton
+import triton.language as tl
 
 from kernels._dispatch import use_triton
+from kernels._triton import INTERPRETED, MAX, SUM, autotune, interpret_block, can_launch, check_same_device, launch_context, grid_configs, next_pow2
+
+MAX_BLOCK_L = 16  # time steps per tile; longer videos loop with an online softmax
 
 
 def content_frame_reference(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -16,17 +32,262 @@ def content_frame_reference(frames: torch.Tensor, logits: torch.Tensor) -> torch
     return (weights * frames.float()).sum(dim=1).to(frames.dtype)
 
 
+def content_frame_backward_reference(
+    grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form gradients of the reference in fp32: (d frames, d logits) in the inputs' dtypes."""
+    w = torch.softmax(logits.float(), dim=1)
+    f, g = frames.float(), grad.float()[:, None]
+    out = (w * f).sum(dim=1, keepdim=True)
+    return (w * g).to(frames.dtype), (w * (f - out) * g).to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+def _keep(kw, warps):
+    # At most 64 fp32 values per thread per (BLOCK_L x BLOCK_P) tile: more spills registers.
+    return MAX_BLOCK_L * kw["BLOCK_P"] // (32 * warps) <= 64
+
+
+_FWD_CONFIGS = grid_configs({"BLOCK_P": [128, 256, 512, 1024]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_keep)
+
+
+@autotune(_FWD_CONFIGS, key=["L", "P", "BLOCK_L", "FLAT"])
+@triton.jit
+def _content_frame_fwd_kernel(
+    f_ptr, x_ptr, out_ptr,
+    L, P, H, W,
+    f_sb, f_sl, f_sc, f_sh, f_sw,
+    x_sb, x_sl, x_sc, x_sh, x_sw,
+    FLAT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < P
+    if FLAT:  # dense (C, H, W): pixel p sits at offset p, loads vectorise
+        f_off = p
+        x_off = p
+    else:  # any strides: split the flat index p = (c * H + h) * W + w
+        w = p % W
+        c = p // W // H
+        h = p // W % H
+        f_off = c * f_sc + h * f_sh + w * f_sw
+        x_off = c * x_sc + h * x_sh + w * x_sw
+    f_base = f_ptr + b * f_sb + f_off[None, :]
+    x_base = x_ptr + b * x_sb + x_off[None, :]
+
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)  # running max of log2-scaled logits
+    s = tl.full([BLOCK_P], 0.0, tl.float32)  # running sum of exp2(logit - m)
+    acc = tl.full([BLOCK_P], 0.0, tl.float32)  # running sum of exp2(logit - m) * frame
+    for l0 in range(0, L, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)
+        lmask = l < L
+        mask = lmask[:, None] & pmask[None, :]
+        x = tl.load(x_base + l[:, None] * x_sl, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        x = tl.where(lmask[:, None], x, float("-inf"))  # padded time steps weigh nothing
+        f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.reduce(x, 0, MAX))
+        alpha = tl.exp2(m - m_new)
+        e = tl.exp2(x - m_new[None, :])
+        s = s * alpha + tl.reduce(e, 0, SUM)
+        acc = acc * alpha + tl.reduce(e * f, 0, SUM)
+        m = m_new
+    out = acc / s
+    tl.store(out_ptr + b * P + p, out.to(out_ptr.dtype.element_ty), mask=pmask)
+
+
+_BWD_CONFIGS = grid_configs({"BLOCK_P": [128, 256, 512]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_keep)
+
+
+@autotune(_BWD_CONFIGS, key=["L", "P", "BLOCK_L", "FLAT"])
+@triton.jit
+def _content_frame_bwd_kernel(
+    f_ptr, x_ptr, g_ptr, df_ptr, dx_ptr,
+    L, P, H, W,
+    f_sb, f_sl, f_sc, f_sh, f_sw,
+    x_sb, x_sl, x_sc, x_sh, x_sw,
+    g_sb, g_sc, g_sh, g_sw,
+    FLAT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < P
+    if FLAT:  # dense (C, H, W): pixel p sits at offset p, loads vectorise
+        f_off = p
+        x_off = p
+    else:  # any strides: split the flat index p = (c * H + h) * W + w
+        w = p % W
+        c = p // W // H
+        h = p // W % H
+        f_off = c * f_sc + h * f_sh + w * f_sw
+        x_off = c * x_sc + h * x_sh + w * x_sw
+    f_base = f_ptr + b * f_sb + f_off[None, :]
+    x_base = x_ptr + b * x_sb + x_off[None, :]
+    if FLAT:
+        g_off = p
+    else:
+        g_off = c * g_sc + h * g_sh + w * g_sw
+    g = tl.load(g_ptr + b * g_sb + g_off, mask=pmask, other=0.0)
+    g = g.to(tl.float32)
+    # Gradients are written dense, (B, L, C, H, W) contiguous.
+    df_base = df_ptr + b * L * P + p[None, :]
+    dx_base = dx_ptr + b * L * P + p[None, :]
+
+    if L <= BLOCK_L:
+        # The whole time axis fits one tile: read the inputs once, softmax directly.
+        l = tl.arange(0, BLOCK_L)
+        lmask = l < L
+        mask = lmask[:, None] & pmask[None, :]
+        x = tl.load(x_base + l[:, None] * x_sl, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        x = tl.where(lmask[:, None], x, float("-inf"))
+        f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
+        e = tl.exp2(x - tl.reduce(x, 0, MAX)[None, :])
+        w = e / tl.reduce(e, 0, SUM)[None, :]
+        out = tl.reduce(w * f, 0, SUM)
+        wg = w * g[None, :]
+        tl.store(df_base + l[:, None] * P, wg.to(df_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_base + l[:, None] * P, (wg * (f - out[None, :])).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: softmax statistics and the fp32 content frame (online over time blocks).
+        m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        s = tl.full([BLOCK_P], 0.0, tl.float32)
+        acc = tl.full([BLOCK_P], 0.0, tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            l = l0 + tl.arange(0, BLOCK_L)
+            lmask = l < L
+            mask = lmask[:, None] & pmask[None, :]
+            x = tl.load(x_base + l[:, None] * x_sl, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            x = tl.where(lmask[:, None], x, float("-inf"))
+            f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, tl.reduce(x, 0, MAX))
+            alpha = tl.exp2(m - m_new)
+            e = tl.exp2(x - m_new[None, :])
+            s = s * alpha + tl.reduce(e, 0, SUM)
+            acc = acc * alpha + tl.reduce(e * f, 0, SUM)
+            m = m_new
+        out = acc / s
+        inv_s = 1.0 / s
+        # Pass 2: the weights and both gradients.
+        for l0 in range(0, L, BLOCK_L):
+            l = l0 + tl.arange(0, BLOCK_L)
+            lmask = l < L
+            mask = lmask[:, None] & pmask[None, :]
+            x = tl.load(x_base + l[:, None] * x_sl, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
+            wg = tl.exp2(x - m[None, :]) * (inv_s * g)[None, :]
+            tl.store(df_base + l[:, None] * P, wg.to(df_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_base + l[:, None] * P, (wg * (f - out[None, :])).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+def _flat(*tensors: torch.Tensor) -> bool:
+    """True when every tensor's (C, H, W) axes are dense: pixel p sits at offset p (vector loads)."""
+    for t in tensors:
+        c, h, w = t.shape[-3:]
+        st = t.stride()[-3:]
+        if (w > 1 and st[2] != 1) or (h > 1 and st[1] != w) or (c > 1 and st[0] != h * w):
+            return False
+    return True
+
+
+def _block_l(L: int) -> int:
+    return min(next_pow2(L), MAX_BLOCK_L)
+
+
+def _meta(P: int) -> dict:
+    """Launch meta-parameters besides the autotuned ones: in the interpreter, a pixel block covering
+    up to 4096 pixels (a small model's frame in one program per sample)."""
+    return {"BLOCK_P": interpret_block(P, 4096), "num_warps": 4} if INTERPRETED else {}
+
+
+def _launch_forward(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    B, L, C, H, W = frames.shape
+    P = C * H * W
+    out = torch.empty((B, C, H, W), dtype=frames.dtype, device=frames.device)
+    if out.numel() == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
+    with launch_context(frames):
+        _content_frame_fwd_kernel[grid](
+            frames, logits, out, L, P, H, W, *frames.stride(), *logits.stride(),
+            FLAT=_flat(frames, logits), BLOCK_L=_block_l(L), **_meta(P))
+    return out
+
+
+def _launch_backward(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
+    B, L, C, H, W = frames.shape
+    P = C * H * W
+    d_frames = torch.empty((B, L, C, H, W), dtype=frames.dtype, device=frames.device)
+    d_logits = torch.empty((B, L, C, H, W), dtype=logits.dtype, device=logits.device)
+    if d_frames.numel() == 0:
+        return d_frames, d_logits
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
+    with launch_context(frames):
+        _content_frame_bwd_kernel[grid](
+            frames, logits, grad, d_frames, d_logits, L, P, H, W,
+            *frames.stride(), *logits.stride(), *grad.stride(),
+            FLAT=_flat(frames, logits, grad), BLOCK_L=_block_l(L), **_meta(P))
+    return d_frames, d_logits
+
+
+# ------------------------------------------------------------------------------ custom op + autograd
+
+@torch.library.custom_op("cmd::content_frame", mutates_args=())
+def _content_frame_op(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    if not can_launch(frames, logits):
+        return content_frame_reference(frames, logits)
+    return _launch_forward(frames, logits)
+
+
+@_content_frame_op.register_fake
+def _(frames, logits):
+    B, L, C, H, W = frames.shape
+    return frames.new_empty((B, C, H, W))
+
+
+@torch.library.custom_op("cmd::content_frame_backward", mutates_args=())
+def _content_frame_backward_op(
+    grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not can_launch(grad, frames, logits):
+        return content_frame_backward_reference(grad, frames, logits)
+    return _launch_backward(grad, frames, logits)
+
+
+@_content_frame_backward_op.register_fake
+def _(grad, frames, logits):
+    return frames.new_empty(frames.shape), logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    frames, logits = ctx.saved_tensors
+    return _content_frame_backward_op(grad, frames, logits)
+
+
+_content_frame_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------------- public op
+
 def _check(frames: torch.Tensor, logits: torch.Tensor) -> None:
     if frames.dim() != 5 or frames.shape != logits.shape:
         raise ValueError(
             f"content_frame expects frames and logits of one shape (B, L, C, H, W), "
             f"got {tuple(frames.shape)} and {tuple(logits.shape)}"
         )
+    if frames.shape[1] == 0:
+        raise ValueError(f"content_frame needs at least one frame, got L = 0 in {tuple(frames.shape)}")
+    check_same_device("content_frame", frames=frames, logits=logits)
 
 
 def content_frame(frames: torch.Tensor, logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Content frame of a video: (B, L, C, H, W) frames and importance logits -> (B, C, H, W)."""
     _check(frames, logits)
-    if use_triton(impl, frames, logits, op="content_frame", available=False):
-        raise AssertionError("unreachable until the Triton kernel lands")
+    if use_triton(impl, frames, logits, op="content_frame"):
+        return _content_frame_op(frames, logits)
     return content_frame_reference(frames, logits)
