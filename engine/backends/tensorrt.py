@@ -1,0 +1,231 @@
+"""``tensorrt``: the networks as TensorRT engines from the plans of ``python -m export tensorrt``.
+
+A plan folder holds one plan per network (one optimisation profile per shape bucket) and
+``plans.json``, which records what they were built from and for: the ONNX export's manifest (the
+network declarations), the weights' hash, the precision, the GPU and the TensorRT version. Plans run
+only where they were built: another GPU, compute capability or TensorRT version is refused with the
+command that rebuilds them.
+
+Runtime: one CUDA stream for all networks (they run one after another); per (profile, batch) the
+input and output buffers are allocated once and their addresses bound once, so a call is: copy the
+inputs into the static buffers, enqueue, hand back the output buffers (valid until the next call of
+that network, as the backend contract allows). ``cuda_graph=True`` captures each enqueue in a CUDA
+graph on first use and replays it afterwards (the enqueue's own launch overhead disappears).
+
+TensorRT cannot be installed on every machine: importing this module works anywhere, and using it
+without TensorRT raises a ValueError that says what is missing and how to get it.
+"""
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from engine.backends import register_backend
+from engine.backends.base import Backend
+from engine.networks import Network, networks_from_manifest, weights_hash
+
+PLANS_MANIFEST = "plans.json"
+MISSING = ("TensorRT is not importable here: install NVIDIA's wheel on a Linux machine with an NVIDIA GPU and "
+           "driver (pip install tensorrt, which pulls the tensorrt-cu12 libraries from pypi.nvidia.com) or use "
+           "the NGC container nvcr.io/nvidia/tensorrt; the ONNX side (python -m export onnx/check, backend "
+           "onnxruntime) works without it")
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or a ValueError saying what is missing and how to get it."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise ValueError(f"{MISSING} ({e})") from None
+    return tensorrt
+
+
+def gpu_identity(device=None) -> Dict[str, str]:
+    """Name and compute capability of a CUDA device: what a plan is specific to."""
+    if not torch.cuda.is_available():
+        raise ValueError("TensorRT plans need a CUDA GPU; torch sees none on this machine")
+    index = torch.device(device if device is not None else "cuda").index
+    index = torch.cuda.current_device() if index is None else index
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
+
+
+def read_plans(plan_dir: str) -> Dict:
+    path = os.path.join(plan_dir, PLANS_MANIFEST)
+    if not os.path.isfile(path):
+        raise ValueError(f"not a TensorRT plan folder (no {PLANS_MANIFEST}): {plan_dir!r}; make one with: "
+                         "python -m export tensorrt --onnx ONNX_DIR --out DIR")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_plans_runnable(plans: Dict, trt_version: str, gpu: Dict[str, str], plan_dir: str) -> None:
+    """Plans are not portable across GPUs or TensorRT versions: refuse them with a clear message."""
+    built = {"tensorrt": plans["tensorrt"], **plans["target"]}
+    here = {"tensorrt": trt_version, **gpu}
+    if built != here:
+        diff = ", ".join(f"{k} {built.get(k)!r} (here {here.get(k)!r})" for k in here if built.get(k) != here[k])
+        raise ValueError(f"the plans in {plan_dir!r} were built for {diff}; rebuild them here: "
+                         f"python -m export tensorrt --onnx {plans.get('onnx_dir', 'ONNX_DIR')} --out {plan_dir}")
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool, trt.DataType.INT8: torch.int8,
+             trt.DataType.UINT8: torch.uint8}
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    if dtype not in table:
+        raise ValueError(f"unsupported TensorRT I/O type {dtype}")
+    return table[dtype]
+
+
+class _Slot:
+    """Static buffers (and maybe a captured CUDA graph) of one (profile, batch)."""
+
+    def __init__(self, profile: int, inputs: Dict[str, torch.Tensor], outputs: List[torch.Tensor]):
+        self.profile = profile
+        self.inputs = inputs
+        self.outputs = outputs
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+
+class TrtNetwork:
+    """One plan: its engine, one execution context, and static buffers per (profile, batch)."""
+
+    def __init__(self, plan_path: str, network: Network, device: torch.device, stream: torch.cuda.Stream,
+                 cuda_graph: bool = False):
+        trt = import_tensorrt()
+        self.trt = trt
+        self.network = network
+        self.device = device
+        self.stream = stream
+        self.cuda_graph = cuda_graph
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        with open(plan_path, "rb") as f:
+            self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise ValueError(f"TensorRT could not load {plan_path!r} (built for another GPU or TensorRT version?); "
+                             "rebuild it with python -m export tensorrt")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        expected = set(network.input_names + network.output_names)
+        if set(names) != expected:
+            raise ValueError(f"plan {plan_path!r} has tensors {sorted(names)}, the declaration {sorted(expected)}")
+        self.slots: Dict[Tuple[int, int], _Slot] = {}
+        self.active: Optional[Tuple[int, int]] = None
+
+    def _slot(self, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Tuple[int, int], _Slot]:
+        profile = self.network.find_profile(shapes)  # a clear error for shapes outside every profile
+        batch = shapes[self.network.input_names[0]][0]
+        key = (profile, batch)
+        if key not in self.slots:
+            bucket = self.network.buckets[profile]
+            inputs = {n: torch.empty(s, dtype=self.dtypes[n], device=self.device)
+                      for n, s in self.network.input_shapes(bucket, batch).items()}
+            outputs = [torch.empty(s, dtype=self.dtypes[n], device=self.device)
+                       for n, s in self.network.output_shapes(bucket, batch).items()]
+            self.slots[key] = _Slot(profile, inputs, outputs)
+        return key, self.slots[key]
+
+    def _bind(self, key: Tuple[int, int], slot: _Slot) -> None:
+        """Select the slot's profile, shapes and addresses (only when another slot ran last)."""
+        if self.active == key:
+            return
+        handle = self.stream.cuda_stream
+        self.context.set_optimization_profile_async(slot.profile, handle)
+        for name, t in slot.inputs.items():
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        for name, t in zip(self.network.output_names, slot.outputs):
+            self.context.set_tensor_address(name, t.data_ptr())
+        self.active = key
+
+    def __call__(self, *tensors: torch.Tensor) -> List[torch.Tensor]:
+        names = self.network.input_names
+        shapes = {n: tuple(t.shape) for n, t in zip(names, tensors)}
+        key, slot = self._slot(shapes)
+        for name, t in zip(names, tensors):
+            slot.inputs[name].copy_(t)  # on the caller's stream, into the static buffer
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self._bind(key, slot)
+            if not self.cuda_graph:
+                self._enqueue()
+            elif slot.graph is None:
+                self._enqueue()  # first run outside capture: TensorRT allocates and initialises lazily
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._enqueue()
+                slot.graph = graph
+                graph.replay()
+            else:
+                slot.graph.replay()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return slot.outputs
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run {self.network.name} (see its log above)")
+
+
+@register_backend("tensorrt")
+class TensorRTBackend(Backend):
+    """Options: ``plan_dir`` (a folder from ``python -m export tensorrt``; default ``$CMD_TRT_DIR``),
+    ``cuda_graph`` (capture each enqueue), ``verify_weights`` (check the plans' weights hash)."""
+
+    device_scheduler = True  # the loop stays on the device: no host syncs between enqueues
+
+    def __init__(self, model, device=None, dtype=None, plan_dir: Optional[str] = None, cuda_graph: bool = False,
+                 verify_weights: bool = True):
+        super().__init__(model, device, dtype)
+        trt = import_tensorrt()
+        if self.device.type != "cuda":
+            raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {self.device}")
+        plan_dir = plan_dir or os.environ.get("CMD_TRT_DIR")
+        if not plan_dir:
+            raise ValueError("backend 'tensorrt' needs plans: build them with python -m export tensorrt --onnx "
+                             "ONNX_DIR --out DIR, then pass plan_dir=DIR (or set CMD_TRT_DIR)")
+        self.plan_dir = plan_dir
+        self.plans = read_plans(plan_dir)
+        check_plans_runnable(self.plans, trt.__version__, gpu_identity(self.device), plan_dir)
+        if verify_weights and weights_hash(model) not in self.plans["weights_sha256"].values():
+            raise ValueError(f"the plans in {plan_dir!r} were built from other weights than this model; export and "
+                             "build again")
+        self.networks = networks_from_manifest(self.plans["onnx_manifest"])
+        self.cuda_graph = cuda_graph
+        self.stream = torch.cuda.Stream(self.device)
+        self.reset()
+
+    def reset(self) -> None:
+        self._engines: Dict[str, TrtNetwork] = {}
+
+    def engine(self, name: str) -> TrtNetwork:
+        if name not in self._engines:
+            entry = self.plans["networks"].get(name)
+            if entry is None:
+                raise ValueError(f"plan folder {self.plan_dir!r} has no {name} plan")
+            self._engines[name] = TrtNetwork(os.path.join(self.plan_dir, entry["plan"]), self.networks[name],
+                                             self.device, self.stream, self.cuda_graph)
+        return self._engines[name]
+
+    def unet_step(self, sample, timestep, states):
+        return self.engine("content_unet")(sample, timestep, states)[0]
+
+    def dit_step(self, motion, timestep, content, text):
+        return self.engine("motion_dit")(motion, timestep, content, text)[0]
+
+    def decode(self, content, motion):
+        return self.engine("ae_decoder")(content, motion)[0].clone()  # the pipeline keeps it past later calls
+
+    def decode_frames(self, latents: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """Latent mode: scaled latents (B, L, c, h, w) -> RGB (B, L, 3, H, W), a chunk of frames per call."""
+        net = self.networks["vae_decoder"]
+        chunk = chunk or net.batch_range()[2]
+        b, frames = latents.shape[:2]
+        flat = latents.reshape(b * frames, *latents.shape[2:])
+        video = torch.cat([self.engine("vae_decoder")(part)[0].clone() for part in flat.split(chunk)])
+        return video.reshape(b, frames, *video.shape[1:])

@@ -1,0 +1,544 @@
+"""The networks the engine runs as separate graphs (ONNX Runtime sessions, TensorRT plans).
+
+One class per network declares, in one place, what both sides need: input and output names, the
+symbolic axes of each tensor (which become the graph's dynamic axes), a sample input, and the
+min/opt/max shape profile of each shape bucket. ``export/`` builds graphs from these declarations
+and ``engine/backends/`` runs them, so the two can never disagree on a name or a shape.
+
+Networks of one model (``networks_for(config)``)::
+
+    text_encoder   input_ids, attention_mask (batch, tokens) int64     -> states (batch, tokens, d), pooled (batch, d)
+    content_unet   sample (batch, C, h, w), timestep (batch,), states  -> eps (batch, C, h, w)       CFG batch
+    motion_dit     motion (batch, D, L, N), timestep, content, text    -> eps (batch, D, L, N)       CFG batch
+    ae_decoder     content (batch, C, h, w), motion (batch, D, L, N)   -> frames (batch, L, C, h, w)
+    vae_decoder    latents (batch, c, h, w)                            -> images (batch, 3, 8h, 8w)  latent mode
+
+(h, w: the content frame's size, H/vae_scale; N = h/p + w/p, the motion latent's two planes.)
+Timesteps are float32 in every graph (exact for integer timesteps; what TensorRT handles best).
+
+Shape buckets are the clip sizes (frames x height x width, in pixels) a model serves: the config's
+``sampling["buckets"]`` list when it has one, else its own size. An axis is dynamic in the graphs
+only when its size changes across buckets or with the batch, so a one-bucket model gets graphs with
+a dynamic batch and static everything else (more constant folding, simpler TensorRT profiles).
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.configs import CMDConfig
+
+# Videos per call a graph is built for (its CFG networks see twice that).
+DEFAULT_MAX_BATCH = 4
+# Frames the image VAE decodes per call in latent mode (engine.models.vae.decode_frames' chunk).
+VAE_CHUNK = 8
+# Timesteps the sample inputs draw from (any value the schedulers produce).
+_SAMPLE_TIMESTEPS = 1000
+# Token ids the sample inputs draw from: inside every tokenizer's vocabulary we use.
+_SAMPLE_VOCAB = 1000
+
+
+@dataclass(frozen=True)
+class ShapeBucket:
+    """One clip size a model serves: frames x height x width in pixels."""
+
+    frames: int
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ShapeBucket":
+        """``"16x32x32"`` -> ShapeBucket(16, 32, 32)."""
+        try:
+            frames, height, width = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"a shape bucket is FRAMESxHEIGHTxWIDTH, e.g. 16x32x32, got {text!r}") from None
+        return cls(frames, height, width)
+
+
+def shape_buckets(cfg: CMDConfig) -> List[ShapeBucket]:
+    """The buckets of a config (``sampling["buckets"]``: a list of [frames, height, width] or
+    "FxHxW" strings; default: the config's own size), each checked against what the networks need."""
+    raw = cfg.sampling.get("buckets") or [[cfg.num_frames, cfg.height, cfg.width]]
+    buckets = [ShapeBucket.parse(b) if isinstance(b, str) else ShapeBucket(*(int(v) for v in b)) for b in raw]
+    for bucket in buckets:
+        check_bucket(cfg, bucket)
+    return buckets
+
+
+def check_bucket(cfg: CMDConfig, bucket: ShapeBucket) -> None:
+    """A one-line ValueError naming the size if a network cannot run a clip of this size."""
+    # The content frame must split into AE patches, DiT content patches and the UNet's downsamplings;
+    # the motion latent into DiT patches along time and along its planes.
+    levels = len(cfg.content_unet.get("block_out_channels", [1]))
+    p = cfg.autoencoder.patch_size
+    multiple = _lcm(p, cfg.motion_dit.content_patch_size, 2 ** (levels - 1)) * cfg.vae_scale
+    if bucket.frames < 1 or bucket.height % multiple or bucket.width % multiple or min(bucket.height, bucket.width) < 1:
+        raise ValueError(f"shape bucket {bucket} does not fit config {cfg.name!r}: height and width must be "
+                         f"positive multiples of {multiple}")
+    if bucket.frames % cfg.motion_dit.patch_size:
+        raise ValueError(f"shape bucket {bucket} does not fit config {cfg.name!r}: frames must be a multiple of "
+                         f"the motion DiT patch {cfg.motion_dit.patch_size}")
+    n = (bucket.height // cfg.vae_scale + bucket.width // cfg.vae_scale) // p
+    if n % cfg.motion_dit.patch_size:
+        raise ValueError(f"shape bucket {bucket} does not fit config {cfg.name!r}: the motion latent's "
+                         f"{n} plane positions are not a multiple of the DiT patch {cfg.motion_dit.patch_size}")
+
+
+def _lcm(*values: int) -> int:
+    out = 1
+    for v in values:
+        a, b = out, v
+        while b:
+            a, b = b, a % b
+        out = out * v // a
+    return out
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: its name, one symbol per axis and its element type.
+
+    ``dtype`` is "float" (the graph's precision), "float32" (always fp32) or "int64"."""
+
+    name: str
+    axes: Tuple[str, ...]
+    dtype: str = "float"
+
+    def torch_dtype(self, precision: torch.dtype) -> torch.dtype:
+        return {"float": precision, "float32": torch.float32, "int64": torch.int64}[self.dtype]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The min/opt/max shape of every input for one bucket (a TensorRT optimisation profile)."""
+
+    bucket: ShapeBucket
+    min: Dict[str, Tuple[int, ...]]
+    opt: Dict[str, Tuple[int, ...]]
+    max: Dict[str, Tuple[int, ...]]
+
+    def to_dict(self) -> Dict:
+        return {"bucket": str(self.bucket), "min": {k: list(v) for k, v in self.min.items()},
+                "opt": {k: list(v) for k, v in self.opt.items()}, "max": {k: list(v) for k, v in self.max.items()}}
+
+    def contains(self, shapes: Dict[str, Tuple[int, ...]]) -> bool:
+        """True if every input shape lies within [min, max] of this profile."""
+        return all(len(s) == len(self.min[n]) and all(lo <= v <= hi for lo, v, hi in zip(self.min[n], s, self.max[n]))
+                   for n, s in shapes.items())
+
+
+class Network:
+    """Base class. A subclass sets ``name``, ``inputs``, ``outputs``, its batch range and the sizes of
+    its axis symbols, and builds the module to export from a :class:`engine.models.CMDModel`."""
+
+    name: str = ""
+    inputs: Tuple[TensorSpec, ...] = ()
+    outputs: Tuple[TensorSpec, ...] = ()
+
+    def __init__(self, config: CMDConfig, buckets: Optional[Sequence[ShapeBucket]] = None,
+                 max_batch: int = DEFAULT_MAX_BATCH):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.config = config
+        self.buckets = list(buckets) if buckets is not None else shape_buckets(config)
+        if not self.buckets:
+            raise ValueError(f"network {self.name}: no shape buckets")
+        for bucket in self.buckets:
+            check_bucket(config, bucket)
+        self.max_batch = max_batch
+
+    # -- what subclasses declare ---------------------------------------------------------------
+    def batch_range(self) -> Tuple[int, int, int]:
+        """(min, opt, max) of the batch axis."""
+        raise NotImplementedError
+
+    def axis_sizes(self, bucket: ShapeBucket) -> Dict[str, int]:
+        """Size of every axis symbol except ``batch`` for a bucket."""
+        raise NotImplementedError
+
+    def module(self, model, text_encoder=None) -> nn.Module:
+        """The module to export: its forward takes the inputs in declaration order."""
+        raise NotImplementedError
+
+    # -- derived: shapes, dynamic axes, profiles, sample inputs ---------------------------------
+    @property
+    def input_names(self) -> List[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> List[str]:
+        return [t.name for t in self.outputs]
+
+    def shape(self, spec: TensorSpec, bucket: ShapeBucket, batch: int) -> Tuple[int, ...]:
+        sizes = dict(self.axis_sizes(bucket), batch=batch)
+        return tuple(sizes[a] for a in spec.axes)
+
+    def input_shapes(self, bucket: ShapeBucket, batch: int) -> Dict[str, Tuple[int, ...]]:
+        return {t.name: self.shape(t, bucket, batch) for t in self.inputs}
+
+    def output_shapes(self, bucket: ShapeBucket, batch: int) -> Dict[str, Tuple[int, ...]]:
+        return {t.name: self.shape(t, bucket, batch) for t in self.outputs}
+
+    def dynamic_symbols(self) -> List[str]:
+        """Axis symbols whose size changes with the batch or across this network's buckets."""
+        sizes = [self.axis_sizes(b) for b in self.buckets]
+        varying = sorted(s for s in sizes[0] if len({sz[s] for sz in sizes}) > 1)
+        return ["batch"] + varying
+
+    def dynamic_axes(self) -> Dict[str, Dict[int, str]]:
+        """``{tensor name: {axis index: symbol}}`` for inputs and outputs (torch.onnx's format)."""
+        dynamic = set(self.dynamic_symbols())
+        return {t.name: {i: a for i, a in enumerate(t.axes) if a in dynamic}
+                for t in self.inputs + self.outputs}
+
+    def profiles(self) -> List[Profile]:
+        """One optimisation profile per bucket: the batch spans the batch range, the rest is fixed."""
+        lo, opt, hi = self.batch_range()
+        return [Profile(b, self.input_shapes(b, lo), self.input_shapes(b, opt), self.input_shapes(b, hi))
+                for b in self.buckets]
+
+    def find_bucket(self, shapes: Dict[str, Tuple[int, ...]]) -> ShapeBucket:
+        """The bucket these input shapes belong to, whatever their batch; a ValueError naming them if none.
+        (Every input's first axis is the batch.)"""
+        batch = tuple(shapes[self.inputs[0].name])[0]
+        for bucket in self.buckets:
+            if all(tuple(shapes[t.name]) == self.shape(t, bucket, batch) for t in self.inputs):
+                return bucket
+        raise ValueError(f"{self.name}: input shapes {shapes} fit no shape bucket of these graphs "
+                         f"({', '.join(map(str, self.buckets))}); export with --bucket FRAMESxHEIGHTxWIDTH for this size")
+
+    def find_profile(self, shapes: Dict[str, Tuple[int, ...]]) -> int:
+        """Index of the first profile that holds these input shapes; a ValueError naming them if none."""
+        for i, profile in enumerate(self.profiles()):
+            if profile.contains(shapes):
+                return i
+        lo, _, hi = self.batch_range()
+        raise ValueError(f"{self.name}: input shapes {shapes} fit no shape bucket of this model "
+                         f"(buckets {', '.join(map(str, self.buckets))}, batch {lo}..{hi})")
+
+    def sample_inputs(self, bucket: Optional[ShapeBucket] = None, batch: Optional[int] = None,
+                      dtype: torch.dtype = torch.float32, device="cpu",
+                      generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Random inputs of the right shapes and types (default: first bucket, opt batch). Floats are
+        standard normal; timesteps random training timesteps; token masks keep 1..T tokens."""
+        bucket = bucket or self.buckets[0]
+        batch = batch or self.batch_range()[1]
+        gen = generator or torch.Generator().manual_seed(0)
+        out = {}
+        for spec in self.inputs:
+            shape = self.shape(spec, bucket, batch)
+            if spec.name == "timestep":
+                value = torch.randint(0, _SAMPLE_TIMESTEPS, shape, generator=gen).float()
+            elif spec.name == "input_ids":
+                value = torch.randint(0, _SAMPLE_VOCAB, shape, generator=gen)
+            elif spec.name == "attention_mask":
+                lengths = torch.randint(1, shape[1] + 1, (shape[0],), generator=gen)
+                lengths[0] = shape[1]  # one full row: every position is exercised
+                value = (torch.arange(shape[1])[None] < lengths[:, None]).long()
+            else:
+                value = torch.randn(shape, generator=gen)
+            out[spec.name] = value.to(device=device, dtype=spec.torch_dtype(dtype))
+        return out
+
+    def to_dict(self) -> Dict:
+        """The declaration as JSON data (written into the export manifest)."""
+        return {
+            "inputs": [{"name": t.name, "axes": list(t.axes), "dtype": t.dtype} for t in self.inputs],
+            "outputs": [{"name": t.name, "axes": list(t.axes), "dtype": t.dtype} for t in self.outputs],
+            "dynamic_axes": {n: {str(i): a for i, a in axes.items()} for n, axes in self.dynamic_axes().items()},
+            "batch_range": list(self.batch_range()),
+            "profiles": [p.to_dict() for p in self.profiles()],
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config.name!r}, buckets=[{', '.join(map(str, self.buckets))}])"
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+    def _content_sizes(self, bucket: ShapeBucket) -> Dict[str, int]:
+        cfg = self.config
+        h, w = bucket.height // cfg.vae_scale, bucket.width // cfg.vae_scale
+        p = cfg.autoencoder.patch_size
+        return {"channels": cfg.channels, "height": h, "width": w, "frames": bucket.frames,
+                "motion_dim": cfg.autoencoder.motion_dim, "motion_len": h // p + w // p,
+                "tokens": cfg.text_encoder.max_length, "text_dim": cfg.text_encoder.hidden_size}
+
+
+class TextEncoderNet(Network):
+    """Token ids and mask -> token states (UNet cross-attention) and the masked-mean pooled vector (DiT).
+    The tokenizer stays outside the graph. Batch: prompts and negative prompts together."""
+
+    name = "text_encoder"
+    inputs = (TensorSpec("input_ids", ("batch", "tokens"), "int64"),
+              TensorSpec("attention_mask", ("batch", "tokens"), "int64"))
+    outputs = (TensorSpec("states", ("batch", "tokens", "text_dim"), "float"),
+               TensorSpec("pooled", ("batch", "text_dim"), "float"))
+
+    def batch_range(self):
+        return 1, 2, 2 * self.max_batch
+
+    def axis_sizes(self, bucket):
+        return self._content_sizes(bucket)
+
+    def module(self, model, text_encoder=None):
+        if text_encoder is None:
+            raise ValueError("the text_encoder network needs a text encoder (engine.models.TextEncoder or "
+                             "engine.random_text.RandomTextEncoder)")
+        return TextEncode(text_encoder)
+
+
+class ContentUNetNet(Network):
+    """One content-UNet evaluation on the classifier-free-guidance batch (conditional half first)."""
+
+    name = "content_unet"
+    inputs = (TensorSpec("sample", ("batch", "channels", "height", "width")),
+              TensorSpec("timestep", ("batch",), "float32"),
+              TensorSpec("states", ("batch", "tokens", "text_dim")))
+    outputs = (TensorSpec("eps", ("batch", "channels", "height", "width")),)
+
+    def batch_range(self):
+        return 1, 2, 2 * self.max_batch
+
+    def axis_sizes(self, bucket):
+        return self._content_sizes(bucket)
+
+    def module(self, model, text_encoder=None):
+        return UNetStep(model.content_unet)
+
+
+class MotionDiTNet(Network):
+    """One motion-DiT evaluation on the CFG batch (text = [pooled ; null text], content in both halves)."""
+
+    name = "motion_dit"
+    inputs = (TensorSpec("motion", ("batch", "motion_dim", "frames", "motion_len")),
+              TensorSpec("timestep", ("batch",), "float32"),
+              TensorSpec("content", ("batch", "channels", "height", "width")),
+              TensorSpec("text", ("batch", "text_dim")))
+    outputs = (TensorSpec("eps", ("batch", "motion_dim", "frames", "motion_len")),)
+
+    def batch_range(self):
+        return 1, 2, 2 * self.max_batch
+
+    def axis_sizes(self, bucket):
+        return self._content_sizes(bucket)
+
+    def module(self, model, text_encoder=None):
+        return DiTStep(model.motion_dit)
+
+
+class AEDecoderNet(Network):
+    """The CMD autoencoder's decoder: content frame + motion latent -> frames (VAE latents in latent mode)."""
+
+    name = "ae_decoder"
+    inputs = (TensorSpec("content", ("batch", "channels", "height", "width")),
+              TensorSpec("motion", ("batch", "motion_dim", "frames", "motion_len")))
+    outputs = (TensorSpec("frames", ("batch", "frames", "channels", "height", "width")),)
+
+    def batch_range(self):
+        return 1, 1, self.max_batch
+
+    def axis_sizes(self, bucket):
+        return self._content_sizes(bucket)
+
+    def module(self, model, text_encoder=None):
+        return AEDecode(model.autoencoder)
+
+
+class VAEDecoderNet(Network):
+    """Latent mode: the image VAE's decoder on a chunk of frames, scaled latents -> RGB in [-1, 1]."""
+
+    name = "vae_decoder"
+    inputs = (TensorSpec("latents", ("batch", "channels", "height", "width")),)
+    outputs = (TensorSpec("images", ("batch", "rgb", "image_height", "image_width")),)
+
+    def batch_range(self):
+        return 1, VAE_CHUNK, VAE_CHUNK
+
+    def axis_sizes(self, bucket):
+        sizes = self._content_sizes(bucket)
+        sizes.update(rgb=3, image_height=bucket.height, image_width=bucket.width)
+        return sizes
+
+    def module(self, model, text_encoder=None):
+        if model.vae is None:
+            raise ValueError(f"config {self.config.name!r} is in pixel space: it has no vae_decoder")
+        return VAEDecode(model.vae)
+
+
+NETWORK_CLASSES = {cls.name: cls for cls in (TextEncoderNet, ContentUNetNet, MotionDiTNet, AEDecoderNet, VAEDecoderNet)}
+
+
+def networks_for(config: CMDConfig, buckets: Optional[Sequence[ShapeBucket]] = None,
+                 max_batch: int = DEFAULT_MAX_BATCH, names: Optional[Sequence[str]] = None) -> List[Network]:
+    """Every network of a model (the VAE decoder only in latent mode), or those named in ``names``."""
+    available = [n for n in NETWORK_CLASSES if n != "vae_decoder" or config.space == "latent"]
+    if names is not None:
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"unknown network {unknown[0]!r} for config {config.name!r}; choose from "
+                             f"{', '.join(available)}")
+        available = [n for n in available if n in names]
+    return [NETWORK_CLASSES[n](config, buckets, max_batch) for n in available]
+
+
+# -- the modules that get exported: thin wrappers with positional tensor inputs -------------------
+class TextEncode(nn.Module):
+    """(input_ids, attention_mask) -> (states, pooled): the transformers model plus the masked-mean
+    pooling (L2-normalised where the encoder's sentence embedding is), as TextEncoder.forward does."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.model = text_encoder.model
+        self.normalize_pooled = bool(text_encoder.normalize_pooled)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.to(states.dtype)[..., None]
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if self.normalize_pooled:
+            pooled = F.normalize(pooled, dim=-1)
+        return states, pooled
+
+
+class UNetStep(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]
+
+
+class DiTStep(nn.Module):
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, motion, timestep, content, text) -> torch.Tensor:
+        return self.dit(motion, timestep, content, text)
+
+
+class AEDecode(nn.Module):
+    def __init__(self, autoencoder):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, content: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(content, motion)
+
+
+class VAEDecode(nn.Module):
+    """Scaled latents (as the AE works with them) -> RGB; the 1/scaling_factor is part of the graph."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.inverse_scale = 1.0 / vae.config.scaling_factor
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents * self.inverse_scale, return_dict=False)[0]
+
+
+# -- identities: what a graph or plan was built from -------------------------------------------
+def weights_hash(module: nn.Module, dtype: Optional[torch.dtype] = None) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a module's parameters and buffers: the same
+    weights give the same hash on every machine, any change gives another. ``dtype``: hash the
+    floating-point tensors as cast to it (what a model moved to that dtype would hash to)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+HASH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def weights_hashes(module: nn.Module) -> Dict[str, str]:
+    """``weights_hash`` for each dtype a backend may hold the model in, so that a runtime can check,
+    in any dtype, that graphs were built from the weights it holds."""
+    return {name: weights_hash(module, dtype) for name, dtype in HASH_DTYPES.items()}
+
+
+def file_hash(*paths: str, chunk: int = 1 << 22) -> str:
+    """sha256 of the files' bytes in order (a graph and its external-data file)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# -- export folders: what export/ writes and the backends read ------------------------------------
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16}
+
+
+def read_manifest(onnx_dir: str) -> Dict:
+    """The manifest of an ONNX export folder; a one-line ValueError if it is not one."""
+    path = os.path.join(onnx_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise ValueError(f"not an ONNX export folder (no {MANIFEST}): {onnx_dir!r}; "
+                         "make one with: python -m export onnx --model MODEL --out DIR")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: export format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}; "
+                         "export again")
+    return manifest
+
+
+def networks_from_manifest(manifest: Dict) -> Dict[str, Network]:
+    """The declarations the graphs of an export folder were built from, by network name."""
+    cfg = CMDConfig.from_dict(manifest["config"])
+    buckets = [ShapeBucket.parse(b) for b in manifest["buckets"]]
+    return {n.name: n for n in networks_for(cfg, buckets, manifest["max_batch"], list(manifest["networks"]))}
+
+
+def find_export(model: nn.Module, prefer: str = "float32", root: Optional[str] = None) -> Optional[str]:
+    """An export folder under ``<cache>/onnx`` built from exactly this model's weights (in the dtype it
+    is in now), preferring graphs of precision ``prefer``; None if there is none."""
+    base = os.path.join(root or cache_root(), "onnx")
+    if not os.path.isdir(base):
+        return None
+    digest = weights_hash(model)
+    found = []
+    for entry in sorted(os.listdir(base)):
+        folder = os.path.join(base, entry)
+        try:
+            manifest = read_manifest(folder)
+        except ValueError:
+            continue
+        if digest in manifest["model"]["weights_sha256"].values():
+            found.append((manifest["precision"] != prefer, folder))
+    return min(found)[1] if found else None
+
+
+def default_export_dir(model: nn.Module, precision: str, root: Optional[str] = None) -> str:
+    """Where ``python -m export onnx`` puts a model's graphs unless told: one folder per model
+    (config name and weights hash) and precision, under ``<cache>/onnx``."""
+    digest = weights_hash(model, torch.float32)[:12]
+    return os.path.join(root or cache_root(), "onnx", f"{model.config.name}-{digest}-{precision}")
+
+
+def cache_root() -> str:
+    """Where exported graphs and plans go by default: $CMD_CACHE, else ~/.cache/cmd-engine."""
+    return os.environ.get("CMD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmd-engine")
