@@ -29,6 +29,17 @@ MAX = _standard._elementwise_max
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Tests set this to fill every kernel output with NaN before the launch: a value the kernel forgot to
+# write then shows up instead of passing as stale memory.
+POISON_OUTPUTS = False
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output (NaN-filled when ``POISON_OUTPUTS``)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, autotune, can_launch, check_same_device, launch_context,
-                             grid_configs, interpret_block, next_pow2)
+from kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, autotune, can_launch, check_same_device, empty,
+                             grid_configs, interpret_block, launch_context, next_pow2)
 
 MAX_HEAD_DIM = 128
 
@@ -189,7 +189,7 @@ def _head_split(d: int) -> Tuple[int, int, bool]:
 def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     B, H, N, D = q.shape
     # Token-major output, as SDPA's flash backend returns it: the following transpose(1, 2) is free.
-    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = empty((B, N, H, D), q.dtype, q.device).transpose(1, 2)
     if out.numel() == 0:
         return out
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -334,7 +334,7 @@ def _modln_bwd_kernel(
 
 def _launch_modln_forward(x, shift, scale, eps):
     B, N, C = x.shape
-    y = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    y = empty((B, N, C), x.dtype, x.device)
     if y.numel() == 0:
         return y
     block_c, block_r, warps = _rows_config(C)
@@ -345,18 +345,23 @@ def _launch_modln_forward(x, shift, scale, eps):
     return y
 
 
+def _bwd_chunks(B: int, N: int, block_r: int, device: torch.device) -> int:
+    """Programs per sample in the backward: enough to fill the GPU (each reduces a run of rows in
+    registers and writes one partial d shift / d scale row); one in the interpreter."""
+    if INTERPRETED or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(N, block_r), triton.cdiv(4 * sms, max(B, 1))))
+
+
 def _launch_modln_backward(grad, x, shift, scale, eps):
     B, N, C = x.shape
-    dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    dx = empty((B, N, C), x.dtype, x.device)
     block_c, block_r, warps = _rows_config(C)
-    if INTERPRETED:
-        chunks = 1
-    else:  # enough programs to fill the GPU, each reducing a run of rows in registers
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        chunks = max(1, min(triton.cdiv(N, block_r), triton.cdiv(4 * sms, max(B, 1))))
+    chunks = _bwd_chunks(B, N, block_r, x.device)
     rows_per_prog = triton.cdiv(triton.cdiv(N, chunks), block_r) * block_r
     chunks = triton.cdiv(N, rows_per_prog) if N else 1
-    parts = torch.zeros((2, B, chunks, C), dtype=torch.float32, device=x.device)
+    parts = empty((2, B, chunks, C), torch.float32, x.device)
     if dx.numel():
         with launch_context(x):
             _modln_bwd_kernel[(chunks, B)](

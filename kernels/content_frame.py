@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import INTERPRETED, MAX, SUM, autotune, interpret_block, can_launch, check_same_device, launch_context, grid_configs, next_pow2
+from kernels._triton import (INTERPRETED, MAX, SUM, autotune, can_launch, check_same_device, empty,
+                             grid_configs, interpret_block, launch_context, next_pow2)
 
 MAX_BLOCK_L = 16  # time steps per tile; longer videos loop with an online softmax
 
@@ -204,7 +205,7 @@ def _meta(P: int) -> dict:
 def _launch_forward(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     B, L, C, H, W = frames.shape
     P = C * H * W
-    out = torch.empty((B, C, H, W), dtype=frames.dtype, device=frames.device)
+    out = empty((B, C, H, W), frames.dtype, frames.device)
     if out.numel() == 0:
         return out
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
@@ -218,8 +219,8 @@ def _launch_forward(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def _launch_backward(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
     B, L, C, H, W = frames.shape
     P = C * H * W
-    d_frames = torch.empty((B, L, C, H, W), dtype=frames.dtype, device=frames.device)
-    d_logits = torch.empty((B, L, C, H, W), dtype=logits.dtype, device=logits.device)
+    d_frames = empty((B, L, C, H, W), frames.dtype, frames.device)
+    d_logits = empty((B, L, C, H, W), logits.dtype, logits.device)
     if d_frames.numel() == 0:
         return d_frames, d_logits
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731

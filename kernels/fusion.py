@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import INTERPRETED, SUM, autotune, can_launch, check_same_device, grid_configs, interpret_block, launch_context, next_pow2
+from kernels._triton import (INTERPRETED, SUM, autotune, can_launch, check_same_device, empty, grid_configs,
+                             interpret_block, launch_context, next_pow2)
 
 
 def decoder_fusion_reference(
@@ -180,8 +181,8 @@ def _launch_forward(content, time_height, time_width, weight, bias, eps):
     B, H, W, C = content.shape
     L = time_height.shape[1]
     dtype = torch.promote_types(torch.promote_types(content.dtype, time_height.dtype), time_width.dtype)
-    cube = torch.empty((B, L, H, W, C), dtype=dtype, device=content.device)
-    normed = torch.empty_like(cube)
+    cube = empty((B, L, H, W, C), dtype, content.device)
+    normed = empty(cube.shape, cube.dtype, cube.device)
     T = B * L * H * W
     if cube.numel() == 0:
         return cube, normed
@@ -211,11 +212,11 @@ def _launch_backward(g_cube, g_normed, content, time_height, time_width, weight,
     dev = content.device
     block_h, block_w, block_c, warps = _bwd_tiles(H, W, C)
     n_h, n_w = triton.cdiv(H, block_h), triton.cdiv(W, block_w)
-    d_content = torch.empty((B, H, W, C), dtype=content.dtype, device=dev)
-    dth_part = torch.empty((B, n_w, L, H, C), dtype=torch.float32, device=dev)
-    dtw_part = torch.empty((B, n_h, L, W, C), dtype=torch.float32, device=dev)
-    dw_part = torch.empty((B * n_h * n_w, C), dtype=torch.float32, device=dev)
-    db_part = torch.empty((B * n_h * n_w, C), dtype=torch.float32, device=dev)
+    d_content = empty((B, H, W, C), content.dtype, dev)
+    dth_part = empty((B, n_w, L, H, C), torch.float32, dev)
+    dtw_part = empty((B, n_h, L, W, C), torch.float32, dev)
+    dw_part = empty((B * n_h * n_w, C), torch.float32, dev)
+    db_part = empty((B * n_h * n_w, C), torch.float32, dev)
     if g_cube.numel() == 0:
         d_content.zero_()
         for t in (dth_part, dtw_part, dw_part, db_part):

@@ -1,0 +1,123 @@
+"""The content_frame Triton kernels (forward and backward) against an fp64 reference.
+
+Runs natively on a GPU and in the Triton interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1).
+Outputs are NaN-poisoned before each launch, so an element the kernel fails to write shows up."""
+
+import pytest
+import torch
+
+import kernels
+from kernels import _triton
+from kernels._dispatch import use_triton
+from kernels.content_frame import _content_frame_backward_op, _content_frame_op, content_frame_reference
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+# (B, L, C, H, W): a small model's clip, one frame, long videos (online softmax across time blocks),
+# sizes that are not multiples of any block.
+SHAPES = [(2, 16, 3, 32, 32), (1, 1, 3, 5, 7), (2, 37, 3, 5, 7), (3, 16, 4, 9, 13), (1, 5, 1, 1, 1)]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def inputs(shape, dtype, device, seed=0, logit_scale=3.0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    frames = torch.rand(shape, generator=g) * 2 - 1
+    logits = torch.randn(shape, generator=g) * logit_scale
+    return frames.to(device, dtype), logits.to(device, dtype)
+
+
+def test_auto_dispatches_to_the_kernel_here(device):
+    frames, logits = inputs((1, 2, 1, 2, 2), torch.float32, device)
+    assert use_triton("auto", frames, logits, op="content_frame")
+    assert not use_triton("reference", frames, logits, op="content_frame")
+    assert not use_triton("auto", frames.double(), logits.double(), op="content_frame")  # no fp64 kernel
+    with pytest.raises(TypeError, match="float64"):
+        kernels.content_frame(frames.double(), logits.double(), impl="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_fp64(shape, dtype, device):
+    frames, logits = inputs(shape, dtype, device)
+    out = kernels.content_frame(frames, logits, impl="triton")
+    ref = content_frame_reference(frames.double(), logits.double())
+    assert out.shape == shape[:1] + shape[2:] and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], err
+    if dtype == torch.bfloat16:  # never worse than 2x PyTorch's own bf16 error
+        assert err <= 2 * rel_err(content_frame_reference(frames, logits), ref) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 16, 3, 32, 32), (1, 1, 3, 5, 7), (2, 37, 3, 5, 7), (3, 16, 4, 9, 13)])
+def test_backward_matches_fp64(shape, dtype, device):
+    frames, logits = inputs(shape, dtype, device, seed=1)
+    grad = torch.randn(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    f, x = frames.clone().requires_grad_(), logits.clone().requires_grad_()
+    kernels.content_frame(f, x, impl="triton").backward(grad)
+    f64, x64 = frames.double().requires_grad_(), logits.double().requires_grad_()
+    content_frame_reference(f64, x64).backward(grad.double())
+    assert f.grad.dtype == dtype and x.grad.dtype == dtype
+    assert rel_err(f.grad, f64.grad) <= TOL[dtype]
+    if shape[1] == 1:  # one frame: its weight is 1 whatever the logit, so d logits is exactly zero
+        assert torch.equal(x.grad, torch.zeros_like(x.grad))
+    else:
+        assert rel_err(x.grad, x64.grad) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["hw_transposed", "every_other_frame", "channels_last", "batch_slice"])
+def test_strided_inputs(layout, device):
+    base_f, base_x = inputs((4, 12, 3, 10, 14), torch.float32, device, seed=3)
+    view = {
+        "hw_transposed": lambda t: t.transpose(3, 4),  # (C, H, W) not dense: the general index path
+        "every_other_frame": lambda t: t[:, ::2],  # dense pixels, strided time
+        "channels_last": lambda t: t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3),
+        "batch_slice": lambda t: t[1:3, :, 1:],
+    }[layout]
+    frames, logits = view(base_f), view(base_x)
+    out = kernels.content_frame(frames, logits, impl="triton")
+    assert rel_err(out, content_frame_reference(frames.double(), logits.double())) <= 1e-5
+    f, x = frames.detach().requires_grad_(), logits.detach().requires_grad_()
+    grad = torch.randn(out.shape, device=device).transpose(-1, -2).contiguous().transpose(-1, -2)  # strided grad
+    kernels.content_frame(f, x, impl="triton").backward(grad)
+    f64, x64 = frames.double().requires_grad_(), logits.double().requires_grad_()
+    content_frame_reference(f64, x64).backward(grad.double())
+    assert rel_err(f.grad, f64.grad) <= 1e-5 and rel_err(x.grad, x64.grad) <= 1e-5
+
+
+def test_softmax_is_fp32_for_half_inputs(device):
+    # Logits far outside exp's fp16 range: an fp16 softmax would overflow to inf/NaN.
+    frames, logits = inputs((2, 16, 3, 7, 9), torch.float16, device, seed=4, logit_scale=60.0)
+    out = kernels.content_frame(frames, logits, impl="triton")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, content_frame_reference(frames.double(), logits.double())) <= TOL[torch.float16]
+
+
+def test_output_is_a_convex_combination_and_deterministic(device):
+    frames, logits = inputs((2, 16, 3, 11, 12), torch.float32, device, seed=5)
+    a = kernels.content_frame(frames, logits, impl="triton")
+    b = kernels.content_frame(frames, logits, impl="triton")
+    assert torch.equal(a, b)
+    assert (a <= frames.max(1).values + 1e-6).all() and (a >= frames.min(1).values - 1e-6).all()
+
+
+def test_opcheck(device):
+    frames, logits = inputs((2, 3, 2, 4, 5), torch.float32, device, seed=6)
+    torch.library.opcheck(_content_frame_op, (frames.requires_grad_(), logits.requires_grad_()))
+    grad = torch.randn(2, 2, 4, 5, device=device)
+    torch.library.opcheck(_content_frame_backward_op, (grad, frames.detach(), logits.detach()))
+
+
+def test_meta_tensors_take_shapes_only():
+    frames = torch.empty(2, 16, 4, 64, 128, device="meta")
+    assert kernels.content_frame(frames, frames).shape == (2, 4, 64, 128)
+    assert kernels.content_frame(frames, frames, impl="triton").shape == (2, 4, 64, 128)  # the fake impl

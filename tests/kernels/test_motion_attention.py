@@ -1,0 +1,204 @@
+"""The motion-attention kernel and the DiT prologue (modulated LayerNorm) against fp64 references.
+
+Runs natively on a GPU and in the Triton interpreter on a CPU. Outputs are NaN-poisoned before each
+launch. bf16 runs on the GPU only (the interpreter's bf16 arithmetic is wrong)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import _triton
+from kernels.attention import (_head_split, _modulated_layernorm_backward_op, _modulated_layernorm_op,
+                               _motion_attention_op, modulated_layernorm_reference)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def attention_fp64(q, k, v, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return torch.softmax(s, -1) @ v.double()
+
+
+def qkv(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
+
+
+# ------------------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [
+    (2, 4, 192, 32),  # the tiny DiT: 128 z tokens + 64 content tokens, head dim 32
+    (1, 2, 37, 72),  # DiT-XL's head dim, N not a multiple of any block
+    (2, 3, 1, 80),  # one token
+    (1, 2, 130, 128),
+    (1, 1, 17, 96),
+    (1, 2, 64, 64),
+    (1, 1, 20, 40),
+])
+def test_attention_matches_fp64(shape, dtype, device):
+    q, k, v = qkv(shape, dtype, device)
+    out = kernels.motion_attention(q, k, v, impl="triton")
+    ref = attention_fp64(q, k, v)
+    assert out.shape == shape and out.dtype == dtype and torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], err
+    if dtype == torch.bfloat16:
+        assert err <= 2 * rel_err(F.scaled_dot_product_attention(q, k, v), ref) + 1e-6
+
+
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 72, 80, 96, 112, 128])
+def test_every_head_dim(head_dim, device):
+    q, k, v = qkv((1, 2, 45, head_dim), torch.float32, device, seed=head_dim)
+    out = kernels.motion_attention(q, k, v, impl="triton")
+    assert rel_err(out, attention_fp64(q, k, v)) <= 1e-5
+
+
+def test_head_dim_split_avoids_padding_to_128():
+    assert _head_split(72) == (64, 16, True)  # 80 columns of MMA work, not 128
+    assert _head_split(80) == (64, 16, True)
+    assert _head_split(96) == (64, 32, True)
+    assert _head_split(64) == (64, 16, False)
+    assert _head_split(128) == (128, 16, False)
+
+
+def test_dit_xl_shape(device):
+    # sd21-512x1024: 384 z tokens + 128 content tokens, 16 heads of 72.
+    q, k, v = qkv((1, 16, 512, 72), torch.float16, device, seed=7)
+    out = kernels.motion_attention(q, k, v, impl="triton")
+    assert rel_err(out, attention_fp64(q, k, v)) <= TOL[torch.float16]
+
+
+def test_strided_qkv_as_the_dit_makes_them(device):
+    # Attention.forward: qkv (B, N, 3 * C) -> (3, B, heads, N, d) views, none of them contiguous.
+    b, n, heads, d = 2, 53, 3, 40
+    x = torch.randn(b, n, 3 * heads * d, device=device)
+    q, k, v = x.reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    assert not q.is_contiguous()
+    out = kernels.motion_attention(q, k, v, scale=0.3, impl="triton")
+    assert rel_err(out, attention_fp64(q, k, v, 0.3)) <= 1e-5
+    # Token-major output, like SDPA's flash backend: the DiT's transpose + reshape is a view.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_scale_and_large_logits(device):
+    q, k, v = qkv((1, 2, 70, 64), torch.float32, device, seed=8)
+    out = kernels.motion_attention(q * 4, k * 4, v, scale=1.0, impl="triton")  # logits of size ~100
+    assert torch.isfinite(out).all()
+    assert rel_err(out, attention_fp64(q * 4, k * 4, v, 1.0)) <= 1e-5
+
+
+def test_attention_is_deterministic(device):
+    q, k, v = qkv((2, 4, 150, 72), torch.float16, device, seed=9)
+    assert torch.equal(kernels.motion_attention(q, k, v, impl="triton"), kernels.motion_attention(q, k, v, impl="triton"))
+
+
+def test_attention_gradients(device):
+    q, k, v = qkv((2, 2, 33, 72), torch.float32, device, seed=10)
+    grad = torch.randn(q.shape, device=device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    kernels.motion_attention(*leaves, scale=0.2, impl="triton").backward(grad)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    attention_fp64(*ref_leaves, 0.2).backward(grad.double())
+    for got, ref in zip(leaves, ref_leaves):
+        assert rel_err(got.grad, ref.grad) <= 1e-5
+
+
+def test_attention_bad_input_names_the_value(device):
+    q = torch.randn(1, 2, 8, 32, device=device)
+    with pytest.raises(ValueError, match="head_dim <= 128, got 160"):
+        kernels.motion_attention(*(torch.randn(1, 1, 4, 160, device=device),) * 3)
+    with pytest.raises(ValueError, match=r"\(1, 2, 8, 32\), \(1, 2, 9, 32\)"):
+        kernels.motion_attention(q, torch.randn(1, 2, 9, 32, device=device), q)
+    with pytest.raises(ValueError, match="scale must be positive, got -1"):
+        kernels.motion_attention(q, q, q, scale=-1.0)
+
+
+def test_attention_opcheck(device):
+    q, k, v = (t.requires_grad_() for t in qkv((1, 2, 20, 40), torch.float32, device, seed=11))
+    torch.library.opcheck(_motion_attention_op, (q, k, v, 0.25))
+
+
+# --------------------------------------------------------------------------- modulated LayerNorm
+
+def modln_inputs(b, n, c, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, c, generator=g) * 2 + 0.5
+    # shift/scale as the DiT makes them: chunks of one (B, 6C) projection, so strided views.
+    mod = torch.randn(b, 6 * c, generator=g).to(device, dtype)
+    return x.to(device, dtype), mod[:, :c], mod[:, c:2 * c]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 192, 128), (3, 37, 72), (1, 1, 1152), (2, 5, 1)])
+def test_modulated_layernorm_forward_and_backward(shape, dtype, device):
+    x, shift, scale = modln_inputs(*shape, dtype, device, seed=sum(shape))
+    leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    out = kernels.modulated_layernorm(*leaves, impl="triton")
+    ref_leaves = [t.double().requires_grad_() for t in (x, shift, scale)]
+    ref = modulated_layernorm_reference(*ref_leaves)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) <= TOL[dtype]
+    if dtype == torch.bfloat16:
+        assert rel_err(out, ref) <= 2 * rel_err(modulated_layernorm_reference(x, shift, scale), ref) + 1e-6
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    for got, want in zip(leaves, ref_leaves):
+        assert got.grad.dtype == dtype
+        if want.grad.norm() > 0:  # C == 1: LayerNorm output is 0, so d x and d scale vanish
+            assert rel_err(got.grad, want.grad) <= TOL[dtype]
+
+
+def test_modulated_layernorm_strided_x(device):
+    x, shift, scale = modln_inputs(2, 40, 96, torch.float32, device, seed=3)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # (B, N, C) with a token-major layout
+    out = kernels.modulated_layernorm(x, shift, scale, impl="triton")
+    assert rel_err(out, modulated_layernorm_reference(x.double(), shift.double(), scale.double())) <= 1e-5
+
+
+def test_modulated_layernorm_opcheck(device):
+    x, shift, scale = modln_inputs(2, 9, 24, torch.float32, device, seed=4)
+    torch.library.opcheck(_modulated_layernorm_op, (x.requires_grad_(), shift.requires_grad_(),
+                                                    scale.requires_grad_(), 1e-6))
+    grad = torch.randn(2, 9, 24, device=device)
+    torch.library.opcheck(_modulated_layernorm_backward_op, (grad, x.detach(), shift.detach(), scale.detach(), 1e-6))
+
+
+def test_modulated_layernorm_backward_uses_many_programs_deterministically(device, monkeypatch):
+    # Long sequences split over several programs per sample; their partial sums are added by torch.
+    # (On a GPU the split follows the SM count; force one here so the interpreter runs it too.)
+    import kernels.attention as attention
+
+    monkeypatch.setattr(attention, "_bwd_chunks", lambda *args: 3)
+    x, shift, scale = modln_inputs(2, 600, 64, torch.float32, device, seed=5)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
+        kernels.modulated_layernorm(*leaves, impl="triton").sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    ref_leaves = [t.double().requires_grad_() for t in (x, shift, scale)]
+    modulated_layernorm_reference(*ref_leaves).sum().backward()
+    assert rel_err(grads[0][1], ref_leaves[1].grad) <= 1e-5 and rel_err(grads[0][2], ref_leaves[2].grad) <= 1e-5
+
+
+def test_modulated_layernorm_bad_input(device):
+    x = torch.randn(2, 3, 8, device=device)
+    with pytest.raises(ValueError, match=r"\(2, 3, 8\), \(2, 7\)"):
+        kernels.modulated_layernorm(x, torch.randn(2, 7, device=device), torch.randn(2, 7, device=device))
+    assert math.isfinite(kernels.modulated_layernorm(x, x[:, 0], x[:, 1]).sum().item())
