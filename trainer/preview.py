@@ -1,51 +1,24 @@
 """Sample videos during training, from the EMA weights, so a run can be watched as it goes.
 
     autoencoder  reconstructions of a fixed batch (top row: input, bottom row: reconstruction)
-    content      content frames sampled from the batch's captions (DDIM + classifier-free guidance)
+    content      content frames sampled from the batch's captions (top row: the encoder's content frames)
     motion       videos decoded from the batch's real content frames and motion latents sampled from the
-                 captions (top row: input, bottom row: generated)
+                 captions (top row: the autoencoder's reconstruction of the clip, bottom row: generated)
 
-Written as GIF (Pillow, no ffmpeg needed) or PNG for single frames, atomically.
+The content and motion loops are the engine's own (``CMDPipeline.generate_content`` / ``generate_motion``:
+the same schedulers, CFG and clamping the engine samples with). Written as GIF (Pillow, no ffmpeg
+needed) or PNG for single frames, atomically.
 """
 
-import dataclasses
 import os
 import tempfile
-from typing import Callable, Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
-from engine.models.vae import decode_frames
-
-
-@torch.no_grad()
-def ddim_sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape, section, steps: int,
-                generator: torch.Generator, device, clip_sample: bool = True) -> torch.Tensor:
-    """Plain DDIM loop: ``denoise(x_t, t)`` returns the model output of the section's prediction type."""
-    kwargs = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
-    scheduler = DDIMScheduler(**kwargs, clip_sample=clip_sample)
-    scheduler.set_timesteps(steps)
-    x = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    for t in scheduler.timesteps:
-        x = scheduler.step(denoise(x, t.to(device)), t, x).prev_sample
-    return x
-
-
-def guided(fn_cond, fn_uncond, scale: float):
-    """Classifier-free guidance: uncond + scale * (cond - uncond)."""
-    def denoise(x, t):
-        cond, uncond = fn_cond(x, t), fn_uncond(x, t)
-        return uncond + scale * (cond - uncond)
-    return denoise
-
-
-def to_pixels(model, x: torch.Tensor) -> torch.Tensor:
-    """AE-space video (B, L, C, H, W) -> RGB video in [-1, 1] (VAE decode in latent mode)."""
-    if model.config.space == "latent":
-        x = decode_frames(model.vae, x.to(next(model.vae.parameters()).dtype))
-    return x.float().clamp(-1, 1)
+from engine.models import CMDModel
+from engine.pipeline import CMDPipeline
 
 
 def grid(rows) -> np.ndarray:
@@ -80,33 +53,46 @@ def write_frames(frames: np.ndarray, path: str, fps: int = 8) -> str:
     return path
 
 
+def _pipeline(stage, net: torch.nn.Module) -> CMDPipeline:
+    """An engine pipeline over the stage's frozen networks with ``net`` (the EMA copy) in the trained
+    slot; the training model itself is not handed over (the pipeline freezes what it is given)."""
+    m = stage.model
+    nets = {name: getattr(m, name) for name in ("autoencoder", "motion_dit", "content_unet", "vae")}
+    nets[stage.network_name] = net
+    return CMDPipeline(CMDModel(m.config, **nets), text_encoder=None)
+
+
 @torch.no_grad()
-def preview(stage, net: torch.nn.Module, batch: Dict, seed: int = 0, steps: Optional[int] = None) -> np.ndarray:
+def preview(stage, net: torch.nn.Module, batch: Dict, seed: int = 0) -> np.ndarray:
     """uint8 frames of a preview grid for ``stage`` using ``net`` (the EMA copy of the trained network)."""
-    model, cfg, device = stage.model, stage.cfg, stage.device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    cfg = stage.cfg
+    pipe = _pipeline(stage, net)
+    to_rgb = lambda x: pipe.decode_latents(*x) if isinstance(x, tuple) else x  # noqa: E731
     if stage.name == "autoencoder":
         x = stage.prepare(batch)["video"]
-        return grid([to_pixels(model, x), to_pixels(model, net(x))])
+        content, motion = net.encode(x)
+        real = x if cfg.space == "pixel" else _vae_decode(stage, x)
+        return grid([real, to_rgb((content, motion))])
 
     inputs = stage.prepare(batch)
     content = inputs["content"]
-    b = content.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    scheduler = cfg.sampling.get("scheduler", "ddim")
     if stage.name == "content":
-        states = inputs["states"]
-        null = stage.null_states(b)
-        scale = float(cfg.sampling.get("guidance", 4.0))
-        fn = guided(lambda x, t: net(x, t, encoder_hidden_states=states).sample,
-                    lambda x, t: net(x, t, encoder_hidden_states=null).sample, scale)
-        xbar = ddim_sample(fn, content.shape, cfg.content_scheduler, steps or int(cfg.sampling.get("steps", 25)),
-                           generator, device, clip_sample=cfg.space == "pixel")
-        return grid([to_pixels(model, content[:, None]), to_pixels(model, xbar[:, None])])
+        noise = torch.randn(content.shape, generator=generator)
+        xbar = pipe.generate_content(inputs["states"], inputs["null_states"], noise, int(cfg.sampling.get("steps", 25)),
+                                     float(cfg.sampling.get("guidance", 4.0)), scheduler)
+        if cfg.space == "latent":
+            return grid([_vae_decode(stage, content[:, None]), _vae_decode(stage, xbar[:, None])])
+        return grid([content[:, None], xbar[:, None]])
 
-    pooled = inputs["pooled"]
-    scale = float(cfg.sampling.get("motion_guidance", 2.0))
-    fn = guided(lambda z, t: net(z, t, content, text=pooled), lambda z, t: net(z, t, content, text=None), scale)
-    z = ddim_sample(fn, inputs["motion"].shape, cfg.motion_scheduler,
-                    steps or int(cfg.sampling.get("motion_steps", 25)), generator, device)
-    ae = model.autoencoder
-    real = ae.decode(content, inputs["motion"])
-    return grid([to_pixels(model, real), to_pixels(model, ae.decode(content, z))])
+    noise = torch.randn(inputs["motion"].shape, generator=generator)
+    z = pipe.generate_motion(content, inputs["pooled"], noise, int(cfg.sampling.get("motion_steps", 25)),
+                             float(cfg.sampling.get("motion_guidance", 2.0)), scheduler)
+    return grid([to_rgb((content, inputs["motion"])), to_rgb((content, z))])
+
+
+def _vae_decode(stage, latents: torch.Tensor) -> torch.Tensor:
+    from engine.models.vae import decode_frames
+
+    return decode_frames(stage.model.vae, latents).float()
