@@ -1,0 +1,123 @@
+"""python -m engine.profile: where the time goes in one generation.
+
+    python -m engine.profile [--model random:default] [--backend eager] [--out-dir profile] [--nsys]
+
+After ``--warmup`` untimed calls, one call runs under ``torch.profiler``; the tool writes
+``OUT/trace.json`` (Chrome trace format: open it in chrome://tracing or https://ui.perfetto.dev; the
+pipeline's stage and per-step ranges appear as annotations) and ``OUT/ops.txt`` (the top operators),
+prints a per-stage table, and prints the Nsight Systems command for a full timeline with the NVTX
+ranges. ``--nsys`` is the mode that command uses: no torch.profiler, and the measured call wrapped in
+``cudaProfilerStart/Stop`` so that nsys records the steady state only.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+
+from engine.bench import STAGES, _Parser, add_run_args, call_kwargs, resolve_run
+
+
+def nsys_command(argv) -> str:
+    """The nsys line that records this run's NVTX ranges, CUDA kernels and API calls, steady state only."""
+    args = [a for a in argv if a != "--nsys"]
+    return ("nsys profile --trace=cuda,nvtx,osrt,cublas,cudnn --capture-range=cudaProfilerApi "
+            "--capture-range-end=stop --cuda-graph-trace=node --force-overwrite=true -o cmd-timeline "
+            "python -m engine.profile --nsys " + " ".join(shlex.quote(a) for a in args))
+
+
+def _stage_table(timings) -> str:
+    total = timings.get("total", sum(timings.values()))
+    rows = [f"{'stage':<10}{'ms':>12}{'share':>9}"]
+    for stage in STAGES:
+        if stage in timings:
+            rows.append(f"{stage:<10}{timings[stage] * 1e3:>12.2f}{timings[stage] / total:>9.1%}")
+    rows.append(f"{'total':<10}{total * 1e3:>12.2f}{1:>9.0%}")
+    return "\n".join(rows)
+
+
+def _atomic_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(prog="python -m engine.profile", description=__doc__.split("\n\n")[0])
+    add_run_args(parser)
+    parser.add_argument("--backend", default="eager")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (compile, capture)")
+    parser.add_argument("--out-dir", default="profile", help="where trace.json and ops.txt go")
+    parser.add_argument("--row-limit", type=int, default=25, help="operators in the table")
+    parser.add_argument("--nsys", action="store_true", help="run under nsys: no torch.profiler, "
+                        "cudaProfilerStart/Stop around the measured call")
+    try:
+        args = parser.parse_args(argv)
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        spec, device, dtype, kwargs = resolve_run(args)
+        from engine.video_io import check_output_dir
+
+        if not args.nsys:
+            check_output_dir(args.out_dir, create=True)
+        import torch
+
+        from engine.pipeline import CMDPipeline
+
+        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=args.backend)
+        call = call_kwargs(args, kwargs)
+        for _ in range(args.warmup):
+            pipe(**call)
+        cuda = device.type == "cuda"
+        if args.nsys:
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.profiler.start()
+            result = pipe(**call)
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.profiler.stop()
+        else:
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                result = pipe(**call)
+            os.makedirs(args.out_dir, exist_ok=True)
+            trace = os.path.join(args.out_dir, "trace.json")
+            fd, tmp = tempfile.mkstemp(prefix=".trace.", suffix=".json", dir=args.out_dir)
+            os.close(fd)
+            try:
+                prof.export_chrome_trace(tmp)
+                os.replace(tmp, trace)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            ops = prof.key_averages().table(sort_by=sort, row_limit=args.row_limit)
+            _atomic_text(os.path.join(args.out_dir, "ops.txt"), ops)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print(f"profile: {args.model}, backend {args.backend}, {device} ({str(dtype).replace('torch.', '')}), "
+          f"batch {args.batch}")
+    print(_stage_table(result.timings))
+    if not args.nsys:
+        print(f"wrote {trace} (Chrome trace) and {os.path.join(args.out_dir, 'ops.txt')} (top operators)")
+    print("full timeline with NVTX ranges (on a CUDA machine with Nsight Systems):")
+    print("  " + nsys_command(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
