@@ -125,3 +125,40 @@ def test_motion_dit_bf16_on_gpu(device):
             out_r = dit(*bf16)
     # Whole-network bf16: the kernels' error stays within 2x eager PyTorch's own.
     assert rel_err(out_k, ref) <= 2 * rel_err(out_r, ref) + 1e-3
+
+
+@pytest.mark.parametrize("name", ["default", "ucf101-64", "sd21-512x1024"])
+def test_bench_shapes_are_the_models_shapes(name):
+    # kernels.bench reads the config files as data (kernels does not import engine): same shapes.
+    from engine.configs import DIT_SIZES
+    from kernels import bench
+
+    assert bench.DIT_SIZES == DIT_SIZES
+    cfg = load_config(name)
+    shapes = bench.config_shapes(name, ae_batch=3, dit_batch=2)
+    c, h, w, frames = cfg.channels, cfg.latent_height, cfg.latent_width, cfg.num_frames
+    p, hidden = cfg.autoencoder.patch_size, cfg.autoencoder.hidden_size
+    assert shapes.content_frame == (3, frames, c, h, w)
+    assert shapes.decoder_fusion == (3, frames, h // p, w // p, hidden)
+    dit = cfg.motion_dit
+    d, frames_z, n = cfg.motion_shape()
+    tokens = (frames_z // dit.patch_size) * (n // dit.patch_size) + (h // dit.content_patch_size) * (w // dit.content_patch_size)
+    assert shapes.attention == (2, dit.num_heads, tokens, dit.hidden_size // dit.num_heads)
+    assert shapes.modulated_layernorm == (2, tokens, dit.hidden_size)
+    if name == "sd21-512x1024":
+        assert shapes.attention == (2, 16, 512, 72)  # DESIGN 4: 384 z + 128 content tokens, DiT-XL heads
+
+
+def test_bench_without_gpu_runs_the_correctness_pass(tmp_path, capsys):
+    import json
+
+    from kernels import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the bench times kernels; run python -m kernels.bench there")
+    out = tmp_path / "k.json"
+    assert bench.main(["--configs", "default", "--json", str(out)]) == 0
+    assert "timings need a GPU" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["name"] for r in rows} == {"content_frame", "decoder_fusion", "motion_attention", "modulated_layernorm"}
+    assert all(r["ok"] and r["device"] == "cpu" and r["git_rev"] and r["triton"] for r in rows)

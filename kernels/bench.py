@@ -1,0 +1,437 @@
+"""Kernel benchmark: ``python -m kernels.bench [--configs default,ucf101-64,sd21-512x1024] [--json PATH]``.
+
+On a GPU, in one run: the ceilings (device-copy bandwidth, a large bf16 matmul), a correctness pass
+at the benchmark shapes, then for every kernel at each config's shapes the median time (CUDA-graph
+replays, so launch overhead does not hide kernel time), GB/s and % of the measured bandwidth
+(attention: TFLOP/s and % of the measured matmul peak), and the speedup over the eager reference,
+``torch.compile(reference)`` and, for attention, every SDPA backend; plus the attention half of a
+DiT block (prologue + qkv + attention + proj) against the same block on eager PyTorch ops.
+On a CPU it runs the correctness pass (kernels in the Triton interpreter) and says that timings need a
+GPU. Results are JSON rows with device, torch and Triton versions and the git revision.
+
+Shapes come from the config files (``engine/configs/*.json``, read as data: this package does not
+import ``engine``): the autoencoder ops at the stage-1 training batch, the DiT ops at batch 2 (one
+video with classifier-free guidance).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "engine", "configs")
+CONFIGS = ("default", "ucf101-64", "sd21-512x1024")
+# (depth, hidden, heads) per DiT size: a copy of engine.configs.DIT_SIZES (kernels may not import
+# engine); tests/kernels/test_kernels_in_models.py checks that the two agree.
+DIT_SIZES = {"tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@dataclass
+class Shapes:
+    config: str
+    content_frame: Tuple[int, int, int, int, int]  # (B, L, C, H, W)
+    decoder_fusion: Tuple[int, int, int, int, int]  # (B, L, H', W', C')
+    attention: Tuple[int, int, int, int]  # (B, heads, N, head_dim)
+    modulated_layernorm: Tuple[int, int, int]  # (B, N, hidden)
+
+
+def config_shapes(name: str, ae_batch: Optional[int] = None, dit_batch: int = 2) -> Shapes:
+    """The kernels' shapes in a config: AE ops at ``ae_batch`` (default: its stage-1 training batch),
+    DiT ops at ``dit_batch``."""
+    path = name if os.path.isfile(name) else os.path.join(CONFIG_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown config {name!r}: no file {path}")
+    with open(path) as f:
+        cfg = json.load(f)
+    ae, dit = cfg["autoencoder"], cfg["motion_dit"]
+    b = ae_batch or cfg.get("train", {}).get("autoencoder", {}).get("batch_size", 8)
+    frames, channels = cfg["num_frames"], cfg["channels"]
+    h, w = cfg["height"] // cfg.get("vae_scale", 1), cfg["width"] // cfg.get("vae_scale", 1)
+    p = ae["patch_size"]
+    hp, wp = h // p, w // p
+    depth, hidden, heads = DIT_SIZES[dit["size"]]
+    hidden, heads = dit.get("hidden_size") or hidden, dit.get("num_heads") or heads
+    pd, pc = dit["patch_size"], dit["content_patch_size"]
+    tokens = (frames // pd) * ((hp + wp) // pd) + (h // pc) * (w // pc)  # [z ; content frame]
+    return Shapes(cfg.get("name", name), (b, frames, channels, h, w), (b, frames, hp, wp, ae["hidden_size"]),
+                  (dit_batch, heads, tokens, hidden // heads), (dit_batch, tokens, hidden))
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def _content_frame_inputs(shape, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    return ((torch.rand(shape, generator=g) * 2 - 1).to(device, dtype), (torch.randn(shape, generator=g) * 3).to(device, dtype))
+
+
+def _fusion_inputs(shape, dtype, device):
+    b, l, h, w, c = shape
+    g = torch.Generator().manual_seed(1)
+    planes = [torch.randn(s, generator=g).to(device, dtype) for s in ((b, h, w, c), (b, l, h, c), (b, l, w, c))]
+    return planes + [(1 + 0.5 * torch.randn(c, generator=g)).to(device, dtype), torch.randn(c, generator=g).to(device, dtype)]
+
+
+def _attention_inputs(shape, dtype, device):
+    # As the DiT makes them: views of one (B, N, 3, heads, d) projection.
+    b, heads, n, d = shape
+    qkv = torch.randn(b, n, 3, heads, d, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    return tuple(qkv.permute(2, 0, 3, 1, 4))
+
+
+def _modln_inputs(shape, dtype, device):
+    b, n, c = shape
+    g = torch.Generator().manual_seed(3)
+    mod = torch.randn(b, 6 * c, generator=g).to(device, dtype)
+    return (torch.randn(shape, generator=g) * 2 + 0.5).to(device, dtype), mod[:, :c], mod[:, c:2 * c]
+
+
+# ------------------------------------------------------------------------------------- correctness
+
+def _rel(out, ref) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _grads(fn, inputs, grads):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(list(outs), list(grads))
+    return [t.grad for t in leaves]
+
+
+def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames_cap: Optional[int] = None,
+                batch_cap: Optional[int] = None) -> List[dict]:
+    """Relative Frobenius error of each kernel (forward, and backward where it has one) against an fp64
+    reference at these shapes; in bf16 also PyTorch's own error, which the kernel must stay within 2x of."""
+    import kernels
+    from kernels.attention import modulated_layernorm_reference
+    from kernels.content_frame import content_frame_reference
+    from kernels.fusion import decoder_fusion_reference
+
+    def cap(shape, frames_axis=None):
+        s = list(shape)
+        if batch_cap:
+            s[0] = min(s[0], batch_cap)
+        if frames_cap and frames_axis is not None:
+            s[frames_axis] = min(s[frames_axis], frames_cap)
+        return tuple(s)
+
+    def attention_fp64(q, k, v):
+        return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1) @ v
+
+    # (name, shape, inputs, op, fp64 reference, PyTorch's own op in the low dtype, has a backward)
+    cases = [
+        ("content_frame", cap(shapes.content_frame), _content_frame_inputs, kernels.content_frame,
+         content_frame_reference, content_frame_reference, True),
+        ("decoder_fusion", cap(shapes.decoder_fusion, 1), _fusion_inputs, kernels.decoder_fusion,
+         decoder_fusion_reference, decoder_fusion_reference, True),
+        ("motion_attention", cap(shapes.attention), _attention_inputs, kernels.motion_attention,
+         attention_fp64, F.scaled_dot_product_attention, False),
+        ("modulated_layernorm", cap(shapes.modulated_layernorm), _modln_inputs, kernels.modulated_layernorm,
+         modulated_layernorm_reference, modulated_layernorm_reference, True),
+    ]
+    rows = []
+    for name, shape, make, op, ref_fn, eager_fn, has_bwd in cases:
+        inputs = make(shape, dtype, device)
+        triton_fn = lambda *a, _op=op: _op(*a, impl="triton")  # noqa: E731
+        outs = triton_fn(*inputs)
+        refs = ref_fn(*(t.double() for t in inputs))
+        eager = eager_fn(*inputs)
+        outs, refs, eager = [x if isinstance(x, tuple) else (x,) for x in (outs, refs, eager)]
+        errs = [_rel(o, r) for o, r in zip(outs, refs)]
+        torch_errs = [_rel(e, r) for e, r in zip(eager, refs)]
+        rows.append(_check_row(name, shapes.config, shape, dtype, "forward", errs, torch_errs))
+        if has_bwd:
+            g = torch.Generator().manual_seed(4)
+            gs = [torch.randn(o.shape, generator=g).to(device, dtype) for o in outs]
+            got = _grads(triton_fn, inputs, gs)
+            want = _grads(ref_fn, [t.double() for t in inputs], [x.double() for x in gs])
+            torch_got = _grads(eager_fn, inputs, gs)
+            rows.append(_check_row(name, shapes.config, shape, dtype, "backward", [_rel(a, b) for a, b in zip(got, want)],
+                                   [_rel(a, b) for a, b in zip(torch_got, want)]))
+    return rows
+
+
+def _check_row(name, config, shape, dtype, pass_, errs, torch_errs) -> dict:
+    err, torch_err = max(errs), max(torch_errs)
+    ok = err <= TOL[dtype] and (dtype != torch.bfloat16 or err <= 2 * torch_err + 1e-6)
+    return {"name": name, "pass": pass_, "config": config, "shape": list(shape), "dtype": str(dtype).split(".")[-1],
+            "rel_err": err, "torch_rel_err": torch_err, "tol": TOL[dtype], "ok": ok}
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds per call of ``fn`` on the GPU: replays of a CUDA graph holding enough calls
+    for ~20 ms (launch overhead removed, as in the engine's CUDA-graph backend); event timing with
+    L2 flushes (``triton.testing.do_bench``) where a function cannot be captured."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(1, min(500, int(20.0 / max(start.elapsed_time(end) / 5, 1e-3))))
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                fn()
+        times = []
+        for _ in range(10):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / n)
+        return statistics.median(times)
+    except Exception:  # not capturable: per-call events
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, return_mode="median")
+
+
+def ceilings(device) -> Dict[str, float]:
+    """Measured in this run: copy bandwidth (GB/s, read + write) and bf16 matmul throughput (TFLOP/s)."""
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=device).normal_()  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = time_ms(lambda: a @ b)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_gbps": 2 * (1 << 29) * 2 / copy_ms / 1e6, "matmul_tflops": 2 * n ** 3 / mm_ms / 1e9}
+
+
+def _compiled(fn):
+    try:
+        return torch.compile(fn)
+    except Exception:  # no compiler here: the row says so
+        return None
+
+
+def _maybe_time(fn) -> Optional[float]:
+    if fn is None:
+        return None
+    try:
+        return time_ms(fn)
+    except Exception as e:  # e.g. an SDPA backend that does not take this head dim
+        print(f"    (skipped: {type(e).__name__}: {str(e).splitlines()[0][:100]})", file=sys.stderr)
+        return None
+
+
+def _row(name, config, shape, dtype, ms, ceil, *, nbytes=None, flops=None, baselines=None) -> dict:
+    row = {"name": name, "config": config, "shape": list(shape), "dtype": str(dtype).split(".")[-1], "impl": "triton",
+           "median_ms": ms, "gbps": None, "pct_bw": None, "tflops": None, "pct_peak": None}
+    if nbytes is not None:
+        row["gbps"] = nbytes / ms / 1e6
+        row["pct_bw"] = 100 * row["gbps"] / ceil["copy_gbps"]
+    if flops is not None:
+        row["tflops"] = flops / ms / 1e9
+        row["pct_peak"] = 100 * row["tflops"] / ceil["matmul_tflops"]
+    for key, base_ms in (baselines or {}).items():
+        row[f"{key}_ms"] = base_ms
+        row[f"speedup_vs_{key}"] = None if base_ms is None else base_ms / ms
+    return row
+
+
+def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = True) -> List[dict]:
+    import kernels
+    from kernels.attention import modulated_layernorm_reference
+    from kernels.content_frame import content_frame_reference
+    from kernels.fusion import decoder_fusion_reference
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    rows = []
+
+    def timed(name, shape, kernel, reference, inputs, nbytes=None, flops=None, extra=None):
+        baselines = {"eager": _maybe_time(lambda: reference(*inputs))}
+        if compile_baselines:
+            compiled = _compiled(reference)
+            baselines["compile"] = _maybe_time(None if compiled is None else (lambda: compiled(*inputs)))
+        baselines.update(extra or {})
+        ms = time_ms(lambda: kernel(*inputs))
+        rows.append(_row(name, shapes.config, shape, dtype, ms, ceil, nbytes=nbytes, flops=flops, baselines=baselines))
+        print(f"  {name:28s} {str(tuple(shape)):26s} {ms * 1e3:9.1f} us  " + "  ".join(
+            f"x{v:.2f} vs {k}" for k, v in rows[-1].items() if k.startswith("speedup_vs_") and v), flush=True)
+
+    # content_frame: read frames + logits once, write one frame.
+    s = shapes.content_frame
+    inputs = _content_frame_inputs(s, dtype, device)
+    numel = torch.Size(s).numel()
+    timed("content_frame", s, lambda f, x: kernels.content_frame(f, x, impl="triton"), content_frame_reference,
+          inputs, nbytes=(2 * numel + numel // s[1]) * size)
+    # Backward: read frames, logits, grad; write both gradients.
+    grad = torch.randn(s[:1] + s[2:], device=device, dtype=dtype)
+    from kernels.content_frame import _launch_backward, content_frame_backward_reference
+    timed("content_frame_backward", s, lambda f, x: _launch_backward(grad, f, x),
+          lambda f, x: content_frame_backward_reference(grad, f, x), inputs, nbytes=(4 * numel + numel // s[1]) * size)
+
+    # decoder_fusion: write the cube and its normalised copy; the planes are small.
+    s = shapes.decoder_fusion
+    inputs = _fusion_inputs(s, dtype, device)
+    cube = torch.Size(s).numel()
+    planes = sum(t.numel() for t in inputs)
+    timed("decoder_fusion", s, lambda *a: kernels.decoder_fusion(*a, impl="triton"), decoder_fusion_reference,
+          inputs, nbytes=(2 * cube + planes) * size)
+    from kernels.fusion import _launch_backward as fusion_backward, decoder_fusion_backward_reference
+    g_cube, g_normed = (torch.randn(s, device=device, dtype=dtype) for _ in range(2))
+    timed("decoder_fusion_backward", s, lambda *a: fusion_backward(g_cube, g_normed, *a, 1e-5),
+          lambda *a: decoder_fusion_backward_reference(g_cube, g_normed, *a, 1e-5), inputs,
+          nbytes=(2 * cube + 2 * planes) * size)
+
+    # motion attention: against every SDPA backend.
+    s = shapes.attention
+    q, k, v = _attention_inputs(s, dtype, device)
+    b, heads, n, d = s
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {}
+    for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+                           ("sdpa_cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)), ("sdpa_math", SDPBackend.MATH)):
+        if backend is None:
+            continue
+
+        def sdpa(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        backends[label] = _maybe_time(sdpa)
+    best = [t for t in backends.values() if t is not None]
+    backends["sdpa_best"] = min(best) if best else None
+    timed("motion_attention", s, lambda q, k, v: kernels.motion_attention(q, k, v, impl="triton"),
+          F.scaled_dot_product_attention, (q, k, v), flops=4 * b * heads * n * n * d, extra=backends)
+
+    # modulated LayerNorm: read x, write y.
+    s = shapes.modulated_layernorm
+    inputs = _modln_inputs(s, dtype, device)
+    timed("modulated_layernorm", s, lambda *a: kernels.modulated_layernorm(*a, impl="triton"),
+          modulated_layernorm_reference, inputs, nbytes=2 * torch.Size(s).numel() * size)
+
+    # The attention half of a DiT block: prologue + qkv + attention + proj, ours against eager ops.
+    bsz, n, hidden = s
+    qkv_proj = torch.nn.Linear(hidden, 3 * hidden, device=device, dtype=dtype)
+    out_proj = torch.nn.Linear(hidden, hidden, device=device, dtype=dtype)
+    x, shift, scale = inputs
+
+    def block(x, shift, scale, impl):
+        h = kernels.modulated_layernorm(x, shift, scale, impl=impl)
+        q, k, v = qkv_proj(h).reshape(bsz, n, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+        return out_proj(kernels.motion_attention(q, k, v, impl=impl).transpose(1, 2).reshape(bsz, n, hidden))
+
+    with torch.no_grad():
+        timed("dit_attention_half", s, lambda *a: block(*a, "triton"), lambda *a: block(*a, "reference"), inputs,
+              flops=4 * bsz * heads * n * n * (hidden // heads) + 2 * bsz * n * hidden * 4 * hidden)
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def _environment(device) -> dict:
+    import triton
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "kernels"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        rev += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "git_rev": rev}
+
+
+def _write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names or JSON files")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ae-batch", type=int, default=None, help="batch of the AE ops (default: training batch)")
+    parser.add_argument("--dit-batch", type=int, default=2, help="batch of the DiT ops (default: 2, one video with CFG)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) baselines")
+    parser.add_argument("--json", default=None, help="output file (default benchmarks/results/kernels-<device>.json)")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    from kernels._triton import INTERPRETED
+
+    if not cuda and not INTERPRETED:
+        # The kernels must be built for the interpreter before kernels is imported: start again with it.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.bench", *(argv if argv is not None else sys.argv[1:])], env)
+    for bad in (b for b in (args.ae_batch, args.dit_batch) if b is not None and b < 1):
+        parser.error(f"batch sizes must be >= 1, got {bad}")
+    try:
+        all_shapes = [config_shapes(c.strip(), args.ae_batch, args.dit_batch) for c in args.configs.split(",") if c.strip()]
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        parser.error(str(e))
+
+    device = torch.device("cuda" if cuda else "cpu")
+    env = _environment(device)
+    dtype = getattr(torch, args.dtype)
+    rows: List[dict] = []
+    print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, git {env['git_rev']}")
+    if cuda:
+        ceil = ceilings(device)
+        print(f"ceilings: copy {ceil['copy_gbps']:.0f} GB/s, bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s")
+        rows.append({"name": "ceilings", **ceil})
+        for shapes in all_shapes:
+            print(f"[{shapes.config}] correctness ({args.dtype}, fp32)")
+            for dt in dict.fromkeys([dtype, torch.float32]):
+                rows += correctness(shapes, dt, device, batch_cap=2)
+            print(f"[{shapes.config}] timings ({args.dtype})")
+            rows += benchmark(shapes, dtype, device, ceil, compile_baselines=not args.no_compile)
+    else:
+        print("no GPU: timings need a GPU. Running the correctness pass in the Triton interpreter instead "
+              "(batch 1, decoder fusion on 2 frames; float32 and float16, bf16 needs a GPU)")
+        for shapes in all_shapes:
+            for dt in (torch.float32, torch.float16):  # the interpreter's bf16 is broken: GPU only
+                rows += correctness(shapes, dt, device, frames_cap=2, batch_cap=1)
+    for r in (r for r in rows if "ok" in r):
+        print(f"  {'ok ' if r['ok'] else 'BAD'} {r['config']:14s} {r['name']:20s} {r['pass']:8s} {r['dtype']:8s} "
+              f"rel err {r['rel_err']:.2e} (torch {r['torch_rel_err']:.2e}, tol {r['tol']:.0e})")
+    for r in rows:
+        r.update({k: v for k, v in env.items() if k not in r})
+    path = args.json or os.path.join(ROOT, "benchmarks", "results", f"kernels-{_slug(env['device'])}.json")
+    _write_json(path, {"environment": env, "rows": rows})
+    print(f"wrote {len(rows)} rows to {path}")
+    return 0 if all(r.get("ok", True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
