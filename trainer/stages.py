@@ -121,13 +121,14 @@ class _DiffusionStage(Stage):
         if not self.cache_encodings or indices is None:
             return self._encode(batch)
         indices = [int(i) for i in indices]
-        missing = [k for k, i in enumerate(indices) if i not in self._encoded]
-        if missing:
-            content, motion = self._encode({key: batch[key][missing] for key in ("video", "latents") if key in batch})
-            # Cached on the CPU in fp16 (half the memory); the cached value is what every epoch sees,
-            # including the first, so cached and uncached steps agree.
-            for k, c, m in zip(missing, content, motion):
-                self._encoded[indices[k]] = (c.to("cpu", torch.float16), m.to("cpu", torch.float16))
+        for k, i in enumerate(indices):
+            if i in self._encoded:
+                continue
+            # One clip at a time: its encoding must not depend on the batch it first came in (a resumed run
+            # re-encodes in other company; matmul blocking can change with the batch size). Cached on the CPU
+            # in fp16 (half the memory); the cached value is what every epoch sees, the first included.
+            c, m = self._encode({key: batch[key][k:k + 1] for key in ("video", "latents") if key in batch})
+            self._encoded[i] = (c[0].to("cpu", torch.float16), m[0].to("cpu", torch.float16))
         content = torch.stack([self._encoded[i][0] for i in indices]).to(self.device).float()
         motion = torch.stack([self._encoded[i][1] for i in indices]).to(self.device).float()
         return content, motion

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -344,8 +345,17 @@ def lr_at(step: int, hp: Dict[str, Any]) -> float:
     return hp["lr"] * min(1.0, (step + 1) / warmup) if warmup > 0 else hp["lr"]
 
 
-def train(args, info: DistInfo) -> str:
-    """Run one stage; returns the model folder written."""
+@dataclass
+class TrainResult:
+    model_dir: str  # the model folder written (EMA weights of the trained network)
+    network: torch.nn.Module  # the trained network (raw weights)
+    ema: EMA
+    step: int
+    loss: Optional[float]  # this rank's loss at the last step run (None if no step ran)
+
+
+def train(args, info: DistInfo) -> TrainResult:
+    """Run one stage (the library entry point of the CLI; ``args`` from :func:`build_parser`)."""
     out = args.out
     stage_name = args.stage
     model = load_model(args, stage_name, out)
@@ -412,7 +422,7 @@ def train(args, info: DistInfo) -> str:
 
         bar = tqdm(total=total, initial=start, desc=stage_name, unit="step", dynamic_ncols=True)
 
-    smooth, clips, skipped, t_log = None, 0, 0, time.perf_counter()
+    smooth, value, clips, skipped, t_log = None, None, 0, 0, time.perf_counter()
     for step in range(start, total):
         batch = next(data)
         skipped += batch["skipped"]
@@ -468,9 +478,9 @@ def train(args, info: DistInfo) -> str:
                           int(cfg.sampling.get("fps", 8)), log, done)
     if bar is not None:
         bar.close()
-    log.write({"event": "done", "step": total, "model": model_dir})
+    log.write({"event": "done", "step": total, "model": model_dir, "skipped_clips": skipped})
     log.close()
-    return model_dir
+    return TrainResult(model_dir, net, ema, total, value)
 
 
 def write_samples(stage, ema: EMA, batch, path: str, fps: int, log: RunLog, step: int) -> None:
@@ -490,9 +500,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     code = 0
     try:
         info = init_distributed(args.device)
-        path = train(args, info)
+        result = train(args, info)
         if info.is_main:
-            print(f"model folder: {path}")
+            print(f"model folder: {result.model_dir}")
     except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
