@@ -114,62 +114,84 @@ def _decoder_fusion_bwd_kernel(
     L, H, W, C, eps,
     c_sb, c_sh, c_sw, c_sc, th_sb, th_sl, th_sh, th_sc, tw_sb, tw_sl, tw_sw, tw_sc,
     gc_sb, gc_sl, gc_sh, gc_sw, gc_sc, gn_sb, gn_sl, gn_sh, gn_sw, gn_sc,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Program (w tile, h tile, sample) steps through time, BLOCK_L frames a step. Tile rows are
+    (frame, h) pairs: ``BLOCK_L = 1`` on a GPU (registers), the whole clip in the interpreter (whose
+    cost is per operation, not per element)."""
     pid_w = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n_w = tl.num_programs(0)
     n_h = tl.num_programs(1)
-    hh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = tl.arange(0, BLOCK_L * BLOCK_H)
+    fr = rows // BLOCK_H  # frame within the step
+    hh = pid_h * BLOCK_H + rows % BLOCK_H
     ww = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     cc = tl.arange(0, BLOCK_C)
     h_ok = hh < H
     w_ok = ww < W
     c_ok = cc < C
+    f3 = fr[:, None, None]
     h3 = hh[:, None, None]
     w3 = ww[None, :, None]
     c3 = cc[None, None, :]
-    mask_hc = h_ok[:, None, None] & c_ok[None, None, :]  # (BH, 1, BC)
-    mask_wc = w_ok[None, :, None] & c_ok[None, None, :]  # (1, BW, BC)
-    mask = mask_hc & mask_wc
+    mask_hwc = h_ok[:, None, None] & w_ok[None, :, None] & c_ok[None, None, :]  # (R, BW, BC)
 
-    content = tl.load(CONTENT + b * c_sb + h3 * c_sh + w3 * c_sw + c3 * c_sc, mask=mask, other=0.0).to(tl.float32)
+    content = tl.load(CONTENT + b * c_sb + h3 * c_sh + w3 * c_sw + c3 * c_sc, mask=mask_hwc, other=0.0)
+    content = content.to(tl.float32)
     gamma = tl.load(WEIGHT + c3, mask=c_ok[None, None, :], other=0.0).to(tl.float32)
+    inv_c = 1.0 / C
     # Loop-invariant pointers (time is the loop axis): the loop body is the per-frame work only.
-    th_ptrs = TH + b * th_sb + h3 * th_sh + c3 * th_sc
-    tw_ptrs = TW + b * tw_sb + w3 * tw_sw + c3 * tw_sc
-    gn_ptrs = GNORMED + b * gn_sb + h3 * gn_sh + w3 * gn_sw + c3 * gn_sc
-    gc_ptrs = GCUBE + b * gc_sb + h3 * gc_sh + w3 * gc_sw + c3 * gc_sc
+    th_ptrs = TH + b * th_sb + f3 * th_sl + h3 * th_sh + c3 * th_sc
+    tw_ptrs = TW + b * tw_sb + f3 * tw_sl + w3 * tw_sw + c3 * tw_sc
+    gn_ptrs = GNORMED + b * gn_sb + f3 * gn_sl + h3 * gn_sh + w3 * gn_sw + c3 * gn_sc
+    gc_ptrs = GCUBE + b * gc_sb + f3 * gc_sl + h3 * gc_sh + w3 * gc_sw + c3 * gc_sc
     # Partial-sum slots of this program: time-height over this W tile, time-width over this H tile.
-    dth_ptrs = DTH_PART + ((b * n_w + pid_w) * L * H) * C + hh[:, None] * C + cc[None, :]
-    dtw_ptrs = DTW_PART + ((b * n_h + pid_h) * L * W) * C + ww[:, None] * C + cc[None, :]
-    mask_th = h_ok[:, None] & c_ok[None, :]
-    mask_tw = w_ok[:, None] & c_ok[None, :]
+    dth_ptrs = DTH_PART + ((b * n_w + pid_w) * L * H) * C + (fr * H + hh)[:, None] * C + cc[None, :]
+    if BLOCK_L == 1:
+        dtw_ptrs = DTW_PART + ((b * n_h + pid_h) * L * W) * C + ww[:, None] * C + cc[None, :]
+    else:
+        f_tw = tl.arange(0, BLOCK_L)
+        dtw_ptrs = (DTW_PART + ((b * n_h + pid_h) * L * W) * C + f_tw[:, None, None] * W * C
+                    + ww[None, :, None] * C + cc[None, None, :])
     d_content = tl.full([BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)
-    d_gamma = tl.full([BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)  # reduced once, after the loop
-    d_beta = tl.full([BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)
-    for l in range(L):
-        x = content + tl.load(th_ptrs + l * th_sl, mask=mask_hc, other=0.0).to(tl.float32)
-        x += tl.load(tw_ptrs + l * tw_sl, mask=mask_wc, other=0.0).to(tl.float32)
-        mean = tl.reduce(x, 2, SUM)[:, :, None] / C
+    d_gamma = tl.full([BLOCK_L * BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)  # reduced after the loop
+    d_beta = tl.full([BLOCK_L * BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        l_ok = (l0 + fr) < L
+        mask = mask_hwc & l_ok[:, None, None]
+        x = content + tl.load(th_ptrs + l0 * th_sl, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(tw_ptrs + l0 * tw_sl, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.reduce(x, 2, SUM)[:, :, None] * inv_c
         xc = tl.where(mask, x - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.reduce(xc * xc, 2, SUM)[:, :, None] / C + eps)
+        rstd = tl.math.rsqrt(tl.reduce(xc * xc, 2, SUM)[:, :, None] * inv_c + eps)
         xhat = xc * rstd
-        gn = tl.load(gn_ptrs + l * gn_sl, mask=mask, other=0.0).to(tl.float32)
-        gc = tl.load(gc_ptrs + l * gc_sl, mask=mask, other=0.0).to(tl.float32)
+        gn = tl.load(gn_ptrs + l0 * gn_sl, mask=mask, other=0.0).to(tl.float32)
+        gc = tl.load(gc_ptrs + l0 * gc_sl, mask=mask, other=0.0).to(tl.float32)
         wdy = gn * gamma
-        c1 = tl.reduce(wdy, 2, SUM)[:, :, None] / C
-        c2 = tl.reduce(wdy * xhat, 2, SUM)[:, :, None] / C
-        # Padded channels hold garbage here, but they are never stored nor summed across channels.
+        c1 = tl.reduce(wdy, 2, SUM)[:, :, None] * inv_c
+        c2 = tl.reduce(wdy * xhat, 2, SUM)[:, :, None] * inv_c
+        # Padded channels hold garbage here, but they are never stored nor summed across channels;
+        # padded rows and frames hold zeros (all their inputs were masked to zero).
         dx = gc + rstd * (wdy - c1 - xhat * c2)
-        d_content += dx
         d_gamma += gn * xhat
         d_beta += gn
-        tl.store(dth_ptrs + l * H * C, tl.reduce(dx, 1, SUM), mask=mask_th)
-        tl.store(dtw_ptrs + l * W * C, tl.reduce(dx, 0, SUM), mask=mask_tw)
+        tl.store(dth_ptrs + l0 * H * C, tl.reduce(dx, 1, SUM), mask=(l_ok & h_ok)[:, None] & c_ok[None, :])
+        if BLOCK_L == 1:
+            d_content += dx
+            tl.store(dtw_ptrs + l0 * W * C, tl.reduce(dx, 0, SUM), mask=w_ok[:, None] & c_ok[None, :])
+        else:  # rows are (frame, h): split them to sum over frames (content) and over h (time-width)
+            dx4 = tl.reshape(dx, [BLOCK_L, BLOCK_H, BLOCK_W, BLOCK_C])
+            d_content += tl.reduce(dx4, 0, SUM)
+            f_ok = (l0 + f_tw) < L
+            tl.store(dtw_ptrs + l0 * W * C, tl.reduce(dx4, 1, SUM),
+                     mask=f_ok[:, None, None] & w_ok[None, :, None] & c_ok[None, None, :])
 
-    tl.store(DCONTENT + ((b * H + h3) * W + w3) * C + c3, d_content.to(DCONTENT.dtype.element_ty), mask=mask)
+    h_out = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_out3 = h_out[:, None, None]
+    tl.store(DCONTENT + ((b * H + h_out3) * W + w3) * C + c3, d_content.to(DCONTENT.dtype.element_ty),
+             mask=(h_out3 < H) & w_ok[None, :, None] & c_ok[None, None, :])
     slot = ((b * n_h + pid_h) * n_w + pid_w) * C + cc
     tl.store(DW_PART + slot, tl.reduce(tl.reduce(d_gamma, 0, SUM), 0, SUM), mask=c_ok)
     tl.store(DB_PART + slot, tl.reduce(tl.reduce(d_beta, 0, SUM), 0, SUM), mask=c_ok)
@@ -196,21 +218,27 @@ def _launch_forward(content, time_height, time_width, weight, bias, eps):
     return cube, normed
 
 
-def _bwd_tiles(H: int, W: int, C: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps): about 8K fp32 values per (H x W x C) tile on a GPU
-    (partials shrink as the tile grows; registers cap it), a whole small sample in the interpreter."""
+def _bwd_tiles(L: int, H: int, W: int, C: int, interpreted: bool = INTERPRETED) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_L, BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of the backward. GPU: one frame a step and about
+    8K fp32 values per (H x W x C) tile (registers cap it; partial sums shrink as it grows).
+    Interpreter: up to 256K values a step, the whole clip first (few, large numpy operations)."""
     block_c = next_pow2(C)
-    budget = max(1, (65536 if INTERPRETED else 8192) // block_c)
+    if interpreted:
+        budget = max(1, (1 << 18) // block_c)
+        block_l = min(next_pow2(L), budget)
+        budget = max(1, budget // block_l)
+    else:
+        block_l, budget = 1, max(1, 8192 // block_c)
     block_w = min(next_pow2(W), max(1, next_pow2(int(budget ** 0.5))))
     block_h = min(next_pow2(H), max(1, budget // block_w))
-    return block_h, block_w, block_c, 8 if block_h * block_w * block_c >= 8192 else 4
+    return block_l, block_h, block_w, block_c, 8 if block_h * block_w * block_c >= 8192 else 4
 
 
 def _launch_backward(g_cube, g_normed, content, time_height, time_width, weight, bias, eps):
     B, H, W, C = content.shape
     L = time_height.shape[1]
     dev = content.device
-    block_h, block_w, block_c, warps = _bwd_tiles(H, W, C)
+    block_l, block_h, block_w, block_c, warps = _bwd_tiles(L, H, W, C)
     n_h, n_w = triton.cdiv(H, block_h), triton.cdiv(W, block_w)
     d_content = empty((B, H, W, C), content.dtype, dev)
     dth_part = empty((B, n_w, L, H, C), torch.float32, dev)
@@ -227,7 +255,7 @@ def _launch_backward(g_cube, g_normed, content, time_height, time_width, weight,
                 content, time_height, time_width, weight, g_cube, g_normed,
                 d_content, dth_part, dtw_part, dw_part, db_part, L, H, W, C, eps,
                 *content.stride(), *time_height.stride(), *time_width.stride(), *g_cube.stride(), *g_normed.stride(),
-                BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+                BLOCK_L=block_l, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return (d_content, dth_part.sum(1).to(time_height.dtype), dtw_part.sum(1).to(time_width.dtype),
             dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype))
 

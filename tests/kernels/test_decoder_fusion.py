@@ -3,12 +3,17 @@
 Runs natively on a GPU and in the Triton interpreter on a CPU. Outputs and gradient buffers are
 NaN-poisoned before each launch."""
 
+import functools
+import importlib
+
 import pytest
 import torch
 
 import kernels
 from kernels import _triton
-from kernels.fusion import (_bwd_tiles, _decoder_fusion_backward_op, _decoder_fusion_op, decoder_fusion_reference)
+from kernels.fusion import _bwd_tiles, _decoder_fusion_backward_op, _decoder_fusion_op, decoder_fusion_reference
+
+fusion = importlib.import_module("kernels.fusion")  # the module (kernels.fusion the attribute is fine too)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -20,6 +25,15 @@ SHAPES = [(2, 16, 16, 16, 64), (1, 1, 3, 5, 7), (2, 3, 5, 9, 72), (1, 2, 20, 20,
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(params=["gpu_tiles", "native_tiles"])
+def tiles(request, monkeypatch):
+    """The backward's tiling: one frame a step with GPU-sized tiles (the GPU code path, which the
+    interpreter must run too), or whatever this machine picks (the whole clip a step when interpreting)."""
+    if request.param == "gpu_tiles":
+        monkeypatch.setattr(fusion, "_bwd_tiles", functools.partial(_bwd_tiles, interpreted=False))
+    return request.param
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -40,7 +54,7 @@ def planes(shape, dtype, device, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_and_backward_match_fp64(shape, dtype, device):
+def test_forward_and_backward_match_fp64(shape, dtype, device, tiles):
     args = planes(shape, dtype, device, seed=sum(shape))
     leaves = [t.clone().requires_grad_() for t in args]
     cube, normed = kernels.decoder_fusion(*leaves, impl="triton")
@@ -64,14 +78,15 @@ def test_forward_and_backward_match_fp64(shape, dtype, device):
         assert rel_err(got.grad, want.grad) <= TOL[dtype]
 
 
-def test_backward_tiles_split_the_sample_on_the_c384_shape():
-    # The C = 384 case above must exercise partial sums across H and W tiles in this mode too.
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_backward_tiles_split_the_sample_on_the_c384_shape(interpreted):
+    # The C = 384 case above exercises partial sums across H and W tiles with both tilings.
     b, l, h, w, c = SHAPES[-1]
-    block_h, block_w, _, _ = _bwd_tiles(h, w, c)
-    assert block_h < h and block_w < w
+    block_l, block_h, block_w, _, _ = _bwd_tiles(l, h, w, c, interpreted=interpreted)
+    assert block_h < h and block_w < w and block_l == (l if interpreted else 1)
 
 
-def test_strided_planes(device):
+def test_strided_planes(device, tiles):
     shape = (2, 4, 6, 10, 48)
     content, th, tw, weight, bias = planes(shape, torch.float32, device, seed=3)
     content = content.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, W, C) stored W-major
@@ -101,7 +116,7 @@ def test_only_normed_used(device):
         assert rel_err(got.grad, want.grad) <= 1e-5
 
 
-def test_deterministic(device):
+def test_deterministic(device, tiles):
     args = planes((2, 5, 7, 9, 40), torch.float16, device, seed=5)
     runs = []
     for _ in range(2):
