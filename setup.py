@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=7", "scipy"]
+TEST = ["pytest>=7", "scipy", "matplotlib"]
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript"]
 
 setup(

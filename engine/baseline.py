@@ -14,7 +14,6 @@ from typing import Any, Dict, Optional
 
 import torch
 from diffusers import DDIMScheduler, UNet3DConditionModel
-from tqdm.auto import tqdm
 
 BASELINE_NAME = "ModelScope T2V UNet3D"
 
@@ -99,6 +98,10 @@ def sample_baseline(unet: UNet3DConditionModel, text_states: torch.Tensor, null_
     if text_states.dim() != 3 or text_states.shape[-1] != unet.config.cross_attention_dim:
         raise ValueError(f"text_states must be (B, T, {unet.config.cross_attention_dim}), "
                          f"got {tuple(text_states.shape)}")
+    if null_states is not None and (null_states.dim() != 3 or null_states.shape[0] not in (1, text_states.shape[0])
+                                    or null_states.shape[1:] != text_states.shape[1:]):
+        raise ValueError(f"null_states must be (1 or {text_states.shape[0]}, {text_states.shape[1]}, "
+                         f"{text_states.shape[2]}) like text_states, got {tuple(null_states.shape)}")
     guided = null_states is not None and guidance_scale > 1.0
     batch = text_states.shape[0]
     device, dtype = unet.device, unet.dtype
@@ -112,7 +115,12 @@ def sample_baseline(unet: UNet3DConditionModel, text_states: torch.Tensor, null_
     shape = (batch, unet.config.in_channels, num_frames, height, width)
     latents = torch.randn(shape, generator=generator, device=generator.device if generator else device,
                           dtype=torch.float32).to(device) * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="UNet3D"):
+    timesteps = scheduler.timesteps
+    if progress:
+        from tqdm.auto import tqdm  # only when asked: the GPU machines need not have it
+
+        timesteps = tqdm(timesteps, desc="UNet3D")
+    for t in timesteps:
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t).to(dtype)
         eps = unet(model_in, t, encoder_hidden_states=states).sample.float()

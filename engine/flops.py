@@ -38,8 +38,8 @@ from engine.baseline import BASELINE_NAME, MODELSCOPE_UNET3D_CONFIG, TEXT_TOKENS
 from engine.configs import CMDConfig, load_config
 from engine.models import CMDModel
 
-__all__ = ["ACCOUNTINGS", "MODELSCOPE_UNET3D_CONFIG", "PAPER_TABLE9", "NetworkCost", "count_flops", "measure",
-           "summarize", "main"]
+__all__ = ["ACCOUNTINGS", "MODELSCOPE_UNET3D_CONFIG", "PAPER_TABLE9", "NetworkCost", "count_evaluation",
+           "count_flops", "measure", "summarize", "main"]
 
 ACCOUNTINGS = ("paper", "full")
 TERA = 1e12
@@ -106,7 +106,9 @@ def _attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return 2 * batch * n_q * n_k * (d + d_v)
 
 
-def _count(network: torch.nn.Module, run: Callable[[], object], shape: tuple) -> NetworkCost:
+def count_evaluation(network: torch.nn.Module, run: Callable[[], object], shape: tuple = ()) -> NetworkCost:
+    """Count one call of ``run()`` (which evaluates ``network``, normally on meta tensors): matmul and
+    convolution FLOPs by op, with the attention score/value products taken apart."""
     counter = FlopCounterMode(display=False)
     tally = _AttentionTally(counter)
     with torch.no_grad(), counter, tally:
@@ -131,6 +133,16 @@ def _check_frames(cfg: CMDConfig, frames: Optional[int]) -> int:
     return frames
 
 
+def _check_args(cfg: CMDConfig, steps: int, accounting: str, frames: Optional[int],
+                motion_steps: Optional[int] = None) -> int:
+    for name, value in (("steps", steps), ("motion_steps", steps if motion_steps is None else motion_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if accounting not in ACCOUNTINGS:
+        raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
+    return _check_frames(cfg, frames)
+
+
 def measure(config: Union[str, CMDConfig], frames: Optional[int] = None) -> Dict[str, NetworkCost]:
     """One evaluation of each network for one video of ``frames`` frames (default: the config's),
     counted on the meta device: content_unet, motion_dit, ae_decoder, vae_decoder (latent mode: all
@@ -142,24 +154,25 @@ def measure(config: Union[str, CMDConfig], frames: Optional[int] = None) -> Dict
     c, h, w = cfg.channels, cfg.latent_height, cfg.latent_width
     text = cfg.text_encoder
     costs = {}
-    with torch.device("meta"):
-        t = torch.zeros(1)
-        content = torch.empty(1, c, h, w)
-        motion = torch.empty(1, *cfg.motion_shape(num_frames=frames))
-        states = torch.empty(1, text.max_length, text.hidden_size)
-        costs["content_unet"] = _count(model.content_unet, lambda: model.content_unet(
-            content, t, encoder_hidden_states=states), tuple(content.shape))
-        costs["motion_dit"] = _count(model.motion_dit, lambda: model.motion_dit(
-            motion, t, content, torch.empty(1, text.hidden_size)), tuple(motion.shape))
-        costs["ae_decoder"] = _count(model.autoencoder, lambda: model.autoencoder.decode(content, motion),
-                                     (frames, c, h, w))
-        if model.vae is not None:
-            latents = torch.empty(frames, c, h, w)
-            costs["vae_decoder"] = _count(model.vae, lambda: model.vae.decode(latents), tuple(latents.shape))
-        video = torch.empty(1, c, frames, h, w)  # UNet3D layout (B, C, L, h, w)
-        baseline_states = torch.empty(1, TEXT_TOKENS, baseline.config.cross_attention_dim)
-        costs["baseline_unet3d"] = _count(baseline, lambda: baseline(
-            video, t, encoder_hidden_states=baseline_states), tuple(video.shape))
+    meta = {"device": "meta"}  # inputs made on meta directly: a device context would add a mode to every call
+    t = torch.zeros(1, **meta)
+    content = torch.empty(1, c, h, w, **meta)
+    motion = torch.empty(1, *cfg.motion_shape(num_frames=frames), **meta)
+    states = torch.empty(1, text.max_length, text.hidden_size, **meta)
+    pooled = torch.empty(1, text.hidden_size, **meta)
+    costs["content_unet"] = count_evaluation(model.content_unet, lambda: model.content_unet(
+        content, t, encoder_hidden_states=states), tuple(content.shape))
+    costs["motion_dit"] = count_evaluation(model.motion_dit, lambda: model.motion_dit(motion, t, content, pooled),
+                                           tuple(motion.shape))
+    costs["ae_decoder"] = count_evaluation(model.autoencoder, lambda: model.autoencoder.decode(content, motion),
+                                           (frames, c, h, w))
+    if model.vae is not None:
+        latents = torch.empty(frames, c, h, w, **meta)
+        costs["vae_decoder"] = count_evaluation(model.vae, lambda: model.vae.decode(latents), tuple(latents.shape))
+    video = torch.empty(1, c, frames, h, w, **meta)  # UNet3D layout (B, C, L, h, w)
+    baseline_states = torch.empty(1, TEXT_TOKENS, baseline.config.cross_attention_dim, **meta)
+    costs["baseline_unet3d"] = count_evaluation(baseline, lambda: baseline(
+        video, t, encoder_hidden_states=baseline_states), tuple(video.shape))
     # The AE's encoder is not part of sampling: count only the decoder's parameters.
     ae = model.autoencoder
     costs["ae_decoder"].params = sum(p.numel() for name, p in ae.named_parameters()
@@ -180,18 +193,16 @@ def _sig(x: float, digits: int = 6) -> float:
 
 
 def summarize(costs: Dict[str, NetworkCost], config: Union[str, CMDConfig], steps: int = 50,
-              accounting: str = "paper", frames: Optional[int] = None) -> dict:
+              accounting: str = "paper", frames: Optional[int] = None, motion_steps: Optional[int] = None) -> dict:
     """Per-video TFLOPs from ``measure``'s per-evaluation costs (see ``count_flops``)."""
     cfg = _resolve(config)
-    frames = _check_frames(cfg, frames)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if accounting not in ACCOUNTINGS:
-        raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
+    frames = _check_args(cfg, steps, accounting, frames, motion_steps)
+    motion_steps = steps if motion_steps is None else motion_steps
     cfg_batch = 2 if accounting == "full" else 1
     networks = {}
     for name, cost in costs.items():
-        evals = steps * cfg_batch if name in DENOISERS else 1
+        n_steps = motion_steps if name == "motion_dit" else steps
+        evals = n_steps * cfg_batch if name in DENOISERS else 1
         per_eval = _tflops(cost, accounting)
         # Everything in the accounting's unit: paper = multiply-adds (FlopCounterMode FLOPs / 2).
         unit = 2 if accounting == "paper" else 1
@@ -215,6 +226,7 @@ def summarize(costs: Dict[str, NetworkCost], config: Union[str, CMDConfig], step
     result = {
         "config": cfg.name,
         "steps": steps,
+        "motion_steps": motion_steps,
         "accounting": accounting,
         "frames": frames,
         "video": [frames, cfg.height, cfg.width],
@@ -222,27 +234,29 @@ def summarize(costs: Dict[str, NetworkCost], config: Union[str, CMDConfig], step
         "baseline": {"name": BASELINE_NAME, "total": baseline_total},
         "ratio": _sig(baseline_total / cmd_total, 4),
         "per_step": {"content": _sig(networks["content_unet"]["total"] / steps),
-                     "motion": _sig(networks["motion_dit"]["total"] / steps),
+                     "motion": _sig(networks["motion_dit"]["total"] / motion_steps),
                      "baseline": _sig(baseline_total / steps)},
         "vae_decode": networks["vae_decoder"]["total"] if "vae_decoder" in networks else None,
         "networks": networks,
     }
-    result["paper"] = _table9(cfg, frames, steps)
-    result["notes"] = _notes(result, costs, cfg, steps, frames, accounting)
+    result["paper"] = _table9(cfg, frames, steps) if motion_steps == steps else None
+    result["notes"] = _notes(result, costs, cfg, steps, frames, accounting, motion_steps)
     return result
 
 
 def count_flops(config: Union[str, CMDConfig], steps: int = 50, accounting: str = "paper",
-                frames: Optional[int] = None) -> dict:
+                frames: Optional[int] = None, motion_steps: Optional[int] = None) -> dict:
     """TFLOPs to sample one video with CMD (content UNet, motion DiT, AE decoder; the image VAE decode
     apart) and with the ModelScope UNet3D baseline at the same latent size and steps.
 
     Returns ``{"config", "steps", "accounting", "cmd": {"content", "motion", "decoder", "total"},
     "baseline": {"name", "total"}, "ratio"}`` plus ``frames``, ``per_step``, ``vae_decode``, per-network
     details (``networks``: params, TFLOPs per evaluation, attention, evaluations, by op), Table 9's
-    figures where they apply (``paper``) and ``notes`` on how and why ours differs from them."""
+    figures where they apply (``paper``) and ``notes`` on how and why ours differs from them.
+    ``motion_steps``: the motion DiT's steps where they differ from the content model's (``steps``)."""
     cfg = _resolve(config)
-    return summarize(measure(cfg, frames), cfg, steps, accounting, frames)
+    _check_args(cfg, steps, accounting, frames, motion_steps)  # before the seconds of counting
+    return summarize(measure(cfg, frames), cfg, steps, accounting, frames, motion_steps)
 
 
 def _table9(cfg: CMDConfig, frames: int, steps: int) -> Optional[dict]:
@@ -252,7 +266,7 @@ def _table9(cfg: CMDConfig, frames: int, steps: int) -> Optional[dict]:
 
 
 def _notes(result: dict, costs: Dict[str, NetworkCost], cfg: CMDConfig, steps: int, frames: int,
-           accounting: str) -> List[str]:
+           accounting: str, motion_steps: int) -> List[str]:
     notes = []
     if accounting == "paper":
         notes.append("paper accounting: TFLOPs = 10^12 multiply-adds (fvcore's convention), attention score/value "
@@ -266,37 +280,43 @@ def _notes(result: dict, costs: Dict[str, NetworkCost], cfg: CMDConfig, steps: i
     table = result["paper"]
     if table is None:
         notes.append(f"no Table 9 comparison: it covers {PAPER_CONFIG}, {PAPER_FRAMES} frames, "
-                     f"{' or '.join(map(str, PAPER_TABLE9))} steps")
+                     f"{' or '.join(map(str, PAPER_TABLE9))} steps of both denoisers")
         return notes
-    paper = result if accounting == "paper" else summarize(costs, cfg, steps, "paper", frames)
+    paper = result if accounting == "paper" else summarize(costs, cfg, steps, "paper", frames, motion_steps)
     for key, ours in (("cmd", result["cmd"]["total"]), ("baseline", result["baseline"]["total"])):
         label = "CMD" if key == "cmd" else BASELINE_NAME
         diff = ours / table[key] - 1
         line = f"{label}: {ours:.4g} TFLOPs vs Table 9's {table[key]} ({diff:+.1%})"
         if abs(diff) <= 0.10:
             notes.append(line + ", within 10%")
-            continue
-        if accounting == "full":
-            names = [STAGE_OF[s] for s in STAGE_OF] if key == "cmd" else ["baseline_unet3d"]
-            attention = sum(costs[n].attention_flops * (2 * steps if n in DENOISERS else 1) for n in names) / TERA
+        elif accounting == "full":
             same = paper[key]["total"]
             notes.append(line + f": full accounting counts 2 FLOPs per multiply-add (x2), the CFG batch (x2 on "
-                         f"every denoiser evaluation) and the attention score/value products (+{attention:.4g} "
-                         f"TFLOPs with CFG); the same count in paper accounting gives {same:.4g} "
-                         f"({same / table[key] - 1:+.1%} from the table)")
+                         f"every denoiser evaluation) and the attention score/value products "
+                         f"(+{_attention_total(result, key):.4g} TFLOPs with CFG); the same count in paper "
+                         f"accounting gives {same:.4g} ({same / table[key] - 1:+.1%} from the table)")
         else:
-            notes.append(line + _paper_gap(key, costs, steps))
+            notes.append(line + _paper_gap(result, key))
     return notes
 
 
-def _paper_gap(key: str, costs: Dict[str, NetworkCost], steps: int) -> str:
-    """Why a paper-accounting total is off the table by more than 10%: the largest parts of ours, and the
-    attention products that fvcore would not have counted, so that the gap can be traced."""
-    names = ["content_unet", "motion_dit", "ae_decoder"] if key == "cmd" else ["baseline_unet3d"]
-    parts = ", ".join(f"{n} {costs[n].flops / 2 / TERA * (steps if n in DENOISERS else 1):.4g}" for n in names)
-    attention = sum(costs[n].attention_flops / 2 / TERA * (steps if n in DENOISERS else 1) for n in names)
+def _parts(key: str) -> List[str]:
+    return list(STAGE_OF.values()) if key == "cmd" else ["baseline_unet3d"]
+
+
+def _attention_total(result: dict, key: str) -> float:
+    """Attention score/value products of every evaluation of one side, in the result's unit."""
+    nets = result["networks"]
+    return sum(nets[n]["attention_tflops_per_eval"] * nets[n]["evals"] for n in _parts(key))
+
+
+def _paper_gap(result: dict, key: str) -> str:
+    """Why a paper-accounting total is off the table by more than 10%: the parts of ours, and the attention
+    products that fvcore would not have counted, so that the gap can be traced."""
+    parts = ", ".join(f"{n} {result['networks'][n]['total']:.4g}" for n in _parts(key))
     return (f": beyond 10%; ours is made of {parts} T multiply-adds (attention products, left out as fvcore "
-            f"did, would add {attention:.4g}); the network sizes or the latent size differ from the paper's")
+            f"did, would add {_attention_total(result, key):.4g}); the network sizes or the latent size differ "
+            f"from the paper's")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
