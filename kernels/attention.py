@@ -262,11 +262,11 @@ def motion_attention(
 
 # ----------------------------------------------------------------------------- modulated LayerNorm
 
-def _rows_config(C: int) -> Tuple[int, int, int]:
+def _rows_config(C: int, interpreted: bool = INTERPRETED) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_R, num_warps) for a row kernel over C channels: about 4K fp32 values per tile
     on a GPU (16 per thread at 8 warps), large tiles (few programs) in the interpreter."""
     block_c = next_pow2(C)
-    if INTERPRETED:
+    if interpreted:
         return block_c, max(1, min(256, 32768 // block_c)), 4
     block_r = max(1, min(16, 4096 // block_c))
     return block_c, block_r, 8 if block_c * block_r >= 4096 else 4

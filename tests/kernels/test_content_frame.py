@@ -3,6 +3,8 @@
 Runs natively on a GPU and in the Triton interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1).
 Outputs are NaN-poisoned before each launch, so an element the kernel fails to write shows up."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ import kernels
 from kernels import _triton
 from kernels._dispatch import use_triton
 from kernels.content_frame import _content_frame_backward_op, _content_frame_op, content_frame_reference
+
+module = importlib.import_module("kernels.content_frame")  # kernels.content_frame the attribute is the op
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -21,6 +25,15 @@ SHAPES = [(2, 16, 3, 32, 32), (1, 1, 3, 5, 7), (2, 37, 3, 5, 7), (3, 16, 4, 9, 1
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(params=["native_blocks", "gpu_blocks"])
+def blocks(request, monkeypatch):
+    """Pixel blocks as this machine picks them, or GPU-sized ones (several programs per sample, a
+    partial last block) so the interpreter runs the launch geometry a GPU does."""
+    if request.param == "gpu_blocks" and _triton.INTERPRETED:
+        monkeypatch.setattr(module, "_meta", lambda P: {"BLOCK_P": 128, "num_warps": 4})
+    return request.param
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -45,7 +58,7 @@ def test_auto_dispatches_to_the_kernel_here(device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_matches_fp64(shape, dtype, device):
+def test_forward_matches_fp64(shape, dtype, device, blocks):
     frames, logits = inputs(shape, dtype, device)
     out = kernels.content_frame(frames, logits, impl="triton")
     ref = content_frame_reference(frames.double(), logits.double())
@@ -59,7 +72,7 @@ def test_forward_matches_fp64(shape, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 16, 3, 32, 32), (1, 1, 3, 5, 7), (2, 37, 3, 5, 7), (3, 16, 4, 9, 13)])
-def test_backward_matches_fp64(shape, dtype, device):
+def test_backward_matches_fp64(shape, dtype, device, blocks):
     frames, logits = inputs(shape, dtype, device, seed=1)
     grad = torch.randn(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(2)).to(device, dtype)
     f, x = frames.clone().requires_grad_(), logits.clone().requires_grad_()

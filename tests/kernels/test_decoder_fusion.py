@@ -29,10 +29,12 @@ def poison(monkeypatch):
 
 @pytest.fixture(params=["gpu_tiles", "native_tiles"])
 def tiles(request, monkeypatch):
-    """The backward's tiling: one frame a step with GPU-sized tiles (the GPU code path, which the
-    interpreter must run too), or whatever this machine picks (the whole clip a step when interpreting)."""
+    """GPU-sized tiles (the backward one frame a step: the GPU code path, which the interpreter must
+    run too), or whatever this machine picks (the whole clip a step when interpreting)."""
     if request.param == "gpu_tiles":
         monkeypatch.setattr(fusion, "_bwd_tiles", functools.partial(_bwd_tiles, interpreted=False))
+        if _triton.INTERPRETED:  # and GPU-sized forward tiles: 16 tokens a program
+            monkeypatch.setattr(fusion, "interpret_block", lambda n, cap, floor=1: 16)
     return request.param
 
 

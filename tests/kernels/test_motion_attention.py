@@ -3,6 +3,8 @@
 Runs natively on a GPU and in the Triton interpreter on a CPU. Outputs are NaN-poisoned before each
 launch. bf16 runs on the GPU only (the interpreter's bf16 arithmetic is wrong)."""
 
+import functools
+import importlib
 import math
 
 import pytest
@@ -11,8 +13,10 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import _triton
-from kernels.attention import (_head_split, _modulated_layernorm_backward_op, _modulated_layernorm_op,
+from kernels.attention import (_head_split, _rows_config, _modulated_layernorm_backward_op, _modulated_layernorm_op,
                                _motion_attention_op, modulated_layernorm_reference)
+
+attention = importlib.import_module("kernels.attention")
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -21,6 +25,16 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytes
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(params=["native_blocks", "gpu_blocks"])
+def blocks(request, monkeypatch):
+    """Blocks as this machine picks them, or GPU-sized ones (64 queries x 64 keys: several key blocks,
+    a masked last one; 8-row LayerNorm tiles) so the interpreter runs a GPU's launch geometry."""
+    if request.param == "gpu_blocks" and _triton.INTERPRETED:
+        monkeypatch.setattr(attention, "interpret_block", lambda n, cap, floor=1: 64)
+        monkeypatch.setattr(attention, "_rows_config", functools.partial(_rows_config, interpreted=False))
+    return request.param
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -50,7 +64,7 @@ def qkv(shape, dtype, device, seed=0):
     (1, 2, 64, 64),
     (1, 1, 20, 40),
 ])
-def test_attention_matches_fp64(shape, dtype, device):
+def test_attention_matches_fp64(shape, dtype, device, blocks):
     q, k, v = qkv(shape, dtype, device)
     out = kernels.motion_attention(q, k, v, impl="triton")
     ref = attention_fp64(q, k, v)
@@ -145,7 +159,7 @@ def modln_inputs(b, n, c, dtype, device, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 192, 128), (3, 37, 72), (1, 1, 1152), (2, 5, 1)])
-def test_modulated_layernorm_forward_and_backward(shape, dtype, device):
+def test_modulated_layernorm_forward_and_backward(shape, dtype, device, blocks):
     x, shift, scale = modln_inputs(*shape, dtype, device, seed=sum(shape))
     leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
     out = kernels.modulated_layernorm(*leaves, impl="triton")
