@@ -28,3 +28,4 @@ from .synthetic import (
     shape_coverage,
     split_combos,
 )
+from .videos import VideoClips, open_video_folder  # real videos: captions CSV or UCF-101 (trainer)

@@ -1,0 +1,202 @@
+"""Video folders for training: captions CSV and UCF-101 layouts, windows/crops, corrupt and too-short
+videos skipped and counted (never fatal), and latent mode's per-video VAE latent cache."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.data.videos import VideoClips, class_caption, open_video_folder, read_video, resize_crop
+from trainer.train import main
+from test_train_stages import tiny_config  # noqa: E402  (tests/trainer is on sys.path under pytest)
+
+H, W = 20, 24  # a frame size that is neither square nor the clip size
+
+
+def write_video(path, num_frames, codec=None):
+    """Frame i is a flat grey of level 12 * i with a white 6x6 square moving right: the level tells the
+    frame index back after lossy coding."""
+    import imageio_ffmpeg
+
+    writer = imageio_ffmpeg.write_frames(str(path), (W, H), fps=8, codec=codec, macro_block_size=1,
+                                         ffmpeg_log_level="error")
+    writer.send(None)
+    for i in range(num_frames):
+        frame = np.full((H, W, 3), 12 * i, np.uint8)
+        frame[2:8, 2 + i:8 + i] = 255
+        writer.send(frame.tobytes())
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def csv_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        write_video(root / name, 12)
+    write_video(root / "short.mp4", 2)
+    (root / "broken.mp4").write_bytes(os.urandom(3000))
+    rows = ["path,caption", "a.mp4,a white square moving right", "b.mp4,second clip", "broken.mp4,corrupt file",
+            "c.mp4,third clip", "short.mp4,too short", "missing.mp4,not there"]
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_read_video_and_levels(csv_folder):
+    frames = read_video(str(csv_folder / "a.mp4"))
+    assert frames.shape == (12, H, W, 3) and frames.dtype == np.uint8
+    levels = frames[:, H - 2, W // 2].mean(axis=-1)
+    assert np.allclose(levels, 12 * np.arange(12), atol=4)
+
+
+def test_csv_items_windows_and_skips(csv_folder):
+    data = open_video_folder(str(csv_folder), num_frames=4, height=16, width=16, seed=0, frame_stride=2)
+    assert len(data) == 6
+    items = [data[i] for i in range(len(data))]
+    good = [it for it in items if it is not None]
+    assert [it["caption"] for it in good] == ["a white square moving right", "second clip", "third clip"]
+    assert [it is None for it in items] == [False, False, True, False, True, True]
+    for it in good:
+        video = it["video"]
+        assert video.shape == (4, 3, 16, 16) and video.dtype == torch.float32
+        assert -1 <= video.min() and video.max() <= 1
+        # Consecutive window frames are 2 source frames apart (stride 2): levels step by 24.
+        level = (video[:, :, -1, 8].mean(dim=1) + 1) * 127.5
+        assert torch.allclose(level[1:] - level[:-1], torch.full((3,), 24.0), atol=5)
+    # The window depends only on (seed, epoch, index).
+    again = data[0]["video"]
+    assert torch.equal(again, items[0]["video"])
+    starts = set()
+    for epoch in range(8):
+        data.set_epoch(epoch)
+        starts.add(round(float((data[0]["video"][0, :, -1, 8].mean() + 1) * 127.5 / 12)))
+    assert len(starts) > 1, "windows should move between epochs"
+
+
+def test_resize_crop_covers_and_centres():
+    frames = torch.arange(20 * 24, dtype=torch.float32).reshape(1, 1, 20, 24).expand(2, 3, 20, 24)
+    out = resize_crop(frames, 16, 16)
+    assert out.shape == (2, 3, 16, 16)
+    flat = resize_crop(torch.full((1, 3, 20, 24), 7.0), 8, 12)
+    assert flat.shape == (1, 3, 8, 12) and torch.allclose(flat, torch.tensor(7.0))
+
+
+def test_bad_csv_row_names_the_line(tmp_path):
+    (tmp_path / "captions.csv").write_text("path,caption\nonly-a-path.mp4\n")
+    with pytest.raises(ValueError, match="captions.csv:2"):
+        open_video_folder(str(tmp_path), 4, 16, 16)
+
+
+def test_not_a_video_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="captions.csv"):
+        open_video_folder(str(tmp_path), 4, 16, 16)
+
+
+def test_ucf101_layout(tmp_path):
+    videos = tmp_path / "UCF-101"
+    for cls, n in (("ApplyEyeMakeup", 2), ("YoYo", 1)):
+        (videos / cls).mkdir(parents=True)
+        for k in range(n):
+            write_video(videos / cls / f"v_{cls}_g0{k + 1}_c01.avi", 6, codec="mpeg4")
+    lists = tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "trainlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 1\nYoYo/v_YoYo_g01_c01.avi 2\n")
+    (lists / "testlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi\n")
+    train = open_video_folder(str(tmp_path), 4, 16, 16)
+    assert [c for _, c in train.entries] == ["apply eye makeup", "yo yo"]
+    item = train[1]
+    assert item["caption"] == "yo yo" and item["video"].shape == (4, 3, 16, 16)
+    test = open_video_folder(str(tmp_path), 4, 16, 16, split="test")
+    assert [os.path.basename(p) for p, _ in test.entries] == ["v_ApplyEyeMakeup_g02_c01.avi"]
+
+
+def test_class_captions():
+    assert class_caption("ApplyEyeMakeup") == "apply eye makeup"
+    assert class_caption("CleanAndJerk") == "clean and jerk"
+    assert class_caption("YoYo") == "yo yo"
+
+
+def test_training_on_a_folder_skips_and_counts_bad_videos(tmp_path, csv_folder):
+    config = tiny_config(tmp_path / "tiny.json")
+    out = tmp_path / "run"
+    code = main(["--stage", "autoencoder", "--config", config, "--data", str(csv_folder), "--out", str(out),
+                 "--steps", "3", "--batch-size", "2", "--workers", "0", "--log-every", "1", "--sample-every", "0",
+                 "--no-progress", "--threads", "1"])
+    assert code == 0
+    records = [json.loads(line) for line in open(out / "logs" / "autoencoder.jsonl")]
+    done = records[-1]
+    assert done["event"] == "done" and done["skipped_clips"] >= 1
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+# ---------------------------------------------------------------------------------------- latent mode
+
+
+def tiny_vae_folder(path):
+    """A random 1-level AutoencoderKL (no downsampling, 4 latent channels): stands in for an SD VAE."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(path / "vae"))
+    return str(path)
+
+
+def latent_config(path, vae_kwargs):
+    config = json.load(open(tiny_config(path)))
+    config.update(name="tiny-latent", space="latent", channels=4, vae=vae_kwargs, vae_scale=1)
+    config["autoencoder"].update(in_channels=4, pixel_output=False)
+    config["content_unet"].update(in_channels=4, out_channels=4)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+def test_latent_cache_serves_vae_windows(tmp_path, csv_folder):
+    from engine.models.vae import encode_frames, load_vae
+    from trainer.data.latents import LatentCache, LatentClips, fill_latent_cache
+
+    vae = load_vae(tiny_vae_folder(tmp_path))
+    clips = open_video_folder(str(csv_folder), 4, 16, 16, seed=0)
+    cache = LatentCache(str(tmp_path / "cache"), vae, 16, 16)
+    assert fill_latent_cache(clips, cache) == (4, 2)  # a, b, c, short encoded; broken and missing fail
+    assert fill_latent_cache(clips, cache) == (0, 2)  # the good ones are cached now
+    latents = LatentClips(clips, cache)
+    item, pixels = latents[0], clips[0]
+    assert item["latents"].shape == (4, 4, 16, 16) and item["caption"] == pixels["caption"]
+    # The same window as the pixel data set picks, encoded by the VAE (fp16 storage).
+    expected = encode_frames(vae, pixels["video"][None])[0]
+    assert torch.allclose(item["latents"], expected, atol=2e-2 * expected.abs().max().item())
+    assert latents[2] is None and latents[4] is None  # broken; too short for a window
+
+
+def test_latent_mode_training_with_cache_and_pretrained_unet(tmp_path, csv_folder):
+    from diffusers import UNet2DConditionModel
+
+    from engine.configs import load_config
+    from trainer.train import build_parser, load_model
+
+    sd = tiny_vae_folder(tmp_path / "sd")
+    vae_kwargs = json.load(open(os.path.join(sd, "vae", "config.json")))
+    vae_kwargs = {k: v for k, v in vae_kwargs.items() if not k.startswith("_")}
+    config = latent_config(tmp_path / "latent.json", vae_kwargs)
+    out = tmp_path / "run"
+    common = ["--config", config, "--data", str(csv_folder), "--out", str(out), "--batch-size", "2", "--workers", "0",
+              "--log-every", "1", "--sample-every", "0", "--no-progress", "--threads", "1",
+              "--latent-cache", str(tmp_path / "latents")]
+    assert main(["--stage", "autoencoder", "--steps", "2", "--vae", sd, *common]) == 0
+    assert len([f for f in os.listdir(tmp_path / "latents") if f.endswith(".safetensors")]) == 4
+    # Fine-tuning the UNet of a local SD folder: the content stage starts from its weights.
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(**load_config(config).content_unet)
+    unet.save_pretrained(str(tmp_path / "sd" / "unet"))
+    args = build_parser().parse_args(["--stage", "content", "--pretrained-unet", sd, *common])
+    model = load_model(args, "content", str(out))
+    for name, value in unet.state_dict().items():
+        assert torch.equal(model.content_unet.state_dict()[name], value)
+    assert model.vae is not None
+    assert main(["--stage", "content", "--steps", "2", "--pretrained-unet", sd, *common]) == 0
