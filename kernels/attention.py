@@ -73,7 +73,10 @@ _ATTN_CONFIGS = grid_configs({"BLOCK_M": [64, 128], "BLOCK_N": [32, 64, 128]}, n
 
 
 @autotune(_ATTN_CONFIGS, key=["N", "HEAD_DIM", "IS_FP32"])
-@triton.heuristics({"EVEN_M": lambda a: a["N"] % a["BLOCK_M"] == 0, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+# EVEN_M / EVEN_N: loads and stores of that axis need no mask (N a multiple of the block, and no head
+# dims padded in the main part: head_dim < 16 pads D1 to 16).
+@triton.heuristics({"EVEN_M": lambda a: a["N"] % a["BLOCK_M"] == 0 and a["D1"] <= a["HEAD_DIM"],
+                    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["D1"] <= a["HEAD_DIM"]})
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, qk_scale, N, HEADS,
@@ -89,6 +92,7 @@ def _attention_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d1 = tl.arange(0, D1)
+    d1_ok = d1 < HEAD_DIM
     m_ok = offs_m < N
     q_ptrs = Q + b * q_sb + h * q_sh + offs_m[:, None] * q_sn
     k_base = K + b * k_sb + h * k_sh
@@ -98,7 +102,7 @@ def _attention_fwd_kernel(
     if EVEN_M:
         q1 = tl.load(q_ptrs + d1[None, :])
     else:
-        q1 = tl.load(q_ptrs + d1[None, :], mask=m_ok[:, None], other=0.0)
+        q1 = tl.load(q_ptrs + d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
     if UPCAST:  # the interpreter's bf16 arithmetic is wrong: fp32 from the load on
         q1 = q1.to(tl.float32)
     if TAIL:
@@ -121,7 +125,7 @@ def _attention_fwd_kernel(
         if EVEN_N:
             kt1 = tl.load(kt_ptrs + d1[:, None])
         else:
-            kt1 = tl.load(kt_ptrs + d1[:, None], mask=n_ok[None, :], other=0.0)
+            kt1 = tl.load(kt_ptrs + d1[:, None], mask=n_ok[None, :] & d1_ok[:, None], other=0.0)
         if UPCAST:
             kt1 = kt1.to(tl.float32)
         if IS_FP32:
@@ -148,7 +152,7 @@ def _attention_fwd_kernel(
         if EVEN_N:
             v1 = tl.load(v_ptrs + d1[None, :])
         else:
-            v1 = tl.load(v_ptrs + d1[None, :], mask=n_ok[:, None], other=0.0)
+            v1 = tl.load(v_ptrs + d1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
         if UPCAST:
             v1 = v1.to(tl.float32)
         if IS_FP32:
@@ -170,7 +174,7 @@ def _attention_fwd_kernel(
     if EVEN_M:
         tl.store(o_ptrs + d1[None, :], out1)
     else:
-        tl.store(o_ptrs + d1[None, :], out1, mask=m_ok[:, None])
+        tl.store(o_ptrs + d1[None, :], out1, mask=m_ok[:, None] & d1_ok[None, :])
     if TAIL:
         out2 = (acc2 * inv_l[:, None]).to(O.dtype.element_ty)
         tl.store(o_ptrs + d2[None, :], out2, mask=m_ok[:, None] & d2_ok[None, :])

@@ -271,8 +271,9 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
         baselines.update(extra or {})
         ms = time_ms(lambda: kernel(*inputs))
         rows.append(_row(name, shapes.config, shape, dtype, ms, ceil, nbytes=nbytes, flops=flops, baselines=baselines))
-        print(f"  {name:28s} {str(tuple(shape)):26s} {ms * 1e3:9.1f} us  " + "  ".join(
-            f"x{v:.2f} vs {k}" for k, v in rows[-1].items() if k.startswith("speedup_vs_") and v), flush=True)
+        speedups = [f"x{v:.2f} vs {k[len('speedup_vs_'):]}" for k, v in rows[-1].items() if k.startswith("speedup_vs_") and v]
+        rate = f"{rows[-1]['pct_bw']:5.1f}% bw" if nbytes else f"{rows[-1]['pct_peak']:5.1f}% peak"
+        print(f"  {name:24s} {str(tuple(shape)):24s} {ms * 1e3:9.1f} us {rate}  " + "  ".join(speedups), flush=True)
 
     # content_frame: read frames + logits once, write one frame.
     s = shapes.content_frame

@@ -75,7 +75,7 @@ def test_attention_matches_fp64(shape, dtype, device, blocks):
         assert err <= 2 * rel_err(F.scaled_dot_product_attention(q, k, v), ref) + 1e-6
 
 
-@pytest.mark.parametrize("head_dim", [32, 48, 64, 72, 80, 96, 112, 128])
+@pytest.mark.parametrize("head_dim", [8, 32, 48, 64, 72, 80, 96, 112, 128])
 def test_every_head_dim(head_dim, device):
     q, k, v = qkv((1, 2, 45, head_dim), torch.float32, device, seed=head_dim)
     out = kernels.motion_attention(q, k, v, impl="triton")
