@@ -143,6 +143,7 @@ def timed(run: Callable[[], Dict[str, float]], device: torch.device, repeats: in
     for _ in range(warmup):
         run()
     _sync(device)
+    _free(device)  # cached blocks of earlier work (an fp32 build, other backends) must not count as reserved
     _reset_peak(device)
     totals, stages = [], []
     for _ in range(repeats):

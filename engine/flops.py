@@ -199,13 +199,12 @@ def summarize(costs: Dict[str, NetworkCost], config: Union[str, CMDConfig], step
     frames = _check_args(cfg, steps, accounting, frames, motion_steps)
     motion_steps = steps if motion_steps is None else motion_steps
     cfg_batch = 2 if accounting == "full" else 1
+    unit = 2 if accounting == "paper" else 1  # paper: multiply-adds (FlopCounterMode FLOPs / 2)
     networks = {}
     for name, cost in costs.items():
         n_steps = motion_steps if name == "motion_dit" else steps
         evals = n_steps * cfg_batch if name in DENOISERS else 1
         per_eval = _tflops(cost, accounting)
-        # Everything in the accounting's unit: paper = multiply-adds (FlopCounterMode FLOPs / 2).
-        unit = 2 if accounting == "paper" else 1
         by_op = {op: _sig(n / unit / TERA) for op, n in cost.by_op.items()}
         if accounting == "full":
             by_op["attention"] = _sig(cost.attention_flops / TERA)
