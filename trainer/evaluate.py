@@ -1,0 +1,253 @@
+"""python -m trainer.evaluate: measure a CMD model folder.
+
+    python -m trainer.evaluate --model runs/default/model --data synthetic --num-clips 256 --out eval.json
+    torchrun --nproc-per-node 8 -m trainer.evaluate --model M --data DIR --metrics fvd --i3d i3d.pt --num-clips 2048
+
+Metrics (``--metrics``, comma-separated; default: everything the inputs allow):
+
+    recon       autoencoder reconstruction PSNR / SSIM on data clips (pixels, [-1, 1])
+    attributes  synthetic data: generate a video for each held-out prompt, measure colour, shape and motion
+                from its pixels (trainer.attributes.measure_attributes), report the accuracy of each and of all three
+    fvd         Frechet distance of I3D features (trainer/i3d.py; --i3d FILE, a local weights file) between data
+                clips and generated clips of the same captions (the FVD protocol uses 2048 clips)
+    clipsim     mean CLIP similarity between generated frames and their caption (--clip DIR, a local CLIP folder)
+
+Under torchrun every rank generates and measures its share of the prompts (round robin); rank 0 merges the
+results (feature statistics are summed, per-clip values gathered) and writes the JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from trainer.distributed import DistInfo, finish, gather_objects, init_distributed
+from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
+
+METRICS = ("recon", "attributes", "fvd", "clipsim")
+
+
+# ------------------------------------------------------------------------------------------ attributes
+
+
+def attribute_row(video: torch.Tensor, truth) -> Dict[str, Any]:
+    """Measured vs true attributes of one clip. ``video``: (L, 3, H, W) in [-1, 1]; ``truth``: a ClipSpec or
+    a dict with colour, shape and motion."""
+    from trainer.attributes import measure_attributes
+
+    want = truth if isinstance(truth, dict) else {"colour": truth.colour, "shape": truth.shape,
+                                                   "motion": truth.motion}
+    got = measure_attributes(video)
+    row = {key: got[key] == want[key] for key in ("colour", "shape", "motion")}
+    row["all"] = all(row.values())
+    row["measured"] = {key: got[key] for key in ("colour", "shape", "motion")}
+    row["expected"] = {key: want[key] for key in ("colour", "shape", "motion")}
+    return row
+
+
+def summarize_attributes(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    if not rows:
+        raise ValueError("no clips to measure")
+    out = {f"{key}_accuracy": float(np.mean([r[key] for r in rows])) for key in ("colour", "shape", "motion", "all")}
+    out["clips"] = len(rows)
+    return out
+
+
+def attribute_accuracy(videos: Sequence[torch.Tensor], truths: Sequence) -> Dict[str, float]:
+    """Accuracy of colour, shape, motion (and all three) measured from the pixels of ``videos``."""
+    if len(videos) != len(truths):
+        raise ValueError(f"{len(videos)} videos for {len(truths)} sets of attributes")
+    return summarize_attributes([attribute_row(v, t) for v, t in zip(videos, truths)])
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def generate(pipe, prompts: Sequence[str], indices: Sequence[int], seed: int, batch_size: int = 8,
+             **kwargs) -> torch.Tensor:
+    """Videos (N, L, 3, H, W) in [-1, 1] for ``prompts``; prompt ``indices[i]`` (its index in the whole list)
+    seeds its noise with ``seed + index``, so a clip does not depend on how prompts are sharded or batched."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        gens = [torch.Generator().manual_seed(seed + int(i)) for i in indices[start:start + batch_size]]
+        frames = pipe(chunk, generator=gens, output_type="pt", progress=False, **kwargs).frames
+        out.append(frames.float().cpu() * 2 - 1)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description="Evaluate a CMD model folder")
+    p.add_argument("--model", required=True, help="CMD model folder (written by trainer.train)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a video folder (captions CSV / UCF-101)")
+    p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--num-clips", type=int, default=64, help="clips (prompts) in all, over all ranks")
+    p.add_argument("--split", default="heldout", help="synthetic split of the prompts: heldout or train")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, help="content sampling steps (config default)")
+    p.add_argument("--motion-steps", type=int, help="motion sampling steps (config default)")
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--motion-guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--i3d", help="I3D weights file for FVD (.pt state dict or .safetensors)")
+    p.add_argument("--i3d-size", type=int, default=224, help="frame size the I3D sees (224 in the protocol)")
+    p.add_argument("--clip", help="local CLIP folder for CLIPSIM")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", help="write the results here as JSON")
+    return p
+
+
+def _metrics(args) -> List[str]:
+    if args.metrics:
+        chosen = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        bad = [m for m in chosen if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
+        if "fvd" in chosen and not args.i3d:
+            raise ValueError("metric 'fvd' needs --i3d FILE (local I3D weights)")
+        if "clipsim" in chosen and not args.clip:
+            raise ValueError("metric 'clipsim' needs --clip DIR (a local CLIP folder)")
+        if "attributes" in chosen and args.data != "synthetic":
+            raise ValueError("metric 'attributes' needs --data synthetic (known attributes)")
+        return chosen
+    chosen = ["recon"] + (["attributes"] if args.data == "synthetic" else [])
+    return chosen + (["fvd"] if args.i3d else []) + (["clipsim"] if args.clip else [])
+
+
+def _items(args, cfg):
+    """(captions, truths or None, a function index -> real video (L, 3, H, W)) for all ranks alike."""
+    if args.data == "synthetic":
+        from trainer.data import frames_to_tensor, prompts_for, render_clip
+
+        pairs = prompts_for(args.split, args.num_clips, seed=args.seed, num_frames=cfg.num_frames,
+                            height=cfg.height, width=cfg.width)
+        captions = [c for c, _ in pairs]
+        specs = [s for _, s in pairs]
+        return captions, specs, lambda i: frames_to_tensor(render_clip(specs[i], cfg.num_frames, cfg.height, cfg.width))
+    from trainer.data.videos import open_video_folder
+
+    data = open_video_folder(args.data, cfg.num_frames, cfg.height, cfg.width, seed=args.seed, split="test")
+    # Unreadable videos are skipped (and counted) before the prompts are fixed, so every rank agrees.
+    good = [i for i in range(len(data)) if data[i] is not None][: args.num_clips]
+    skipped = len(data) - len(good) if len(good) < args.num_clips else None
+    captions = [data.entries[i][1] for i in good]
+    if skipped:
+        print(f"note: {skipped} unreadable or too-short videos skipped", file=sys.stderr)
+    return captions, None, lambda i: data[good[i]]["video"]
+
+
+def evaluate(args, info: DistInfo) -> Dict[str, Any]:
+    """Run the chosen metrics on this rank's share; every rank returns the merged results."""
+    from engine.pipeline import CMDPipeline
+
+    metrics = _metrics(args)
+    if args.num_clips < 2:
+        raise ValueError(f"--num-clips must be at least 2, got {args.num_clips}")
+    device = info.device
+    pipe = CMDPipeline.from_pretrained(args.model, device=str(device), dtype=args.dtype)
+    cfg = pipe.config
+    captions, truths, real_video = _items(args, cfg)
+    mine = list(range(info.rank, len(captions), info.world_size))
+    results: Dict[str, Any] = {"model": os.path.abspath(args.model), "data": args.data, "clips": len(captions),
+                               "world_size": info.world_size}
+    t0 = time.perf_counter()
+
+    if "recon" in metrics:
+        rows = []
+        ae = pipe.model.autoencoder
+        for start in range(0, len(mine), args.batch_size):
+            idx = mine[start:start + args.batch_size]
+            video = torch.stack([real_video(i) for i in idx]).to(device)
+            with torch.no_grad():
+                x = video
+                if cfg.space == "latent":
+                    from engine.models.vae import encode_frames
+
+                    x = encode_frames(pipe.model.vae, video.to(pipe.dtype))
+                recon = pipe.decode_latents(*ae.encode(x.to(pipe.dtype))).clamp(-1, 1).cpu()
+            video = video.float().cpu()
+            rows += list(zip(psnr(recon, video).tolist(), ssim(recon, video).tolist()))
+        rows = gather_objects(rows, info)
+        results["recon_psnr"] = float(np.mean([r[0] for r in rows]))
+        results["recon_ssim"] = float(np.mean([r[1] for r in rows]))
+
+    need_generation = any(m in metrics for m in ("attributes", "fvd", "clipsim"))
+    if need_generation:
+        kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("motion_steps", args.motion_steps),
+                                    ("guidance_scale", args.guidance),
+                                    ("motion_guidance_scale", args.motion_guidance)) if v is not None}
+        fake = generate(pipe, [captions[i] for i in mine], mine, args.seed, args.batch_size, **kwargs)
+
+    if "attributes" in metrics:
+        rows = [dict(attribute_row(fake[k], truths[i]), caption=captions[i], index=i) for k, i in enumerate(mine)]
+        rows = sorted(gather_objects(rows, info), key=lambda r: r["index"])
+        results["attributes"] = summarize_attributes(rows)
+        results["attribute_rows"] = [{k: r[k] for k in ("index", "caption", "measured", "expected")} for r in rows]
+
+    if "fvd" in metrics:
+        from trainer.i3d import I3DFeatures
+
+        features = I3DFeatures(args.i3d, size=args.i3d_size, device=device)
+        real_stats, fake_stats = FeatureStats(), FeatureStats()
+        for start in range(0, len(mine), args.batch_size):
+            idx = mine[start:start + args.batch_size]
+            real_stats.add(features(torch.stack([real_video(i) for i in idx])))
+            fake_stats.add(features(fake[start:start + args.batch_size]))
+        merged = [FeatureStats(), FeatureStats()]
+        for real_part, fake_part in gather_objects([(real_stats, fake_stats)], info):
+            merged[0].merge(real_part)
+            merged[1].merge(fake_part)
+        results["fvd"] = frechet_from_stats(*merged)
+
+    if "clipsim" in metrics:
+        scorer = CLIPSimilarity(args.clip, device=device)
+        scores = []
+        for start in range(0, len(mine), args.batch_size):
+            idx = mine[start:start + args.batch_size]
+            scores += scorer(fake[start:start + args.batch_size], [captions[i] for i in idx]).tolist()
+        results["clipsim"] = float(np.mean(gather_objects(scores, info)))
+
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+def write_json(results: Dict[str, Any], path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-eval-", suffix=".json", dir=parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    info = DistInfo()
+    code = 0
+    try:
+        info = init_distributed(args.device)
+        results = evaluate(args, info)
+        if info.is_main:
+            summary = {k: v for k, v in results.items() if k != "attribute_rows"}
+            print(json.dumps(summary, indent=1))
+            if args.out:
+                write_json(results, args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finish(info, code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
