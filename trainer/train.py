@@ -21,7 +21,6 @@ trains on its shard of each epoch (DistributedSampler) with DDP (gloo on CPU, nc
 
 import argparse
 import json
-import math
 import os
 import sys
 import time

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.configs import load_config
 from engine.models import CMDModel
 from trainer import checkpoint as ckpt
 from trainer.data import SyntheticVideos

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data.videos import VideoClips, class_caption, open_video_folder, read_video, resize_crop
+from trainer.data.videos import class_caption, open_video_folder, read_video, resize_crop
 from trainer.train import main
 from test_train_stages import tiny_config  # noqa: E402  (tests/trainer is on sys.path under pytest)
 
