@@ -3,9 +3,15 @@
 ``@triton.jit`` decides at decoration time whether a kernel runs compiled (GPU) or in Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), so ``INTERPRETED`` records the mode of *our* kernels at import.
 GPU launches autotune over several configs; the interpreter runs programs one after another in numpy,
-so it gets a single config with large tiles (few programs), and autotuning, which needs a GPU, is off.
+so its launches get large tiles fitted to the problem (few programs), and no autotuning (it needs a GPU).
+
+Triton 3.6 to 3.9: no ``tl.make_block_ptr`` (gone in 3.9), plain pointer arithmetic everywhere. Math is
+fp32: elementwise kernels cast fp16/bf16 to fp32 as they load (the interpreter's bf16 arithmetic is
+wrong, too); attention feeds fp16/bf16 to the tensor cores on a GPU and upcasts bf16 in the interpreter.
 """
 
+import contextlib
+import itertools
 import os
 from typing import Dict, Iterable, List, Sequence
 
@@ -28,7 +34,6 @@ MAX = _standard._elementwise_max
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
 # Tests set this to fill every kernel output with NaN before the launch: a value the kernel forgot to
 # write then shows up instead of passing as stale memory.
 POISON_OUTPUTS = False
@@ -46,7 +51,7 @@ def next_pow2(n: int) -> int:
 
 def autotune(configs: Sequence[triton.Config], key: List[str]):
     """``triton.autotune`` over ``configs`` on a GPU. In the interpreter (no GPU to time on) there is no
-    autotuner: launchers pass block sizes fitted to the problem (``interpret_blocks``) instead."""
+    autotuner: launchers pass block sizes fitted to the problem (``interpret_block``) instead."""
     if INTERPRETED:
         return lambda fn: fn
     return triton.autotune(configs=list(configs), key=key)
@@ -61,8 +66,6 @@ def interpret_block(n: int, cap: int, floor: int = 1) -> int:
 def grid_configs(space: Dict[str, Iterable[int]], num_warps: Iterable[int], num_stages: Iterable[int] = (2,),
                  keep=lambda kw, w: True) -> List[triton.Config]:
     """Cartesian product of block sizes x num_warps x num_stages as Triton configs (``keep`` prunes)."""
-    import itertools
-
     names = list(space)
     out = []
     for values in itertools.product(*space.values()):
@@ -93,8 +96,6 @@ def launch_context(t: torch.Tensor):
     """Context for a kernel launch on ``t``'s device: that GPU in multi-GPU processes; in the
     interpreter, single-threaded numpy BLAS (its tl.dot tiles are small, and threads fighting over
     two shared cores made interpreted attention 3-4x slower), via threadpoolctl when it is installed."""
-    import contextlib
-
     if t.is_cuda and not INTERPRETED:
         return torch.cuda.device(t.device)
     if INTERPRETED:

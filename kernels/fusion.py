@@ -10,7 +10,8 @@ the three planes before the call: the op needs no position argument and reads on
 Forward kernel: a tile of BLOCK_T tokens x all C channels; each token gathers its three plane rows
 (small, L2-resident), sums them in fp32, and writes the cube and its LayerNorm: the two cube writes are
 the only large traffic, the floor for this op. Backward kernel: a (BLOCK_H x BLOCK_W x C) tile of one
-sample looping over time; it recomputes the LayerNorm statistics, forms the cube gradient
+sample stepping through time (a frame a step on a GPU; the whole clip at once in the interpreter,
+whose cost is per operation); it recomputes the LayerNorm statistics, forms the cube gradient
 
     dx = g_cube + rstd * (w * g_normed - mean(w * g_normed) - xhat * mean(w * g_normed * xhat))
 
@@ -156,8 +157,9 @@ def _decoder_fusion_bwd_kernel(
         dtw_ptrs = (DTW_PART + ((b * n_h + pid_h) * L * W) * C + f_tw[:, None, None] * W * C
                     + ww[None, :, None] * C + cc[None, None, :])
     d_content = tl.full([BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)
-    d_gamma = tl.full([BLOCK_L * BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)  # reduced after the loop
-    d_beta = tl.full([BLOCK_L * BLOCK_H, BLOCK_W, BLOCK_C], 0.0, tl.float32)
+    # d weight, d bias: summed over tile rows each step (fewer live registers), over W after the loop.
+    d_gamma = tl.full([BLOCK_W, BLOCK_C], 0.0, tl.float32)
+    d_beta = tl.full([BLOCK_W, BLOCK_C], 0.0, tl.float32)
     for l0 in range(0, L, BLOCK_L):
         l_ok = (l0 + fr) < L
         mask = mask_hwc & l_ok[:, None, None]
@@ -175,8 +177,8 @@ def _decoder_fusion_bwd_kernel(
         # Padded channels hold garbage here, but they are never stored nor summed across channels;
         # padded rows and frames hold zeros (all their inputs were masked to zero).
         dx = gc + rstd * (wdy - c1 - xhat * c2)
-        d_gamma += gn * xhat
-        d_beta += gn
+        d_gamma += tl.reduce(gn * xhat, 0, SUM)
+        d_beta += tl.reduce(gn, 0, SUM)
         tl.store(dth_ptrs + l0 * H * C, tl.reduce(dx, 1, SUM), mask=(l_ok & h_ok)[:, None] & c_ok[None, :])
         if BLOCK_L == 1:
             d_content += dx
@@ -193,8 +195,8 @@ def _decoder_fusion_bwd_kernel(
     tl.store(DCONTENT + ((b * H + h_out3) * W + w3) * C + c3, d_content.to(DCONTENT.dtype.element_ty),
              mask=(h_out3 < H) & w_ok[None, :, None] & c_ok[None, None, :])
     slot = ((b * n_h + pid_h) * n_w + pid_w) * C + cc
-    tl.store(DW_PART + slot, tl.reduce(tl.reduce(d_gamma, 0, SUM), 0, SUM), mask=c_ok)
-    tl.store(DB_PART + slot, tl.reduce(tl.reduce(d_beta, 0, SUM), 0, SUM), mask=c_ok)
+    tl.store(DW_PART + slot, tl.reduce(d_gamma, 0, SUM), mask=c_ok)
+    tl.store(DB_PART + slot, tl.reduce(d_beta, 0, SUM), mask=c_ok)
 
 
 # ------------------------------------------------------------------------------------- launchers
