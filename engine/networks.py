@@ -69,7 +69,14 @@ def shape_buckets(cfg: CMDConfig) -> List[ShapeBucket]:
     """The buckets of a config (``sampling["buckets"]``: a list of [frames, height, width] or
     "FxHxW" strings; default: the config's own size), each checked against what the networks need."""
     raw = cfg.sampling.get("buckets") or [[cfg.num_frames, cfg.height, cfg.width]]
-    buckets = [ShapeBucket.parse(b) if isinstance(b, str) else ShapeBucket(*(int(v) for v in b)) for b in raw]
+    buckets = []
+    for b in raw:
+        if isinstance(b, str):
+            buckets.append(ShapeBucket.parse(b))
+        elif isinstance(b, (list, tuple)) and len(b) == 3 and all(isinstance(v, int) for v in b):
+            buckets.append(ShapeBucket(*b))
+        else:
+            raise ValueError(f"config {cfg.name!r}: a shape bucket is [frames, height, width] or 'FxHxW', got {b!r}")
     for bucket in buckets:
         check_bucket(cfg, bucket)
     return buckets
@@ -191,9 +198,11 @@ class Network:
 
     def dynamic_symbols(self) -> List[str]:
         """Axis symbols whose size changes with the batch or across this network's buckets."""
+        used = {a for t in self.inputs + self.outputs for a in t.axes}
         sizes = [self.axis_sizes(b) for b in self.buckets]
-        varying = sorted(s for s in sizes[0] if len({sz[s] for sz in sizes}) > 1)
-        return ["batch"] + varying
+        varying = sorted(s for s in sizes[0] if s in used and len({sz[s] for sz in sizes}) > 1)
+        lo, _, hi = self.batch_range()
+        return (["batch"] if hi > lo else []) + varying
 
     def dynamic_axes(self) -> Dict[str, Dict[int, str]]:
         """``{tensor name: {axis index: symbol}}`` for inputs and outputs (torch.onnx's format)."""

@@ -73,7 +73,7 @@ def _export_batch(network: Network) -> int:
     """The batch the export traces with: never 1 when the batch is dynamic (torch specialises size-1
     dims), so the opt batch or 2."""
     lo, opt, hi = network.batch_range()
-    return max(opt, 2) if hi >= 2 else lo
+    return lo if hi == lo else min(hi, max(opt, 2))
 
 
 _SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -1,0 +1,136 @@
+"""TensorRT: everything up to the plan file without TensorRT (profiles from the buckets, plan-cache
+keys, precision checks, the errors when TensorRT is missing); plan building and the runtime where
+``tensorrt`` imports (marker ``tensorrt``, skipped with the reason elsewhere)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from engine.networks import networks_for
+from export.tensorrt_build import check_precision, plan_filename, plan_key, profiles_for
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+KEY_PARTS = dict(onnx_sha256="a" * 64, weights_sha256="b" * 64, precision="fp16",
+                 profiles=[{"bucket": "16x32x32", "min": {"x": [1, 3]}, "opt": {"x": [2, 3]}, "max": {"x": [8, 3]}}],
+                 gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", tensorrt_version="10.15.1",
+                 options={"fp8": False, "workspace_gb": 8.0})
+
+
+def test_plan_key_changes_when_any_part_changes():
+    base = plan_key(**KEY_PARTS)
+    assert plan_key(**KEY_PARTS) == base and len(base) == 64
+    changed = {
+        "onnx_sha256": "c" * 64, "weights_sha256": "d" * 64, "precision": "bf16",
+        "profiles": [{**KEY_PARTS["profiles"][0], "max": {"x": [16, 3]}}],
+        "gpu": "NVIDIA H200", "compute_capability": "8.9", "tensorrt_version": "10.16.0",
+        "options": {"fp8": True, "workspace_gb": 8.0},
+    }
+    keys = {base}
+    for part, value in changed.items():
+        key = plan_key(**{**KEY_PARTS, part: value})
+        assert key not in keys, part
+        keys.add(key)
+    assert plan_filename("content_unet", base) == f"content_unet-{base[:16]}.plan"
+
+
+def test_profiles_come_from_the_buckets(make_tiny_latent_config):
+    cfg = make_tiny_latent_config([(4, 32, 32), (2, 32, 64)])
+    dit = networks_for(cfg, names=["motion_dit"], max_batch=2)[0]
+    profiles = profiles_for(dit)
+    assert [p["bucket"] for p in profiles] == ["4x32x32", "2x32x64"]
+    second = profiles[1]
+    d, n = cfg.autoencoder.motion_dim, (32 // 2 + 64 // 2) // cfg.autoencoder.patch_size
+    assert second["min"]["motion"] == [1, d, 2, n]
+    assert second["opt"]["motion"] == [2, d, 2, n]
+    assert second["max"]["motion"] == [4, d, 2, n]
+    assert second["max"]["content"] == [4, 4, 16, 32] and second["max"]["timestep"] == [4]
+    # one profile per bucket, and only the batch moves inside a profile
+    for p in profiles:
+        for name in p["min"]:
+            assert p["min"][name][1:] == p["opt"][name][1:] == p["max"][name][1:]
+
+
+def test_precision_and_hardware_checks():
+    check_precision("fp16", False, "7.5")
+    check_precision("bf16", True, "9.0")
+    with pytest.raises(ValueError, match="'int8'"):
+        check_precision("int8", False, "9.0")
+    with pytest.raises(ValueError, match="bf16 needs"):
+        check_precision("bf16", False, "7.5")
+    with pytest.raises(ValueError, match="fp8 needs.*8.6"):
+        check_precision("fp16", True, "8.6")
+
+
+def test_plans_refused_on_another_gpu_or_version():
+    from engine.backends.tensorrt import check_plans_runnable
+
+    plans = {"tensorrt": "10.15.1", "target": {"gpu": "NVIDIA H100", "compute_capability": "9.0"}, "onnx_dir": "o"}
+    check_plans_runnable(plans, "10.15.1", {"gpu": "NVIDIA H100", "compute_capability": "9.0"}, "p")
+    with pytest.raises(ValueError, match="NVIDIA H100.*A100.*rebuild"):
+        check_plans_runnable(plans, "10.15.1", {"gpu": "NVIDIA A100", "compute_capability": "8.0"}, "p")
+    with pytest.raises(ValueError, match="tensorrt '10.15.1' \\(here '10.16.0'\\)"):
+        check_plans_runnable(plans, "10.16.0", {"gpu": "NVIDIA H100", "compute_capability": "9.0"}, "p")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is importable here: the missing-TensorRT errors cannot happen")
+def test_missing_tensorrt_says_what_and_how(default_export, default_model, tmp_path):
+    from engine.backends import get_backend
+    from export.__main__ import main
+    from export.tensorrt_build import build_plans
+
+    with pytest.raises(ValueError, match="pip install tensorrt"):
+        build_plans(default_export[0], str(tmp_path / "plans"))
+    backend = get_backend("tensorrt")  # the module imports anywhere; using it needs TensorRT
+    with pytest.raises(ValueError, match="TensorRT is not importable.*pip install tensorrt"):
+        backend(default_model[0])
+    # the parser-compatibility check needs no TensorRT, and passes for the default model's graphs
+    assert main(["tensorrt", "--onnx", default_export[0], "--check-only"]) == 0
+    assert main(["tensorrt", "--onnx", default_export[0], "--out", str(tmp_path / "plans")]) == 2
+    assert not (tmp_path / "plans").exists()
+
+
+@pytest.mark.tensorrt
+def test_build_plans_cache_and_run(tiny_latent, tiny_latent_export, tmp_path):
+    """Plans for the tiny latent model: one profile per bucket; a second build is a cache hit; the
+    runtime (with and without CUDA graphs) matches the PyTorch networks in fp32 plans."""
+    import os
+
+    if not torch.cuda.is_available():
+        pytest.skip("tensorrt imports here, but there is no CUDA device to build plans on")
+
+    from engine.backends.tensorrt import TensorRTBackend
+    from export.tensorrt_build import build_plans
+
+    model, _ = tiny_latent
+    onnx_dir, out = tiny_latent_export[0], str(tmp_path / "plans")
+    plans = build_plans(onnx_dir, out, precision="fp32", workspace_gb=1.0)
+    assert set(plans["networks"]) == {"text_encoder", "content_unet", "motion_dit", "ae_decoder", "vae_decoder"}
+    assert len(plans["networks"]["motion_dit"]["profiles"]) == 2
+    stamps = {n: os.path.getmtime(os.path.join(out, e["plan"])) for n, e in plans["networks"].items()}
+    log = []
+    again = build_plans(onnx_dir, out, precision="fp32", workspace_gb=1.0, log=log.append)
+    assert again["networks"] == plans["networks"] and all("cache hit" in line for line in log)
+    assert stamps == {n: os.path.getmtime(os.path.join(out, e["plan"])) for n, e in again["networks"].items()}
+    assert os.path.isfile(os.path.join(out, "timing.cache"))
+
+    cuda_model = model.to("cuda")
+    try:
+        for cuda_graph in (False, True):
+            backend = TensorRTBackend(cuda_model, plan_dir=out, cuda_graph=cuda_graph)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            for frames in (4, 2):
+                content = torch.randn(2, 4, 16, 16, device="cuda", generator=gen)
+                motion = torch.rand(2, *model.config.motion_shape(frames), device="cuda", generator=gen) * 2 - 1
+                t = torch.tensor([999, 3], device="cuda")
+                text = torch.randn(2, 32, device="cuda", generator=gen)
+                with torch.no_grad():
+                    for _ in range(2):  # the second call replays the captured graph
+                        got = backend.dit_step(motion, t, content, text).clone()
+                    ref = cuda_model.motion_dit(motion, t, content, text)
+                    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+                    torch.testing.assert_close(backend.decode(content, motion), cuda_model.autoencoder.decode(content, motion),
+                                               atol=1e-4, rtol=1e-3)
+    finally:
+        model.to("cpu")
