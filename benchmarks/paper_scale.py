@@ -16,8 +16,14 @@ matplotlib is installed). Memory is ``torch.cuda.max_memory_allocated`` (and res
 bytes, the CUDA context not included.
 
     python benchmarks/paper_scale.py                       # the GPU run: sd21-512x1024 on cuda, bf16
-    python benchmarks/paper_scale.py --config default --steps 2 --device cpu --backends eager \\
-        --frames 16,32 --baseline-size tiny --repeats 1   # a smoke run on a CPU
+    python benchmarks/paper_scale.py --config default --steps 2 --device cpu --dtype float32 \\
+        --backends eager --frames 16,32 --baseline-size tiny --repeats 1   # a smoke run on a CPU
+
+Everything runs in one process (one run = one device, one set of versions). The whole default run
+(baseline, three backends at two batch sizes, three frame counts, compilation included) has not been
+timed on a GPU yet and may outlast a capped command: then split it with ``--backends``, ``--frames``,
+``--batch-sizes`` and ``--skip-baseline`` (the JSON of each part lands beside the others). The GPU
+machines lack diffusers: install its wheel there first (it is small and pure Python).
 """
 
 import argparse
@@ -442,21 +448,34 @@ def plot(report: dict, path: Path) -> Optional[str]:
     return str(path)
 
 
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2 (as the engine's CLIs)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run_benchmark(args) -> dict:
     try:
         device, dtype = parse_device(args.device), parse_dtype(args.dtype)
         cfg = load_config(args.config)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        _fail(str(e))
     guidance = cfg.sampling.get("guidance", 7.5) if args.guidance is None else args.guidance
     if guidance <= 1.0:
-        raise SystemExit(f"error: --guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
+        _fail(f"--guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
     args.guidance = guidance
+    patch = cfg.motion_dit.patch_size
+    for frames in args.frames + (args.baseline_frames or []):
+        if frames % patch:
+            _fail(f"frame counts must be multiples of {patch} (the motion DiT patches time), got {frames}")
+    unknown = [b for b in args.backends if b not in ("eager", "compile", "cudagraph")]
+    if unknown:
+        _fail(f"unknown backend {unknown[0]!r}; choose from eager, compile, cudagraph")
     backends = [b for b in args.backends if not (b == "cudagraph" and device.type != "cuda")]
     for b in set(args.backends) - set(backends):
         print(f"[skip] backend {b!r} needs CUDA", flush=True)
     if not backends:
-        raise SystemExit("error: no backend left to run on this device")
+        _fail("no backend left to run on this device")
 
     report = {"environment": environment(device),
               "settings": {"dtype": args.dtype, "steps": args.steps, "motion_steps": args.motion_steps,
@@ -511,10 +530,10 @@ def run_benchmark(args) -> dict:
     report["best_backend"] = best
     speedup = {}
     if "eager" in b1:
-        speedup["vs_eager"] = round(b1["eager"]["latency_s"] / b1[best]["latency_s"], 3)
+        speedup["vs_eager"] = _sig(b1["eager"]["latency_s"] / b1[best]["latency_s"])
     base16 = [r for r in (report.get("baseline") or {}).get("runs", []) if r["frames"] == cfg.num_frames]
     if base16 and min(args.batch_sizes) == 1:
-        speedup["vs_baseline"] = round(base16[0]["latency_s"] / b1[best]["latency_s"], 3)
+        speedup["vs_baseline"] = _sig(base16[0]["latency_s"] / b1[best]["latency_s"])
     report["speedup"] = speedup
 
     # Frame scaling with the fastest backend: the same networks, configs that allow longer clips.

@@ -132,3 +132,9 @@ def test_paper_scale_bad_input_is_one_line(capsys):
             paper_scale.parse_args(argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.strip().count("\n") == 0 and bad in err, err
+    for argv, bad in ((["--device", "tpu"], "tpu"), (["--device", "cpu", "--config", "default", "--frames", "7"], "7"),
+                      (["--device", "cpu", "--backends", "tensorrt"], "tensorrt")):
+        with pytest.raises(SystemExit) as exit_info:
+            paper_scale.run_benchmark(paper_scale.parse_args(argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.strip().count("\n") == 0 and bad in err, err
