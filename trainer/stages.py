@@ -84,6 +84,12 @@ class Stage:
 class AutoencoderStage(Stage):
     name = "autoencoder"
 
+    def __init__(self, model, hparams, device, text=None, amp: bool = False):
+        super().__init__(model, hparams, device, text, amp)
+        if hparams.get("freeze_encoder"):  # decoder fine-tuning: the encodings stay those of --init
+            for module in self.network.encoder_modules():
+                module.requires_grad_(False)
+
     def prepare(self, batch):
         if "latents" in batch:  # latent mode with a latent cache: the VAE already ran
             return {"video": batch["latents"].to(self.device).float()}

@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos with captions.csv, "
                    "or a UCF-101 folder")
     p.add_argument("--out", required=True, help="run folder (model/, checkpoints/, logs/, samples/)")
-    p.add_argument("--init", help="model folder of the previous stage (content/motion; default <out>/model)")
+    p.add_argument("--init", help="model folder of the previous stage (content/motion; default <out>/model); "
+                                  "for the autoencoder stage, a model folder to continue from")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="autoencoder stage: train the decoder only (the encodings of --init stay valid)")
     p.add_argument("--steps", type=int, help="total optimizer steps (config: train.<stage>.steps)")
     p.add_argument("--batch-size", type=int, help="clips per step per process (config: train.<stage>.batch_size)")
     p.add_argument("--lr", type=float, help="peak learning rate (config: train.<stage>.lr)")
@@ -107,6 +110,10 @@ def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
     if args.keep < 1:
         raise UsageError(f"--keep must be at least 1, got {args.keep}")
     hp["betas"] = tuple(hp["betas"])
+    if getattr(args, "freeze_encoder", False):
+        if args.stage != "autoencoder":
+            raise UsageError("--freeze-encoder applies to the autoencoder stage only")
+        hp["freeze_encoder"] = True
     return hp
 
 
@@ -123,6 +130,8 @@ def _frozen_fields(cfg: CMDConfig) -> Dict[str, Any]:
 def load_model(args, stage: str, out: str) -> CMDModel:
     """The model bundle for a stage: stage 1 builds it from the config; stages 2a/2b load the previous
     stage's folder and put a freshly initialised (or --pretrained-unet) network in their slot."""
+    if stage == "autoencoder" and args.init:  # continue from a model folder (e.g. decoder fine-tuning)
+        return CMDModel.from_pretrained(args.init)
     if stage == "autoencoder":
         cfg = _config(args.config or "default")
         torch.manual_seed(args.seed)
@@ -376,7 +385,7 @@ def train(args, info: DistInfo) -> TrainResult:
                        cache_encodings=args.data == "synthetic" and not args.no_encoding_cache)
     net = stage.network
     ema = EMA(net, float(hp["ema_decay"]))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=hp["lr"], betas=hp["betas"],
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=hp["lr"], betas=hp["betas"],
                                   weight_decay=float(hp["weight_decay"]))
     generator = torch.Generator().manual_seed(args.seed + 100_003 * info.rank)  # per-rank draws
 

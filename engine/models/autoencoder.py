@@ -42,6 +42,12 @@ class CMDAutoencoder(ModelMixin, ConfigMixin):
         self.decoder_norm = nn.LayerNorm(d)
         self.output_head = nn.Linear(d, p * p * c)
 
+    def encoder_modules(self):
+        """The encoder side (f_B, f_I, f_M): what the diffusion stages read, frozen. Fine-tuning only the
+        decoder afterwards keeps every content frame and motion latent they were trained on."""
+        return [self.patch_embed, self.encoder_blocks, self.encoder_norm, self.importance_head,
+                self.motion_head_height, self.motion_head_width]
+
     def _check_video(self, x: torch.Tensor) -> None:
         p, c = self.config.patch_size, self.config.in_channels
         if x.dim() != 5 or x.shape[2] != c or x.shape[3] % p or x.shape[4] % p:
