@@ -115,7 +115,6 @@ class _DiffusionStage(Stage):
         if text is None:
             raise ValueError(f"the {self.name} stage needs caption embeddings")
         self.scheduler = noise_scheduler(getattr(self.cfg, self.scheduler_section))
-        self.alphas = self.scheduler.alphas_cumprod.to(device)
         self.prediction_type = self.scheduler.config.prediction_type
         self.cache_encodings = cache_encodings
         self._encoded: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}

@@ -43,17 +43,19 @@ class CaptionEmbeddings:
     def __contains__(self, caption: str) -> bool:
         return caption in self._cache
 
-    @property
-    def encoder(self):
+    def _encoder_for(self, caption: str):
         if self._encoder is None:
             if self._factory is None:
-                raise ValueError("caption not in the text cache and no text encoder to compute it")
-            self._encoder = self._factory()
+                raise ValueError(f"caption {caption!r} is not in the text cache and there is no text encoder")
+            try:
+                self._encoder = self._factory()
+            except (RuntimeError, OSError) as e:  # e.g. the MiniLM package is not installed on this machine
+                raise ValueError(f"caption {caption!r} is not in the text cache and the text encoder cannot "
+                                 f"load: {str(e).splitlines()[0]}") from None
         return self._encoder
 
     def _encode_one(self, caption: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        enc = self.encoder
-        states, pooled = enc([caption])
+        states, pooled = self._encoder_for(caption)([caption])
         return states[0].to("cpu", self.dtype), pooled[0].to("cpu", self.dtype)
 
     def add(self, captions: Iterable[str]) -> None:

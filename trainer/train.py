@@ -140,6 +140,7 @@ def load_model(args, stage: str, out: str) -> CMDModel:
             if not args.vae:
                 raise UsageError(f"config {cfg.name!r} is in latent space: give the image VAE with --vae DIR")
             model.vae = load_vae(args.vae)
+        _fill_clip_path(cfg, args)
         return model
 
     init = args.init or os.path.join(out, "model")
@@ -150,6 +151,7 @@ def load_model(args, stage: str, out: str) -> CMDModel:
     if _frozen_fields(cfg) != _frozen_fields(model.config):
         raise UsageError(f"config {cfg.name!r} does not match the autoencoder/clip geometry of {init!r}")
     model.config = cfg
+    _fill_clip_path(cfg, args)
     torch.manual_seed(args.seed)
     if stage == "content":
         if args.pretrained_unet:
@@ -159,6 +161,17 @@ def load_model(args, stage: str, out: str) -> CMDModel:
     else:
         model.motion_dit = build_motion_dit(cfg)
     return model
+
+
+def _fill_clip_path(cfg: CMDConfig, args) -> None:
+    """A CLIP text encoder without a path (the sd21 config) is the one of the Stable Diffusion folder given
+    with --pretrained-unet or --vae; recorded in the config, so the model folder tells the engine too."""
+    if cfg.text_encoder.kind != "clip" or cfg.text_encoder.path:
+        return
+    for folder in (args.pretrained_unet, args.vae):
+        if folder and os.path.isdir(os.path.join(folder, "text_encoder")):
+            cfg.text_encoder.path = os.path.abspath(folder)
+            return
 
 
 def _config(name: str) -> CMDConfig:
@@ -264,7 +277,7 @@ def batches(dataset: Dataset, batch_size: int, info: DistInfo, seed: int, start_
             dataset.set_epoch(epoch)
         indices = list(sampler)[skip * batch_size: per_epoch * batch_size]
         loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
-                            collate_fn=collate, persistent_workers=False)
+                            collate_fn=collate, persistent_workers=False, pin_memory=info.device.type == "cuda")
         yield from loader
         epoch, skip = epoch + 1, 0
 
@@ -399,8 +412,14 @@ def train(args, info: DistInfo) -> TrainResult:
                 print(f"note: no checkpoint under {ckpt_root}: starting from step 0", file=sys.stderr)
         else:
             state = ckpt.load_checkpoint(path, optimizer)
-            if state["state"].get("stage") != stage_name:
-                raise UsageError(f"checkpoint {path!r} is of stage {state['state'].get('stage')!r}, not {stage_name!r}")
+            saved = state["state"]
+            if saved.get("stage") != stage_name:
+                raise UsageError(f"checkpoint {path!r} is of stage {saved.get('stage')!r}, not {stage_name!r}")
+            if (saved.get("batch_size"), saved.get("seed")) != (int(hp["batch_size"]), args.seed) and info.is_main:
+                # The data position is recomputed from the step, batch size and seed: a change still trains,
+                # but no longer repeats what the uninterrupted run would have seen.
+                print(f"note: resuming with batch size {hp['batch_size']} / seed {args.seed} (checkpoint: "
+                      f"{saved.get('batch_size')} / {saved.get('seed')}): the data order differs", file=sys.stderr)
             net.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"], state["state"]["ema_updates"])
             _set_rng_state(generator, state["rng"], info)

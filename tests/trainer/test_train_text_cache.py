@@ -30,7 +30,7 @@ def test_cache_matches_the_encoder_and_round_trips(tmp_path, encoder):
     assert len(offline) == 3
     s2, p2 = offline(captions[::-1])
     assert torch.equal(s2, states.flip(0)) and torch.equal(p2, pooled.flip(0))
-    with pytest.raises(ValueError, match="no text encoder"):
+    with pytest.raises(ValueError, match="not in the text cache"):
         offline(["a caption that was never encoded"])
 
 
