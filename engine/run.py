@@ -99,11 +99,8 @@ def _outputs(args, n_prompts: int, per_prompt: int) -> List[List[str]]:
 
 
 def _plan(args):
-    """Validate every argument (no weights loaded, no file created). Returns what the run needs."""
-    from engine.backends import get_backend
-    from engine.default_model import resolve_model
-    from engine.pipeline import check_request, parse_device, parse_dtype
-
+    """Validate every argument (no weights loaded, no file created). Returns what the run needs.
+    Plain value checks come first, before the heavy imports, so that they fail at once."""
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompts-file FILE")
     if args.prompt is not None and args.out is None:
@@ -123,6 +120,10 @@ def _plan(args):
                         ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+
+    from engine.backends import get_backend
+    from engine.default_model import resolve_model
+    from engine.pipeline import check_request, parse_device, parse_dtype
 
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     backend = get_backend(args.backend)  # unknown or not-installed backends fail here
@@ -147,6 +148,29 @@ def _plan(args):
                 outputs=outputs, fps=fps)
 
 
+def quiet_loading() -> None:
+    """Command-line tools only: silence diffusers/transformers notices and weight-loading bars (an
+    'accelerate is not installed' warning per network says nothing useful to a user of the CLI)."""
+    import logging
+
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _format_timings(timings: Dict[str, float]) -> str:
     order = ["text", "content", "motion", "decode", "vae", "write"]
     parts = [f"{k} {timings[k]:.3f}" for k in order if k in timings]
@@ -162,6 +186,7 @@ def run(args) -> Tuple[List[str], Dict[str, float]]:
     from engine.pipeline import CMDPipeline
     from engine.video_io import write_video
 
+    quiet_loading()
     pipe = CMDPipeline.from_pretrained(plan["spec"], device=plan["device"], dtype=plan["dtype"],
                                        backend=args.backend)
     req, prompts, outputs = plan["request"], plan["prompts"], plan["outputs"]

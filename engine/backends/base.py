@@ -22,11 +22,12 @@ Backends register by name with :func:`engine.backends.register_backend`, and ``d
 tells the pipeline to run the scheduler as device tables (no host syncs) instead of diffusers' step.
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from engine.models.bundle import CMDModel
+if TYPE_CHECKING:  # the models import diffusers: only type checkers need them here
+    from engine.models.bundle import CMDModel
 
 
 class Backend:
@@ -36,7 +37,7 @@ class Backend:
     # True: the pipeline runs the scheduler arithmetic as device tables (engine.schedulers.DeviceSampler).
     device_scheduler = False
 
-    def __init__(self, model: CMDModel, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: "CMDModel", device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         self.model = model
         first = next(model.content_unet.parameters())
         self.device = torch.device(device) if device is not None else first.device

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import register_backend
 from engine.backends.eager import EagerBackend
 from engine.pipeline import CMDPipeline, check_request, size_multiple
 
@@ -176,17 +175,13 @@ class _DeviceSchedulerEager(EagerBackend):
     device_scheduler = True
 
 
-def test_device_scheduler_tables_match_diffusers_step_end_to_end(pipe, monkeypatch):
+def test_device_scheduler_tables_match_diffusers_step_end_to_end(pipe):
     """The path the cudagraph backend takes (scheduler as device tables) against eager's diffusers step."""
-    import engine.backends
-
-    monkeypatch.setattr(engine.backends, "_REGISTRY", dict(engine.backends._REGISTRY))
-    register_backend("test-device-scheduler")(_DeviceSchedulerEager)
     for scheduler in ("ddim", "dpm"):
         pipe.set_backend("eager")
         ref = pipe("a red circle", generator=5, scheduler=scheduler, num_inference_steps=4, motion_steps=4,
                    progress=False)
-        pipe.set_backend("test-device-scheduler")
+        pipe.set_backend(_DeviceSchedulerEager(pipe.model))
         out = pipe("a red circle", generator=5, scheduler=scheduler, num_inference_steps=4, motion_steps=4,
                    progress=False)
         torch.testing.assert_close(out.content, ref.content, atol=1e-4, rtol=1e-4)
@@ -223,3 +218,34 @@ def test_supported_sizes_follow_the_config():
     assert size_multiple(load_config("sd21-512x1024")) == 64  # 8 latent pixels x VAE factor 8
     req = check_request(load_config("ucf101-64"))
     assert (req.num_frames, req.height, req.width, req.steps) == (16, 64, 64, 50)
+
+
+def test_latent_mode_runs_the_image_vae_in_chunks(monkeypatch):
+    """SD-style latent space: content and motion live in the VAE's latent space; frames come out of the
+    image VAE, a chunk of frames per call; a given image is VAE-encoded into the content frame."""
+    from engine.configs import load_config
+    from engine.models import CMDModel
+    from engine.models import vae as vae_module
+    from engine.random_text import RandomTextEncoder
+
+    cfg = load_config(TINY[len("random:"):])
+    cfg.space, cfg.channels, cfg.vae_scale = "latent", 4, 2
+    cfg.vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8], layers_per_block=1,
+                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                   norm_num_groups=4, sample_size=16, scaling_factor=0.5)
+    cfg.autoencoder.in_channels, cfg.autoencoder.pixel_output = 4, False
+    cfg.content_unet.update(in_channels=4, out_channels=4, sample_size=8)
+    torch.manual_seed(0)
+    pipe = CMDPipeline(CMDModel.from_config(cfg), RandomTextEncoder(32, 8))
+    pipe.vae_chunk = 3
+    chunks = []
+    real = vae_module.decode_frames
+    monkeypatch.setattr(vae_module, "decode_frames",
+                        lambda vae, latents, chunk: chunks.append(chunk) or real(vae, latents, chunk=chunk))
+    out = pipe("a red circle", generator=0, **FAST)
+    assert out.frames.shape == (1, 4, 16, 16, 3) and "vae" in out.timings and chunks == [3]
+    assert out.content.shape == (1, 4, 8, 8) and out.motion.shape == (1, *cfg.motion_shape())
+    image = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
+    i2v = pipe("moving left", image=image, generator=0, **FAST)
+    expected = vae_module.encode_frames(pipe.model.vae, torch.from_numpy(image).permute(2, 0, 1)[None, None] * 2 - 1)
+    torch.testing.assert_close(i2v.content, expected[:, 0], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,79 @@
+"""engine.bench (latency, memory, flops) and engine.profile on a tiny random model."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from engine import bench, profile
+
+TINY = "random:" + os.path.join(os.path.dirname(__file__), "tiny_config.json")
+SMALL = ["--model", TINY, "--steps", "2", "--motion-steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def fast_cpu():
+    """Reference kernels (tested on their own) and one thread keep the tiny runs fast."""
+    import kernels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with kernels.force_impl("reference"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_latency_reports_stages_per_backend(capsys):
+    assert bench.main(["latency", *SMALL, "--backends", "eager", "--warmup", "1", "--iters", "2", "--batch", "2",
+                       "--json"]) == 0
+    out = capsys.readouterr().out
+    report = _last_json(out)
+    eager = report["backends"]["eager"]
+    assert set(eager["stages_s"]) == {"text", "content", "motion", "decode", "total"}
+    assert all(v > 0 for v in eager["stages_s"].values())
+    assert eager["total_s"] >= eager["stages_s"]["content"] + eager["stages_s"]["motion"]
+    assert eager["speedup_vs_eager"] == 1.0 and eager["psnr_vs_eager_db"] is None  # identical: inf -> null
+    assert report["shape"] == {"batch": 2, "frames": 4, "height": 16, "width": 16, "steps": 2, "motion_steps": 2,
+                               "scheduler": "ddim", "guidance": 3.0, "motion_guidance": 2.0}
+    assert report["environment"]["device"] == "cpu" and report["environment"]["torch"] == torch.__version__
+    assert "eager" in out.splitlines()[2]  # the table: header line, then one row per backend
+
+
+def test_memory_reports_peak_rss_on_cpu(capsys):
+    assert bench.main(["memory", *SMALL, "--backends", "eager", "--warmup", "0", "--json"]) == 0
+    report = _last_json(capsys.readouterr().out)
+    assert report["backends"]["eager"]["peak_rss_mb"] > 50  # torch alone is more than this
+
+
+def test_flops_is_delegated_to_engine_flops(capsys):
+    assert bench.main(["flops", "--config", "default", "--steps", "2", "--json"]) == 0
+    assert isinstance(_last_json(capsys.readouterr().out), dict)
+
+
+def test_bad_bench_input_is_one_line(capsys):
+    assert bench.main(["latency", *SMALL, "--backends", "eager,warp"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: unknown backend 'warp'; choose from compile, cudagraph, eager, onnxruntime, tensorrt"
+    if not torch.cuda.is_available():
+        assert bench.main(["latency", *SMALL, "--backends", "cudagraph"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_profile_writes_a_chrome_trace_with_the_stage_and_step_ranges(tmp_path, capsys):
+    out_dir = tmp_path / "prof"
+    assert profile.main([*SMALL, "--warmup", "0", "--out-dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    trace = json.loads((out_dir / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"text", "content", "motion", "decode", "content step 0", "motion step 1"} <= names
+    assert "aten::" in (out_dir / "ops.txt").read_text()
+    assert "nsys profile" in out and "--capture-range=cudaProfilerApi" in out and "python -m engine.profile --nsys" in out
+    assert [line.split()[0] for line in out.splitlines()[2:7]] == ["text", "content", "motion", "decode", "total"]
+    assert sorted(os.listdir(out_dir)) == ["ops.txt", "trace.json"]
