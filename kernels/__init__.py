@@ -4,7 +4,8 @@ Every op takes ``impl="auto" | "triton" | "reference"``. ``auto`` picks Triton o
 ``TRITON_INTERPRET=1``, the reference otherwise; ``force_impl(impl)`` overrides ``auto`` for a block.
 Each op is a ``torch.library`` custom op (``cmd::...``, with a fake impl and autograd), so
 ``torch.compile`` and CUDA graphs see one op, while ONNX export traces the reference. The reference is
-the spec: the CPU path, ONNX export, tests and benchmarks all use it. This package imports only torch (and triton); it knows nothing of models.
+the spec: the CPU path, ONNX export, tests and benchmarks all use it. This package imports only torch
+and triton; it knows nothing of models. ``python -m kernels.bench`` benchmarks the kernels.
 """
 
 from kernels._dispatch import force_impl

@@ -71,14 +71,17 @@ def config_shapes(name: str, ae_batch: Optional[int] = None, dit_batch: int = 2)
 
 def _content_frame_inputs(shape, dtype, device):
     g = torch.Generator().manual_seed(0)
-    return ((torch.rand(shape, generator=g) * 2 - 1).to(device, dtype), (torch.randn(shape, generator=g) * 3).to(device, dtype))
+    frames = torch.rand(shape, generator=g) * 2 - 1
+    logits = torch.randn(shape, generator=g) * 3
+    return frames.to(device, dtype), logits.to(device, dtype)
 
 
 def _fusion_inputs(shape, dtype, device):
     b, l, h, w, c = shape
     g = torch.Generator().manual_seed(1)
     planes = [torch.randn(s, generator=g).to(device, dtype) for s in ((b, h, w, c), (b, l, h, c), (b, l, w, c))]
-    return planes + [(1 + 0.5 * torch.randn(c, generator=g)).to(device, dtype), torch.randn(c, generator=g).to(device, dtype)]
+    weight, bias = 1 + 0.5 * torch.randn(c, generator=g), torch.randn(c, generator=g)
+    return planes + [weight.to(device, dtype), bias.to(device, dtype)]
 
 
 def _attention_inputs(shape, dtype, device):
@@ -157,7 +160,8 @@ def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames
             got = _grads(triton_fn, inputs, gs)
             want = _grads(ref_fn, [t.double() for t in inputs], [x.double() for x in gs])
             torch_got = _grads(eager_fn, inputs, gs)
-            rows.append(_check_row(name, shapes.config, shape, dtype, "backward", [_rel(a, b) for a, b in zip(got, want)],
+            rows.append(_check_row(name, shapes.config, shape, dtype, "backward",
+                                   [_rel(a, b) for a, b in zip(got, want)],
                                    [_rel(a, b) for a, b in zip(torch_got, want)]))
     return rows
 
@@ -271,7 +275,8 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
         baselines.update(extra or {})
         ms = time_ms(lambda: kernel(*inputs))
         rows.append(_row(name, shapes.config, shape, dtype, ms, ceil, nbytes=nbytes, flops=flops, baselines=baselines))
-        speedups = [f"x{v:.2f} vs {k[len('speedup_vs_'):]}" for k, v in rows[-1].items() if k.startswith("speedup_vs_") and v]
+        speedups = [f"x{v:.2f} vs {k[len('speedup_vs_'):]}" for k, v in rows[-1].items()
+                    if k.startswith("speedup_vs_") and v]
         rate = f"{rows[-1]['pct_bw']:5.1f}% bw" if nbytes else f"{rows[-1]['pct_peak']:5.1f}% peak"
         print(f"  {name:24s} {str(tuple(shape)):24s} {ms * 1e3:9.1f} us {rate}  " + "  ".join(speedups), flush=True)
 
@@ -307,8 +312,10 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {}
-    for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
-                           ("sdpa_cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)), ("sdpa_math", SDPBackend.MATH)):
+    for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                           ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+                           ("sdpa_cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)),
+                           ("sdpa_math", SDPBackend.MATH)):
         if backend is None:
             continue
 
@@ -383,7 +390,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names or JSON files")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--ae-batch", type=int, default=None, help="batch of the AE ops (default: training batch)")
-    parser.add_argument("--dit-batch", type=int, default=2, help="batch of the DiT ops (default: 2, one video with CFG)")
+    parser.add_argument("--dit-batch", type=int, default=2,
+                        help="batch of the DiT ops (default: 2, one video with CFG)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) baselines")
     parser.add_argument("--json", default=None, help="output file (default benchmarks/results/kernels-<device>.json)")
     args = parser.parse_args(argv)
@@ -394,11 +402,13 @@ def main(argv=None) -> int:
     if not cuda and not INTERPRETED:
         # The kernels must be built for the interpreter before kernels is imported: start again with it.
         env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.bench", *(argv if argv is not None else sys.argv[1:])], env)
+        args_again = argv if argv is not None else sys.argv[1:]
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.bench", *args_again], env)
     for bad in (b for b in (args.ae_batch, args.dit_batch) if b is not None and b < 1):
         parser.error(f"batch sizes must be >= 1, got {bad}")
     try:
-        all_shapes = [config_shapes(c.strip(), args.ae_batch, args.dit_batch) for c in args.configs.split(",") if c.strip()]
+        all_shapes = [config_shapes(c.strip(), args.ae_batch, args.dit_batch)
+                      for c in args.configs.split(",") if c.strip()]
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         parser.error(str(e))
 

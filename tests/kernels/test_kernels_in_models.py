@@ -13,7 +13,8 @@ from engine.configs import load_config
 from engine.models.bundle import build_autoencoder, build_motion_dit
 
 # The modules (``kernels.content_frame`` as an attribute is the op, which shadows its module).
-attention, content_frame, fusion = (importlib.import_module(f"kernels.{m}") for m in ("attention", "content_frame", "fusion"))
+attention, content_frame, fusion = (importlib.import_module(f"kernels.{m}")
+                                    for m in ("attention", "content_frame", "fusion"))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -142,7 +143,8 @@ def test_bench_shapes_are_the_models_shapes(name):
     assert shapes.decoder_fusion == (3, frames, h // p, w // p, hidden)
     dit = cfg.motion_dit
     d, frames_z, n = cfg.motion_shape()
-    tokens = (frames_z // dit.patch_size) * (n // dit.patch_size) + (h // dit.content_patch_size) * (w // dit.content_patch_size)
+    pc = dit.content_patch_size
+    tokens = (frames_z // dit.patch_size) * (n // dit.patch_size) + (h // pc) * (w // pc)
     assert shapes.attention == (2, dit.num_heads, tokens, dit.hidden_size // dit.num_heads)
     assert shapes.modulated_layernorm == (2, tokens, dit.hidden_size)
     if name == "sd21-512x1024":
