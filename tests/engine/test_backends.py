@@ -16,6 +16,20 @@ from engine.pipeline import CMDPipeline
 TINY = "random:" + os.path.join(os.path.dirname(__file__), "tiny_config.json")
 
 
+@pytest.fixture
+def fast_cpu():
+    """CPU tests: reference kernels (tested on their own; the Triton interpreter is slow) and one thread."""
+    import kernels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with kernels.force_impl("reference"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def psnr(a, b) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
@@ -40,7 +54,7 @@ def test_registry_names_loads_and_refuses(monkeypatch):
         engine.backends._REGISTRY.pop("double-eager", None)
 
 
-def test_cudagraph_refuses_a_cpu_device():
+def test_cudagraph_refuses_a_cpu_device(fast_cpu):
     from engine.backends.cudagraph import CUDAGraphBackend
 
     model = CMDPipeline.from_pretrained(TINY).model
@@ -69,7 +83,7 @@ class _Counting(Backend):
         return self.inner.decode(content, motion)
 
 
-def test_pipeline_takes_a_backend_instance():
+def test_pipeline_takes_a_backend_instance(fast_cpu):
     pipe = CMDPipeline.from_pretrained(TINY)
     counting = _Counting(pipe.model)
     pipe.set_backend(counting)
@@ -93,25 +107,18 @@ def _micro_pipeline() -> CMDPipeline:
                                                                     cfg.text_encoder.max_length))
 
 
-def test_compile_matches_eager_on_cpu():
-    import kernels
+def test_compile_matches_eager_on_cpu(fast_cpu):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with kernels.force_impl("reference"):
-            pipe = _micro_pipeline()
-            call = dict(prompt=["a red circle", "a blue square"], generator=3, num_inference_steps=2, motion_steps=2,
-                        progress=False)
-            ref = pipe(**call)
-            pipe.set_backend("compile")
-            out = pipe(**call)
-            again = pipe(**call)
-    finally:
-        torch.set_num_threads(threads)
+    pipe = _micro_pipeline()
+    call = dict(prompt=["a red circle", "a blue square"], generator=3, num_inference_steps=2, motion_steps=2,
+                progress=False)
+    ref = pipe(**call)
+    pipe.set_backend("compile")
+    out = pipe(**call)
+    again = pipe(**call)
     assert counters["stats"]["unique_graphs"] == 2  # the UNet and the DiT, each one graph, compiled once
     assert psnr(out.frames, ref.frames) >= 40, psnr(out.frames, ref.frames)
     np.testing.assert_array_equal(again.frames, out.frames)
