@@ -102,6 +102,13 @@ def _corrupt_weights(model_dir, tmp_path):
     return bad
 
 
+def _missing_network(model_dir, tmp_path):
+    bad = str(tmp_path / "nounet")
+    shutil.copytree(model_dir, bad)
+    shutil.rmtree(os.path.join(bad, "content_unet"))
+    return bad
+
+
 def _corrupt_config(model_dir, tmp_path):
     bad = str(tmp_path / "badconfig")
     shutil.copytree(model_dir, bad)
@@ -137,6 +144,7 @@ BAD = [
     (["--model", "{tmp}/nowhere"], "nowhere"),
     (["--model", "{badconfig}"], "badconfig"),
     (["--model", "{corrupt}"], "motion_dit"),
+    (["--model", "{nounet}"], "content_unet"),
     (["--model", "random:sd99"], "'sd99'"),
 ]
 if not torch.cuda.is_available():
@@ -148,11 +156,13 @@ if not torch.cuda.is_available():
 def test_bad_input_exits_2_with_one_line_and_no_file(tmp_path, capsys, model_dir, args, needle):
     (tmp_path / "garbage.png").write_text("not a png")
     (tmp_path / "adir.npy").mkdir()
-    names = {"tmp": str(tmp_path), "badconfig": "", "corrupt": ""}
+    names = {"tmp": str(tmp_path), "badconfig": "", "corrupt": "", "nounet": ""}
     if any("{badconfig}" in a for a in args):
         names["badconfig"] = _corrupt_config(model_dir, tmp_path)
     if any("{corrupt}" in a for a in args):
         names["corrupt"] = _corrupt_weights(model_dir, tmp_path)
+    if any("{nounet}" in a for a in args):
+        names["nounet"] = _missing_network(model_dir, tmp_path)
     args = [a.format(**names) for a in args]
     before = set(os.listdir(tmp_path))
     argv = ["--prompt", "a circle", "--model", model_dir, "--out", str(tmp_path / "out.npy"), *FAST]
