@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
                                     "trainer", "trainer.*"]),
     package_data={"engine": ["configs/*.json", "weights/*/*.json", "weights/*/*.safetensors",
-                             "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.md"]},
+                             "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.md"],
+                  "export": ["trt_supported_ops.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

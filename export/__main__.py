@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--model", default="default", help="default, a model folder, or random:<config>")
     onnx.add_argument("--out", help="output folder (default: <cache>/onnx/<config>-<weights hash>-<precision>)")
     onnx.add_argument("--precision", default="float32", help="float32 or float16")
-    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (17..23, default 18)")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (18..24, default 18)")
     onnx.add_argument("--network", action="append", help="only this network (repeatable)")
     onnx.add_argument("--bucket", action="append", help="shape bucket FRAMESxHEIGHTxWIDTH (repeatable; "
                                                         "default: the config's)")

@@ -22,18 +22,20 @@ import re
 import time
 import warnings
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from engine.configs import CMDConfig
 from engine.networks import (DEFAULT_MAX_BATCH, FORMAT_VERSION, MANIFEST, PRECISIONS, Network, ShapeBucket,
-                             file_hash, networks_for, read_manifest, weights_hash, weights_hashes)
+                             file_hash, networks_for, weights_hash, weights_hashes)
 from export.files import new_dir, write_json
 
 DEFAULT_OPSET = 18
-MIN_OPSET = 17  # LayerNormalization is an ONNX op from 17 on
-MAX_OPSET = 23  # the newest opset torch 2.13's exporter writes
+# torch 2.13's exporter writes opset-18 forms (Split with num_outputs) into opset-17 graphs, which the
+# checker rejects: 18 is the oldest that works. 24: the newest onnxruntime 1.32 and TensorRT 10.15 read.
+MIN_OPSET = 18
+MAX_OPSET = 24
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3 - 128 * 1024 ** 2  # protobuf caps a message at 2 GiB: keep room for the graph
 
 
@@ -108,6 +110,17 @@ def _rename_dims(model, network: Network) -> None:
         value.shape = ir.Shape(dims)
 
 
+# Per-node metadata torch writes that only describes the exporting process: Python stack traces (with
+# the exporting machine's paths) and FX node dumps. Module scopes ("namespace") stay: profilers show them.
+_TRACE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+def _strip_trace_metadata(model) -> None:
+    for node in model.graph.all_nodes():
+        for key in _TRACE_METADATA:
+            node.metadata_props.pop(key, None)
+
+
 def op_counts(proto) -> Dict[str, int]:
     """``{"domain::op" or "op": count}`` over the graph, its subgraphs and its local functions."""
     counts: Counter = Counter()
@@ -133,6 +146,7 @@ def export_network(network: Network, model, out_dir: str, precision="float32", o
     2 GB, or when ``external_data`` is True); return its manifest entry. The model is not modified
     (a copy is cast for reduced precisions)."""
     import onnx
+    import onnx_ir as ir
 
     dtype = parse_precision(precision)
     check_opset(opset)
@@ -153,9 +167,8 @@ def export_network(network: Network, model, out_dir: str, precision="float32", o
         program.optimize()  # onnxscript: constant folding, dead code and redundant-op removal
     export_s = time.perf_counter() - start
 
-    import onnx_ir as ir
-
     _rename_dims(program.model, network)
+    _strip_trace_metadata(program.model)
     graph = program.model.graph
     names_in, names_out = [v.name for v in graph.inputs], [v.name for v in graph.outputs]
     if names_in != network.input_names or names_out != network.output_names:
@@ -217,6 +230,8 @@ def export_model(model, out_dir: str, text_encoder=None, precision="float32", op
         if names is not None and "text_encoder" in names:
             raise ValueError("exporting the text_encoder network needs a text encoder")
         nets = [n for n in nets if n.name != "text_encoder"]
+    if not nets:
+        raise ValueError("nothing to export: no networks selected")
     log = log or (lambda msg: None)
     manifest = {
         "format": FORMAT_VERSION,
@@ -257,12 +272,3 @@ def load_model(spec: str, device="cpu"):
 
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype="float32")
     return pipe.model, pipe.text_encoder
-
-
-def network_files(onnx_dir: str, manifest: Dict) -> Dict[str, List[str]]:
-    """``{network: [graph path, (data path)]}`` of an export folder."""
-    out = {}
-    for name, entry in manifest["networks"].items():
-        files = [entry["file"]] + ([entry["external_data"]] if entry.get("external_data") else [])
-        out[name] = [os.path.join(onnx_dir, f) for f in files]
-    return out

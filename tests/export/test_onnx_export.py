@@ -157,11 +157,12 @@ def test_failed_export_leaves_nothing(tiny_latent, tmp_path, monkeypatch):
     model, text_encoder = tiny_latent
     calls = []
 
-    def fail_second(*args, **kwargs):
-        calls.append(args[0].name)
+    def fail_second(network, model, out_dir, *args, **kwargs):
+        calls.append(network.name)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return {"file": "x"}
+        open(os.path.join(out_dir, f"{network.name}.onnx"), "wb").close()  # a first graph was written
+        return {"file": f"{network.name}.onnx", "bytes": 0, "ops": {}, "export_seconds": 0.0}
 
     monkeypatch.setattr(onnx_export, "export_network", fail_second)
     with pytest.raises(RuntimeError, match="boom"):
@@ -201,3 +202,21 @@ def test_cli_check_table_and_exit_codes(default_model, default_export, tmp_path,
     _tamper(default_export[0], str(tmp_path / "tampered"), "ae_decoder")
     assert main(["check", "--onnx", str(tmp_path / "tampered"), "--model", folder, "--network", "ae_decoder"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_cli_export_to_the_cache_where_the_backend_looks(tmp_path, monkeypatch, capsys):
+    """`python -m export onnx` without --out writes under $CMD_CACHE/onnx, where the onnxruntime
+    backend finds graphs of exactly these weights."""
+    from engine.networks import find_export
+    from export.onnx_export import load_model
+
+    monkeypatch.setenv("CMD_CACHE", str(tmp_path))
+    assert main(["onnx", "--model", "random:default", "--network", "ae_decoder"]) == 0
+    out = capsys.readouterr().out
+    (folder,) = os.listdir(tmp_path / "onnx")
+    assert folder.startswith("default-") and folder.endswith("-float32") and str(tmp_path) in out
+    model, _ = load_model("random:default")  # the same seeded random weights
+    assert find_export(model) == str(tmp_path / "onnx" / folder)
+    with torch.no_grad():
+        model.autoencoder.output_head.bias.add_(1.0)
+    assert find_export(model) is None  # other weights: not these graphs

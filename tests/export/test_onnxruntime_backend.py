@@ -11,6 +11,7 @@ import torch
 from engine.backends import get_backend
 from engine.backends.onnxruntime import OnnxRuntimeBackend, OnnxTextEncoder
 from engine.pipeline import CMDPipeline
+from kernels import force_impl
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -28,17 +29,17 @@ def test_pipeline_on_onnxruntime_matches_eager(default_model, default_export):
     eager video within 35 dB PSNR; a different seed does not (the metric can tell videos apart)."""
     model, text_encoder, _ = default_model
     onnx_dir = default_export[0]
-    kwargs = dict(num_inference_steps=4, motion_steps=4, progress=False)
-    prompt = ["a red circle moving right", "a blue square moving down"]
+    kwargs = dict(prompt="a red circle moving right", num_inference_steps=3, motion_steps=3, progress=False)
     eager = CMDPipeline(model, text_encoder, backend="eager")
-    reference = eager(prompt, generator=0, **kwargs).frames
-    other_seed = eager(prompt, generator=7, **kwargs).frames
+    with force_impl("reference"):  # eager as it runs on a CPU (tests otherwise interpret the Triton kernels)
+        reference = eager(generator=0, **kwargs).frames
 
     ort = CMDPipeline(model, OnnxTextEncoder(onnx_dir), backend="onnxruntime",
                       backend_options={"onnx_dir": onnx_dir})
-    frames = ort(prompt, generator=0, **kwargs).frames
+    frames = ort(generator=0, **kwargs).frames
+    other_seed = ort(generator=7, **kwargs).frames
     assert sorted(ort.backend._sessions) == ["ae_decoder", "content_unet", "motion_dit"]
-    assert frames.shape == reference.shape == (2, 16, 32, 32, 3)
+    assert frames.shape == reference.shape == (1, 16, 32, 32, 3)
     print(f"PSNR onnxruntime vs eager: {psnr(frames, reference):.1f} dB; other seed: {psnr(other_seed, reference):.1f} dB")
     assert psnr(frames, reference) >= 35.0
     assert psnr(other_seed, reference) < 35.0
@@ -86,13 +87,13 @@ def test_latent_mode_networks_and_vae_decode(tiny_latent, tiny_latent_export):
     model, _ = tiny_latent
     ort, eager = OnnxRuntimeBackend(model, onnx_dir=tiny_latent_export[0]), EagerBackend(model)
     gen = torch.Generator().manual_seed(5)
-    for frames in (4, 2):
+    for frames in (4, 2):  # eager below: the kernels' references, what a CPU runs
         content = torch.randn(3, 4, 16, 16, generator=gen)
         motion = torch.rand(3, *model.config.motion_shape(frames), generator=gen) * 2 - 1
         t = torch.tensor([999, 500, 3])
         text = torch.randn(3, 32, generator=gen)
         states = torch.randn(3, 8, 32, generator=gen)
-        with torch.no_grad():
+        with torch.no_grad(), force_impl("reference"):
             pairs = [(ort.dit_step(motion, t, content, text), eager.dit_step(motion, t, content, text)),
                      (ort.decode(content, motion), eager.decode(content, motion)),
                      (ort.unet_step(content, t, states), eager.unet_step(content, t, states))]
