@@ -522,13 +522,15 @@ def networks_from_manifest(manifest: Dict) -> Dict[str, Network]:
     return {n.name: n for n in networks_for(cfg, buckets, manifest["max_batch"], list(manifest["networks"]))}
 
 
-def find_export(model: nn.Module, prefer: str = "float32", root: Optional[str] = None) -> Optional[str]:
+def find_export(model: nn.Module, prefer: str = "float32", root: Optional[str] = None,
+                digest: Optional[str] = None) -> Optional[str]:
     """An export folder under ``<cache>/onnx`` built from exactly this model's weights (in the dtype it
-    is in now), preferring graphs of precision ``prefer``; None if there is none."""
+    is in now; ``digest``: its ``weights_hash`` if already known), preferring graphs of precision
+    ``prefer``; None if there is none."""
     base = os.path.join(root or cache_root(), "onnx")
     if not os.path.isdir(base):
         return None
-    digest = weights_hash(model)
+    digest = digest or weights_hash(model)
     found = []
     for entry in sorted(os.listdir(base)):
         folder = os.path.join(base, entry)

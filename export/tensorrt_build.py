@@ -91,7 +91,7 @@ def build_plan(onnx_path: str, network: Network, plan_path: str, precision: str 
     if timing_cache and os.path.isfile(timing_cache):
         with open(timing_cache, "rb") as f:
             cache_bytes = f.read()
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)  # refuse a foreign cache
     for profile in network.profiles():
         opt = builder.create_optimization_profile()
         for name in network.input_names:

@@ -102,22 +102,22 @@ class OrtNetwork:
         return outputs
 
 
-def _export_dir(model, dtype: torch.dtype, onnx_dir: Optional[str]) -> str:
+def _export_dir(model, dtype: torch.dtype, onnx_dir: Optional[str], digest: str) -> str:
     if onnx_dir:
         return onnx_dir
     if os.environ.get("CMD_ONNX_DIR"):
         return os.environ["CMD_ONNX_DIR"]
-    found = find_export(model, prefer="float16" if dtype == torch.float16 else "float32")
+    found = find_export(model, prefer="float16" if dtype == torch.float16 else "float32", digest=digest)
     if found is None:
-        raise ValueError(f"no ONNX graphs for this model (weights sha256 {weights_hash(model)[:12]}) under "
+        raise ValueError(f"no ONNX graphs for this model (weights sha256 {digest[:12]}) under "
                          f"{os.path.join(cache_root(), 'onnx')}: build them with `python -m export onnx --model MODEL` "
                          "or pass onnx_dir")
     return found
 
 
-def check_weights(manifest: Dict, model, onnx_dir: str) -> None:
+def check_weights(manifest: Dict, model, onnx_dir: str, digest: Optional[str] = None) -> None:
     """Refuse graphs exported from other weights than ``model``'s (in whatever dtype it is now)."""
-    digest = weights_hash(model)
+    digest = digest or weights_hash(model)
     if digest not in manifest["model"]["weights_sha256"].values():
         raise ValueError(f"the graphs in {onnx_dir!r} were exported from other weights than this model "
                          f"(sha256 {digest[:12]}); export this model again: python -m export onnx --model MODEL")
@@ -131,10 +131,11 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, model, device=None, dtype=None, onnx_dir: Optional[str] = None,
                  providers: Optional[Sequence] = None, threads: Optional[int] = None, verify_weights: bool = True):
         super().__init__(model, device, dtype)
-        self.onnx_dir = _export_dir(model, self.dtype, onnx_dir)
+        digest = weights_hash(model) if verify_weights or not (onnx_dir or os.environ.get("CMD_ONNX_DIR")) else None
+        self.onnx_dir = _export_dir(model, self.dtype, onnx_dir, digest)
         self.manifest = read_manifest(self.onnx_dir)
         if verify_weights:
-            check_weights(self.manifest, model, self.onnx_dir)
+            check_weights(self.manifest, model, self.onnx_dir, digest)
         self.providers = list(providers) if providers is not None else providers_for(self.device)
         self.threads = threads
         self.networks = networks_from_manifest(self.manifest)
