@@ -8,6 +8,9 @@
 untimed calls (compilation and CUDA-graph capture happen there), then ``--iters`` timed calls;
 per-stage times come from the pipeline (CUDA events on a GPU, the wall clock on a CPU) and are
 reported as medians, with each backend's speed-up and PSNR against eager (same seed, same inputs).
+With random weights the PSNR says little beyond a few steps: an untrained model's sampling is chaotic
+and amplifies float noise (compile vs eager on ``random:default``: 1e-4 apart after one step, apart
+entirely after 25); judge it on trained weights or with ``--steps 2``.
 ``memory`` reports each backend's peak CUDA memory of one call after warm-up, or the process's peak
 RSS on a CPU (which only grows: read it per backend in its own run for absolute numbers). ``flops``
 is :mod:`engine.flops` (meta-device FLOP counts for any config).

