@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 if os.path.exists(tmp):
                     os.remove(tmp)
                 raise
-            sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
             ops = prof.key_averages().table(sort_by=sort, row_limit=args.row_limit)
             _atomic_text(os.path.join(args.out_dir, "ops.txt"), ops)
     except ValueError as e:
