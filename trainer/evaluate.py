@@ -46,15 +46,32 @@ def attribute_row(video: torch.Tensor, truth) -> Dict[str, Any]:
     got = measure_attributes(video)
     row = {key: got[key] == want[key] for key in ("colour", "shape", "motion")}
     row["all"] = all(row.values())
+    row["stability"] = content_stability(video, got)
     row["measured"] = {key: got[key] for key in ("colour", "shape", "motion")}
     row["expected"] = {key: want[key] for key in ("colour", "shape", "motion")}
     return row
+
+
+def content_stability(video: torch.Tensor, clip: Dict[str, Any]) -> float:
+    """Fraction of frames whose own colour and shape (measured frame by frame) are the clip's: the object
+    keeps its appearance while it moves. 0 when the clip has no measurable object."""
+    from trainer.attributes import measure_attributes
+
+    if clip["colour"] is None or clip["shape"] is None:
+        return 0.0
+    same = []
+    for frame in video:
+        got = measure_attributes(frame[None])
+        same.append(got["colour"] == clip["colour"] and got["shape"] == clip["shape"])
+    return float(np.mean(same))
 
 
 def summarize_attributes(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     if not rows:
         raise ValueError("no clips to measure")
     out = {f"{key}_accuracy": float(np.mean([r[key] for r in rows])) for key in ("colour", "shape", "motion", "all")}
+    if all("stability" in r for r in rows):
+        out["content_stability"] = float(np.mean([r["stability"] for r in rows]))
     out["clips"] = len(rows)
     return out
 
@@ -92,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")
     p.add_argument("--num-clips", type=int, default=64, help="clips (prompts) in all, over all ranks")
     p.add_argument("--split", default="heldout", help="synthetic split of the prompts: heldout or train")
+    p.add_argument("--paraphrase", action="store_true",
+                   help="synthetic prompts in paraphrased form (synonyms, templates) instead of canonical")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, help="content sampling steps (config default)")
     p.add_argument("--motion-steps", type=int, help="motion sampling steps (config default)")
@@ -129,7 +148,8 @@ def _items(args, cfg):
     if args.data == "synthetic":
         from trainer.data import frames_to_tensor, prompts_for, render_clip
 
-        pairs = prompts_for(args.split, args.num_clips, seed=args.seed, num_frames=cfg.num_frames,
+        pairs = prompts_for(args.split, args.num_clips, seed=args.seed, paraphrase=args.paraphrase,
+                            num_frames=cfg.num_frames,
                             height=cfg.height, width=cfg.width)
         captions = [c for c, _ in pairs]
         specs = [s for _, s in pairs]
@@ -159,6 +179,7 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     captions, truths, real_video = _items(args, cfg)
     mine = list(range(info.rank, len(captions), info.world_size))
     results: Dict[str, Any] = {"model": os.path.abspath(args.model), "data": args.data, "clips": len(captions),
+                               "split": args.split, "paraphrase": args.paraphrase,
                                "world_size": info.world_size}
     t0 = time.perf_counter()
 

@@ -23,7 +23,18 @@ def test_attribute_accuracy_on_generator_clips(heldout_clips):
     videos, specs = heldout_clips
     result = attribute_accuracy(videos, specs)
     assert result == {"colour_accuracy": 1.0, "shape_accuracy": 1.0, "motion_accuracy": 1.0, "all_accuracy": 1.0,
-                      "clips": 16}
+                      "content_stability": 1.0, "clips": 16}
+
+
+def test_content_stability_sees_an_object_that_changes(heldout_clips):
+    videos, specs = heldout_clips
+    # Second half of each clip replaced by another clip's frames (another colour or shape).
+    spliced = []
+    for k, v in enumerate(videos):
+        other = next(o for o, s in zip(videos, specs)
+                     if (s.colour, s.shape) != (specs[k].colour, specs[k].shape))
+        spliced.append(torch.cat([v[:8], other[8:]]))
+    assert attribute_accuracy(spliced, specs)["content_stability"] <= 0.75
 
 
 def test_attribute_accuracy_sees_wrong_motion(heldout_clips):
@@ -80,7 +91,7 @@ def test_full_evaluation_writes_json(tmp_path, model_folder):
     assert results["clips"] == 4 and len(results["attribute_rows"]) == 4
     assert 0 < results["recon_psnr"] < 60 and -1 <= results["recon_ssim"] <= 1
     assert set(results["attributes"]) == {"colour_accuracy", "shape_accuracy", "motion_accuracy", "all_accuracy",
-                                          "clips"}
+                                          "content_stability", "clips"}
     assert results["fvd"] >= 0 and -1 <= results["clipsim"] <= 1
 
 

@@ -1,0 +1,59 @@
+"""python -m trainer.compose: one model folder from stages trained apart.
+
+The content and motion stages both read only the frozen encoder of stage 1, so they can train at the
+same time in separate runs (``--init`` the same stage-1 folder, separate ``--out``). This joins the
+autoencoder of one folder (e.g. a decoder fine-tune of stage 1), the content UNet of another and the
+motion DiT of a third into one folder the engine loads. It refuses folders whose encoders differ, since
+then the diffusion stages were trained on other content frames and motion latents than it would decode.
+
+    python -m trainer.compose --autoencoder runs/ae/model --content runs/content/model \\
+        --motion runs/motion/model --out my-model [--config default]
+"""
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+from engine.configs import load_config
+from engine.models import CMDModel
+
+
+def _same_encoder(a, b) -> bool:
+    pa = {n: p for m in a.encoder_modules() for n, p in m.named_parameters()}
+    pb = {n: p for m in b.encoder_modules() for n, p in m.named_parameters()}
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def compose(autoencoder: str, content: str, motion: str, out: str, config: Optional[str] = None) -> CMDModel:
+    ae_model, content_model, motion_model = (CMDModel.from_pretrained(p) for p in (autoencoder, content, motion))
+    for name, other in (("content", content_model), ("motion", motion_model)):
+        if not _same_encoder(ae_model.autoencoder, other.autoencoder):
+            raise ValueError(f"the {name} folder's encoder differs from that of {autoencoder!r}: "
+                             "its stage was trained on other encodings")
+    cfg = load_config(config) if config else content_model.config
+    model = CMDModel(cfg, ae_model.autoencoder, motion_model.motion_dit, content_model.content_unet, ae_model.vae)
+    model.save_pretrained(out)
+    return model
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.compose", description=__doc__.split("\n\n")[0])
+    p.add_argument("--autoencoder", required=True, help="model folder whose autoencoder to take")
+    p.add_argument("--content", required=True, help="model folder whose content UNet to take")
+    p.add_argument("--motion", required=True, help="model folder whose motion DiT to take")
+    p.add_argument("--out", required=True, help="the new model folder (written atomically)")
+    p.add_argument("--config", help="config of the result (default: the content folder's)")
+    args = p.parse_args(argv)
+    try:
+        compose(args.autoencoder, args.content, args.motion, args.out, args.config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
