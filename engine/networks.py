@@ -30,9 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.configs import CMDConfig
+from engine.models.text import encode_tokens
 
 # Videos per call a graph is built for (its CFG networks see twice that).
 DEFAULT_MAX_BATCH = 4
@@ -410,12 +410,7 @@ class TextEncode(nn.Module):
         self.normalize_pooled = bool(text_encoder.normalize_pooled)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.to(states.dtype)[..., None]
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        if self.normalize_pooled:
-            pooled = F.normalize(pooled, dim=-1)
-        return states, pooled
+        return encode_tokens(self.model, input_ids, attention_mask, self.normalize_pooled)
 
 
 class UNetStep(nn.Module):

@@ -10,7 +10,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from engine.models.text import encode_tokens
 
 PAD, CLS, SEP = 0, 1, 2
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -68,9 +69,5 @@ class RandomTextEncoder(nn.Module):
             prompts = [prompts]
         ids, mask = self.tokenizer(list(prompts), self.max_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        m = mask.to(states.dtype)[..., None]
-        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)
-        if self.normalize_pooled:
-            pooled = F.normalize(pooled, dim=-1)
-        return states, pooled
+        states, pooled = encode_tokens(self.model, ids, mask, self.normalize_pooled)
+        return states.float(), pooled.float()

