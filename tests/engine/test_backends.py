@@ -16,19 +16,6 @@ from engine.pipeline import CMDPipeline
 TINY = "random:" + os.path.join(os.path.dirname(__file__), "tiny_config.json")
 
 
-@pytest.fixture
-def fast_cpu():
-    """CPU tests: reference kernels (tested on their own; the Triton interpreter is slow) and one thread."""
-    import kernels
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with kernels.force_impl("reference"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def psnr(a, b) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))

@@ -21,18 +21,7 @@ TINY = os.path.join(os.path.dirname(__file__), "tiny_config.json")
 FAST = ["--steps", "2", "--motion-steps", "2", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu():
-    """Reference kernels (tested on their own) and one thread keep the tiny runs fast."""
-    import kernels
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with kernels.force_impl("reference"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,7 @@ def pipe():
     return CMDPipeline.from_pretrained(TINY)
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu():
-    """Tiny models: the kernels' references (the kernels have their own tests; the Triton interpreter
-    costs ~0.1 s per DiT step) and one thread (a second one only adds sync overhead at this size)."""
-    import kernels
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with kernels.force_impl("reference"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # tests/engine/conftest.py
 
 
 def _spy(monkeypatch, backend, method):
