@@ -278,6 +278,10 @@ class CMDPipeline:
             self.backend = backend
         else:
             self.backend = get_backend(backend)(self.model, self.device, self.dtype, **options)
+        # A backend that runs the text encoder itself (onnxruntime: the exported graph and its saved
+        # tokenizer) replaces the PyTorch one while it is in use.
+        make_text = getattr(self.backend, "text_encoder", None)
+        self.backend_text_encoder = make_text() if callable(make_text) else None
         return self
 
     @property
@@ -306,7 +310,7 @@ class CMDPipeline:
         """-> (states (B, T, d), pooled (B, d), negative states (B, T, d) or None), in the model dtype.
         Prompts and negatives go through the encoder in one batch."""
         texts = prompts + (negative_prompts or [])
-        states, pooled = self.text_encoder(texts)
+        states, pooled = (self.backend_text_encoder or self.text_encoder)(texts)
         states = states.to(self.device, self.dtype)
         pooled = pooled.to(self.device, self.dtype)
         b = len(prompts)
@@ -386,7 +390,10 @@ class CMDPipeline:
             from engine.models.vae import decode_frames
 
             with timer.stage("vae"):
-                video = decode_frames(self.model.vae, video, chunk=self.vae_chunk)
+                if hasattr(self.backend, "decode_frames"):  # the backend runs the image VAE too
+                    video = self.backend.decode_frames(video, self.vae_chunk)
+                else:
+                    video = decode_frames(self.model.vae, video, chunk=self.vae_chunk)
         return video.float()
 
     def prepare_image(self, image, height: int, width: int, batch: int) -> torch.Tensor:

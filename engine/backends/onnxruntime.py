@@ -175,7 +175,11 @@ class OnnxRuntimeBackend(Backend):
         video = torch.cat([self.session("vae_decoder")(part)[0] for part in flat.split(chunk)])
         return video.reshape(b, frames, *video.shape[1:])
 
-    def text_encoder(self) -> "OnnxTextEncoder":
+    def text_encoder(self) -> Optional["OnnxTextEncoder"]:
+        """The exported text encoder, or None where the export folder has none (the pipeline then keeps
+        its PyTorch one)."""
+        if "text_encoder" not in read_manifest(self.onnx_dir).get("networks", {}):
+            return None
         return OnnxTextEncoder(self.onnx_dir, self.device, self.providers, self.threads)
 
 

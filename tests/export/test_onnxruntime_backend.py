@@ -38,8 +38,9 @@ def test_pipeline_on_onnxruntime_matches_eager(default_model, default_export):
     with force_impl("reference"):  # eager as it runs on a CPU (tests otherwise interpret the Triton kernels)
         reference = eager(generator=0, **kwargs).frames
 
-    ort = CMDPipeline(model, OnnxTextEncoder(onnx_dir), backend="onnxruntime",
-                      backend_options={"onnx_dir": onnx_dir})
+    # Given the PyTorch text encoder, the pipeline still encodes prompts with the exported one.
+    ort = CMDPipeline(model, text_encoder, backend="onnxruntime", backend_options={"onnx_dir": onnx_dir})
+    assert isinstance(ort.backend_text_encoder, OnnxTextEncoder)
     frames = ort(generator=0, **kwargs).frames
     other_seed = ort(generator=7, **kwargs).frames
     assert sorted(ort.backend._sessions) == ["ae_decoder", "content_unet", "motion_dit"]
