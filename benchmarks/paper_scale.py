@@ -36,7 +36,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -48,6 +47,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: the packages l
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
+from engine.atomic import atomic_path  # noqa: E402
 from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sample_baseline  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
@@ -211,15 +211,8 @@ def _params(module: Optional[torch.nn.Module]) -> Optional[int]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(str(path)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 # ------------------------------------------------------------------------------------------- CMD

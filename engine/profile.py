@@ -14,8 +14,8 @@ import argparse
 import os
 import shlex
 import sys
-import tempfile
 
+from engine.atomic import atomic_path
 from engine.bench import STAGES, _Parser, add_run_args, call_kwargs, resolve_run
 
 
@@ -38,15 +38,8 @@ def _stage_table(timings) -> str:
 
 
 def _atomic_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def main(argv=None) -> int:
@@ -94,15 +87,8 @@ def main(argv=None) -> int:
                 result = pipe(**call)
             os.makedirs(args.out_dir, exist_ok=True)
             trace = os.path.join(args.out_dir, "trace.json")
-            fd, tmp = tempfile.mkstemp(prefix=".trace.", suffix=".json", dir=args.out_dir)
-            os.close(fd)
-            try:
+            with atomic_path(trace, suffix=".json") as tmp:
                 prof.export_chrome_trace(tmp)
-                os.replace(tmp, trace)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
             sort = "self_device_time_total" if cuda else "self_cpu_time_total"
             ops = prof.key_averages().table(sort_by=sort, row_limit=args.row_limit)
             _atomic_text(os.path.join(args.out_dir, "ops.txt"), ops)

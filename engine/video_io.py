@@ -9,10 +9,11 @@ array (frames, H, W, 3). imageio-ffmpeg and imageio are imported only when used,
 
 import importlib.util
 import os
-import tempfile
 from typing import Sequence, Union
 
 import numpy as np
+
+from engine.atomic import atomic_path
 
 VIDEO_FORMATS = (".mp4", ".gif", ".npy")
 
@@ -107,22 +108,14 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
     if not (fps > 0 and np.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     _check_frames(frames)
-    folder = os.path.dirname(os.path.abspath(path))
-    # The temporary name keeps the extension: ffmpeg picks the container from it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".part{ext}", dir=folder)
-    os.close(fd)
-    try:
+    # The temporary name keeps the extension: ffmpeg picks the container from it. Ctrl-C included,
+    # no partial file is ever left.
+    with atomic_path(path, suffix=f".part{ext}") as tmp:
         if ext == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, np.stack([_to_uint8(frame) for frame in frames]))
         else:
             _write_ffmpeg(tmp, frames, fps, ext)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a video is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a partial file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

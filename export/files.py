@@ -7,21 +7,15 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from engine.atomic import atomic_path
+
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, then rename it over ``path``."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_json(path: str, data: Any) -> None:

@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from engine.atomic import atomic_path
 from trainer.distributed import DistInfo, finish, gather_objects, init_distributed
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
@@ -245,10 +245,8 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
 def write_json(results: Dict[str, Any], path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-eval-", suffix=".json", dir=parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

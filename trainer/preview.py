@@ -11,12 +11,12 @@ needed) or PNG for single frames, atomically.
 """
 
 import os
-import tempfile
 from typing import Dict
 
 import numpy as np
 import torch
 
+from engine.atomic import atomic_path
 from engine.models import CMDModel
 from engine.pipeline import CMDPipeline
 
@@ -38,18 +38,11 @@ def write_frames(frames: np.ndarray, path: str, fps: int = 8) -> str:
     path = path + (".png" if frames.shape[0] == 1 else ".gif")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
         if frames.shape[0] == 1:
             iio.imwrite(tmp, frames[0])
         else:
             iio.imwrite(tmp, frames, duration=int(1000 / fps), loop=0)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

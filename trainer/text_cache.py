@@ -15,12 +15,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from engine.atomic import atomic_path
 
 
 class CaptionEmbeddings:
@@ -80,15 +81,8 @@ class CaptionEmbeddings:
                    "pooled": torch.stack([self._cache[c][1] for c in captions]).contiguous()}
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-captions-", suffix=".safetensors", dir=parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".safetensors") as tmp:
             save_file(tensors, tmp, metadata={"captions": json.dumps(captions)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     def load(self, path: str) -> None:
         """Add every caption of a cache file written by ``save``."""

@@ -14,7 +14,6 @@ with no VAE in the data loader. Videos that cannot be decoded or are too short a
 import hashlib
 import json
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from engine.atomic import atomic_path
 from engine.models.vae import encode_frames
 from trainer.data.videos import VideoClips, read_video, resize_crop
 
@@ -70,15 +70,8 @@ class LatentCache:
         pixels = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float()
         pixels = (resize_crop(pixels, self.height, self.width) / 127.5 - 1.0).clamp(-1, 1)
         latents = encode_frames(self.vae, pixels[None].to(device), chunk=self.chunk)[0]
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.root)
-        os.close(fd)
-        try:
+        with atomic_path(target, suffix=".safetensors") as tmp:
             save_file({"latents": latents.to("cpu", torch.float16).contiguous()}, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
         return target
 
 
