@@ -50,6 +50,17 @@ def _keep(kw, warps):
     return MAX_BLOCK_L * kw["BLOCK_P"] // (32 * warps) <= 64
 
 
+@triton.jit
+def _pixel_offset(p, H, W, s_c, s_h, s_w, FLAT: tl.constexpr):
+    """Memory offset of flat pixel index p = (c * H + h) * W + w in a (C, H, W) view of strides
+    (s_c, s_h, s_w). FLAT (dense view): p itself, so loads vectorise."""
+    if FLAT:
+        off = p
+    else:
+        off = (p // W // H) * s_c + (p // W % H) * s_h + (p % W) * s_w
+    return off
+
+
 _FWD_CONFIGS = grid_configs({"BLOCK_P": [128, 256, 512, 1024]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_keep)
 
 
@@ -65,17 +76,8 @@ def _content_frame_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
-    if FLAT:  # dense (C, H, W): pixel p sits at offset p, loads vectorise
-        f_off = p
-        x_off = p
-    else:  # any strides: split the flat index p = (c * H + h) * W + w
-        w = p % W
-        c = p // W // H
-        h = p // W % H
-        f_off = c * f_sc + h * f_sh + w * f_sw
-        x_off = c * x_sc + h * x_sh + w * x_sw
-    f_base = f_ptr + b * f_sb + f_off[None, :]
-    x_base = x_ptr + b * x_sb + x_off[None, :]
+    f_base = f_ptr + b * f_sb + _pixel_offset(p, H, W, f_sc, f_sh, f_sw, FLAT)[None, :]
+    x_base = x_ptr + b * x_sb + _pixel_offset(p, H, W, x_sc, x_sh, x_sw, FLAT)[None, :]
 
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)  # running max of log2-scaled logits
     s = tl.full([BLOCK_P], 0.0, tl.float32)  # running sum of exp2(logit - m)
@@ -113,22 +115,9 @@ def _content_frame_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
-    if FLAT:  # dense (C, H, W): pixel p sits at offset p, loads vectorise
-        f_off = p
-        x_off = p
-    else:  # any strides: split the flat index p = (c * H + h) * W + w
-        w = p % W
-        c = p // W // H
-        h = p // W % H
-        f_off = c * f_sc + h * f_sh + w * f_sw
-        x_off = c * x_sc + h * x_sh + w * x_sw
-    f_base = f_ptr + b * f_sb + f_off[None, :]
-    x_base = x_ptr + b * x_sb + x_off[None, :]
-    if FLAT:
-        g_off = p
-    else:
-        g_off = c * g_sc + h * g_sh + w * g_sw
-    g = tl.load(g_ptr + b * g_sb + g_off, mask=pmask, other=0.0)
+    f_base = f_ptr + b * f_sb + _pixel_offset(p, H, W, f_sc, f_sh, f_sw, FLAT)[None, :]
+    x_base = x_ptr + b * x_sb + _pixel_offset(p, H, W, x_sc, x_sh, x_sw, FLAT)[None, :]
+    g = tl.load(g_ptr + b * g_sb + _pixel_offset(p, H, W, g_sc, g_sh, g_sw, FLAT), mask=pmask, other=0.0)
     g = g.to(tl.float32)
     # Gradients are written dense, (B, L, C, H, W) contiguous.
     df_base = df_ptr + b * L * P + p[None, :]
