@@ -73,6 +73,7 @@ class CMDModel(nn.Module):
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-cmd-", dir=parent)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a model folder is readable like any output
         try:
             self.config.save(os.path.join(tmp, CONFIG_FILE))
             for name in NETWORKS:

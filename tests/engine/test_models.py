@@ -127,6 +127,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = CMDModel.from_config("default")
     model.save_pretrained(str(tmp_path / "m"))
     assert (tmp_path / "m" / "autoencoder" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
     loaded = CMDModel.from_pretrained(str(tmp_path / "m"))
     for name in ("autoencoder", "motion_dit", "content_unet"):
         a, b = getattr(model, name).state_dict(), getattr(loaded, name).state_dict()
