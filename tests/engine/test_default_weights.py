@@ -8,12 +8,16 @@ text encoder, kernels' references) fails here in seconds; a flip of one borderli
 
 import os
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
 
 import engine.default_model
+import kernels
 from engine.pipeline import CMDPipeline
+from engine.run import main as run_main
+from trainer.attributes import measure_attributes
 from trainer.data.synthetic import HELDOUT_COMBOS, prompts_for
 from trainer.evaluate import attribute_row, generate
 
@@ -27,12 +31,12 @@ MIN_MOTION_ACCURACY = 0.75
 def default_pipe():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    import kernels
-
-    # The kernels' references: the interpreted Triton kernels are tested on their own and cost ~100x here.
-    with kernels.force_impl("reference"):
-        yield CMDPipeline.from_pretrained("default")
-    torch.set_num_threads(threads)
+    try:
+        # The kernels' references: the interpreted Triton kernels are tested on their own and cost ~100x here.
+        with kernels.force_impl("reference"):
+            yield CMDPipeline.from_pretrained("default")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_default_weights_ship_with_the_package():
@@ -58,14 +62,9 @@ def test_default_model_follows_heldout_prompts(default_pipe, paraphrase):
 
 def test_readme_command_writes_the_prompted_video(tmp_path):
     """The README's first command, as written (plus a seed): a red circle that moves right."""
-    import kernels
-    from engine.run import main
-    from trainer.attributes import measure_attributes
-    import imageio_ffmpeg
-
     out = str(tmp_path / "red.mp4")
     with kernels.force_impl("reference"):
-        assert main(["--prompt", "a red circle moving right", "--out", out, "--seed", "0", "--quiet"]) == 0
+        assert run_main(["--prompt", "a red circle moving right", "--out", out, "--seed", "0", "--quiet"]) == 0
     reader = imageio_ffmpeg.read_frames(out)
     meta = next(reader)
     width, height = meta["size"]
