@@ -8,7 +8,6 @@ text encoder, kernels' references) fails here in seconds; a flip of one borderli
 
 import os
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ from engine.pipeline import CMDPipeline
 from engine.run import main as run_main
 from trainer.attributes import measure_attributes
 from trainer.data.synthetic import HELDOUT_COMBOS, prompts_for
+from trainer.data.videos import read_video
 from trainer.evaluate import attribute_row, generate
 
 # Eight clips: every held-out triple once.
@@ -65,10 +65,7 @@ def test_readme_command_writes_the_prompted_video(tmp_path):
     out = str(tmp_path / "red.mp4")
     with kernels.force_impl("reference"):
         assert run_main(["--prompt", "a red circle moving right", "--out", out, "--seed", "0", "--quiet"]) == 0
-    reader = imageio_ffmpeg.read_frames(out)
-    meta = next(reader)
-    width, height = meta["size"]
-    frames = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+    frames = read_video(out)
     assert frames.shape == (16, 32, 32, 3)
     got = measure_attributes(frames)
     assert (got["colour"], got["motion"]) == ("red", "right"), got
