@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--motion-guidance", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", choices=("static", "dynamic"), help="sample with step caching (engine.cache)")
+    p.add_argument("--cache-threshold", type=float, help="the cache's threshold (see engine.run)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+                   help="CFG only on this fraction of each sampling loop")
     p.add_argument("--i3d", help="I3D weights file for FVD (.pt state dict or .safetensors)")
     p.add_argument("--i3d-size", type=int, default=224, help="frame size the I3D sees (224 in the protocol)")
     p.add_argument("--clip", help="local CLIP folder for CLIPSIM")
@@ -176,11 +180,18 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     device = info.device
     pipe = CMDPipeline.from_pretrained(args.model, device=str(device), dtype=args.dtype)
     cfg = pipe.config
+    cache = {k: v for k, v in (("cache", args.cache), ("cache_threshold", args.cache_threshold),
+                               ("guidance_interval", args.guidance_interval)) if v is not None}
+    if cache:  # checked before any work
+        from engine.cache import plan_cache
+
+        req = pipe.check_inputs(num_inference_steps=args.steps, motion_steps=args.motion_steps)
+        plan_cache(cfg, req.scheduler, req.steps, req.motion_steps, backend=pipe.backend, **cache)
     captions, truths, real_video = _items(args, cfg)
     mine = list(range(info.rank, len(captions), info.world_size))
     results: Dict[str, Any] = {"model": os.path.abspath(args.model), "data": args.data, "clips": len(captions),
                                "split": args.split, "paraphrase": args.paraphrase,
-                               "world_size": info.world_size}
+                               "world_size": info.world_size, **({"sampling_cache": cache} if cache else {})}
     t0 = time.perf_counter()
 
     if "recon" in metrics:
@@ -206,7 +217,9 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     if need_generation:
         kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("motion_steps", args.motion_steps),
                                     ("guidance_scale", args.guidance),
-                                    ("motion_guidance_scale", args.motion_guidance)) if v is not None}
+                                    ("motion_guidance_scale", args.motion_guidance), ("cache", args.cache),
+                                    ("cache_threshold", args.cache_threshold),
+                                    ("guidance_interval", args.guidance_interval)) if v is not None}
         fake = generate(pipe, [captions[i] for i in mine], mine, args.seed, args.batch_size, **kwargs)
 
     if "attributes" in metrics:
