@@ -336,3 +336,207 @@ def test_dynamic_decisions_are_per_video():
         torch.testing.assert_close(outs[i][0], outs[0][0])  # video 0 reused its output of step 0
         torch.testing.assert_close(outs[i][1], torch.full((4,), 10.0 * (i + 1)))  # video 1 ran (guided: 10x)
     torch.testing.assert_close(outs[4], torch.full((2, 4), 50.0))
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_dynamic_mode_on_the_eager_backends(backend):
+    """Compile runs the same pieces compiled (a micro model: inductor's C++ build dominates the cost)."""
+    from engine.random_text import RandomTextEncoder
+
+    cfg = load_config(TINY[len("random:"):])
+    cfg.content_unet.update(down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"],
+                            block_out_channels=[16], mid_block_type=None)
+    cfg.motion_dit.depth = 2
+    torch.manual_seed(0)
+    model = CMDModel.from_config(cfg)
+    wake(model.motion_dit)
+    pipe = CMDPipeline(model, RandomTextEncoder(cfg.text_encoder.hidden_size, cfg.text_encoder.max_length))
+    call = dict(CALL, prompt=["a red circle", "a blue square"], generator=5, cache="dynamic", cache_threshold=0.5)
+    ref = pipe(**call)
+    assert ref.evaluations["content_first_block"] + ref.evaluations["motion_first_block"] > 0
+    if backend == "eager":
+        return
+    torch._dynamo.reset()
+    pipe.set_backend("compile")
+    out = pipe(**call)
+    assert out.evaluations == ref.evaluations
+    mse = float(np.mean((out.frames.astype(np.float64) - ref.frames) ** 2))
+    assert mse < 1e-8, mse
+
+
+# ------------------------------------------------------------------------------------------ calibration, CLI, bench
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    p = CMDPipeline.from_pretrained(TINY)
+    wake(p.model.motion_dit)
+    path = str(tmp_path_factory.mktemp("models") / "tiny")
+    p.model.save_pretrained(path)
+    return path
+
+
+def _config_json(folder):
+    import json
+
+    with open(os.path.join(folder, "cmd_config.json")) as f:
+        return json.load(f)
+
+
+def test_calibrate_measures_the_change_and_writes_schedules_the_pipeline_runs(model_dir, tmp_path, capsys):
+    import shutil
+
+    from engine.cache import guide, relative_change
+    from engine.calibrate_cache import main as calibrate
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(model_dir, folder)
+    prompts = ["a red circle moving right", "a blue square moving up", "a white triangle"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    before = _config_json(folder)
+    argv = ["--model", folder, "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "5", "--motion-steps", "4",
+            "--threshold", "0.5", "--batch-size", "2", "--seed", "3"]
+    assert calibrate(argv) == 0
+    out = capsys.readouterr().out
+    assert "content ddim/5: F" in out and "wrote sampling.cache" in out
+    after = _config_json(folder)
+    data = after["sampling"].pop("cache")
+    assert after == before  # nothing else in the config changed
+    change = data["change"]["content"]["ddim/5"]
+    assert len(change) == 4 and len(data["change"]["motion"]["ddim/4"]) == 3
+    assert data["schedules"]["content"]["ddim/5"] == schedule_from_change(change, 0.5)
+    assert data["threshold"] == 0.5 and data["calibration"]["prompts"] == prompts
+
+    # The measured change is the guided output's, recomputed here from the UNet's raw outputs.
+    pipe = CMDPipeline.from_pretrained(folder)
+    outputs = []
+    real = pipe.backend.unet_step
+    pipe.backend.unet_step = lambda *a: outputs.append(real(*a).clone()) or outputs[-1]
+    sums = np.zeros(4)
+    for start in (0, 2):
+        outputs.clear()
+        pipe(prompts[start:start + 2], generator=3 + start, num_inference_steps=5, motion_steps=4, progress=False)
+        g = pipe.config.sampling["guidance"]
+        guided = [guide(o, len(prompts[start:start + 2]), True, g) for o in outputs]
+        sums += [float(relative_change(guided[i], guided[i - 1]).sum()) for i in range(1, 5)]
+    np.testing.assert_allclose(change, sums / 3, atol=2e-6)
+    del pipe.backend.unet_step
+
+    # The folder loads and runs its schedule; a second calibration adds its step counts, keeps the first.
+    schedule = data["schedules"]["content"]["ddim/5"]
+    run = pipe("a", generator=0, cache="static", num_inference_steps=5, motion_steps=4, progress=False)
+    assert run.evaluations["content"] == 2 * schedule.count("F")
+    assert calibrate(["--model", folder, "--steps", "3", "--motion-steps", "3", "--batch-size", "3"]) == 0
+    data = _config_json(folder)["sampling"]["cache"]
+    assert sorted(data["schedules"]["content"]) == ["ddim/3", "ddim/5"]
+    assert data["calibration"]["prompts"] == prompts  # the last calibration's prompts by default
+    capsys.readouterr()
+
+    # Dry runs and bad values write nothing.
+    text = open(os.path.join(folder, "cmd_config.json")).read()
+    assert calibrate(["--model", folder, "--steps", "2", "--motion-steps", "2", "--dry-run"]) == 0
+    for bad, needle in ((["--threshold", "-1"], "cache_threshold must be a finite number >= 0, got -1"),
+                        (["--steps", "0"], "num_inference_steps must be between 1 and 1000"),
+                        (["--scheduler", "euler"], "unknown scheduler 'euler'"),
+                        (["--prompts-file", str(tmp_path / "none.txt")], "none.txt")):
+        assert calibrate(["--model", folder, *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err
+    assert calibrate(["--model", TINY]) == 2
+    assert "random weights have no folder" in capsys.readouterr().err
+    assert open(os.path.join(folder, "cmd_config.json")).read() == text
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(model_dir))  # no temporary file left
+
+
+def test_cli_flags_reach_the_pipeline_and_bad_ones_exit_2(model_dir, tmp_path, capsys):
+    from engine.run import main as run_main
+
+    base = ["--prompt", "a red circle", "--model", model_dir, "--steps", "4", "--motion-steps", "4", "--quiet"]
+    out = str(tmp_path / "a.npy")
+    assert run_main([*base, "--out", out, "--cache", "dynamic", "--cache-threshold", "0.5",
+                     "--guidance-interval", "0.25", "0.75"]) == 0
+    pipe = CMDPipeline.from_pretrained(model_dir)
+    ref = pipe("a red circle", generator=0, num_inference_steps=4, motion_steps=4, progress=False, cache="dynamic",
+               cache_threshold=0.5, guidance_interval=(0.25, 0.75))
+    np.testing.assert_array_equal(np.load(out), np.round(ref.frames[0] * 255).astype(np.uint8))
+    capsys.readouterr()
+    for bad, needle in ((["--cache", "fast"], "invalid choice: 'fast'"),
+                        (["--cache-threshold", "0.1"], "cache_threshold=0.1 needs cache='static' or 'dynamic'"),
+                        (["--cache", "dynamic", "--cache-threshold", "-1"], "cache_threshold must be a finite number"),
+                        (["--cache", "static"], "has no static cache schedule"),
+                        (["--guidance-interval", "0.8", "0.2"], "guidance_interval is reversed"),
+                        (["--guidance-interval", "0.5", "2"], r"guidance_interval must lie in [0, 1]"),
+                        (["--guidance-interval", "0.5"], "expected 2 arguments"),
+                        (["--cache", "dynamic", "--backend", "onnxruntime"], "supports cache='static'")):
+        target = str(tmp_path / "bad.npy")
+        assert run_main([*base, "--out", target, *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, (bad, err)
+        assert not os.path.exists(target)
+    assert sorted(os.listdir(tmp_path)) == ["a.npy"]
+
+
+def test_bench_cache_compares_settings_side_by_side(capsys):
+    import json
+
+    from engine import bench
+
+    argv = ["cache", "--model", TINY, "--steps", "4", "--motion-steps", "4", "--num-prompts", "3", "--batch", "2",
+            "--settings", "none,dynamic:0.5,none@0.5-1", "--flops-config", TINY[len("random:"):], "--json"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    none, dyn, interval = (report["settings"][k] for k in ("none", "dynamic:0.5", "none@0.5-1"))
+    assert none["evaluations_per_video"]["full_total"] == 2 * 4 * 2
+    assert none["fewer_evaluations"] == 1.0 and none["psnr_db"] is None and none["ssim"] == pytest.approx(1.0)
+    assert interval["evaluations_per_video"]["content"] == 2 * 2 + 2 * 1  # CFG on steps 2 and 3 of 4
+    assert interval["fewer_evaluations"] == pytest.approx(16 / 12)
+    assert interval["psnr_db"] < 100 and interval["kwargs"] == {"guidance_interval": [0.5, 1.0]}
+    assert dyn["evaluations_per_video"]["full_total"] < 16 and dyn["speedup"] > 0
+    flops = report["flops"]["settings"]
+    assert flops["none"]["flops_saved"] == 0 and 0 < flops["none@0.5-1"]["flops_saved"] < 1
+    assert flops["dynamic:0.5"]["tflops_per_video"] < flops["none"]["tflops_per_video"]
+    assert report["shape"]["videos"] == 3 and "dynamic:0.5" in out
+    for bad, needle in (("static", "has no static cache schedule"), ("fast", "mode must be none, static or dynamic"),
+                        ("dynamic:-1", "cache_threshold must be a finite number >= 0"),
+                        ("none@0.9-0.1", "guidance_interval is reversed")):
+        assert bench.main(["cache", "--model", TINY, "--settings", f"none,{bad}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err, err
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_cudagraph_static_schedule_and_guidance_interval_never_sync_with_the_host():
+    pipe = CMDPipeline.from_pretrained(TINY, device="cuda", backend="cudagraph")
+    wake(pipe.model.motion_dit)
+    pipe.config.sampling["cache"] = cache_entry()
+    plan = plan_cache(pipe.config, "ddim", STEPS, STEPS, "static", guidance_interval=(0.2, 0.8), backend=pipe.backend)
+    assert not all(plan.content.compute) and not all(plan.content.cfg)
+    states, pooled, negative = pipe.encode_prompt(["a red circle"], [""])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    content_noise = torch.randn(1, 3, 16, 16, device="cuda", generator=gen)
+    motion_noise = torch.randn(1, *pipe.config.motion_shape(), device="cuda", generator=gen)
+
+    def loops():
+        counts = Evaluations()
+        content = pipe.generate_content(states, negative, content_noise, STEPS, 3.0, "ddim", cache=plan.content,
+                                        evaluations=counts)
+        return pipe.generate_motion(content, pooled, motion_noise, STEPS, 2.0, "ddim", cache=plan.motion), counts
+
+    expected, counts = loops()  # captures the graphs (batch 1 and 2) and builds the scheduler tables
+    assert counts.full == sum((2 if c else 1) for f, c in zip(plan.content.compute, plan.content.cfg) if f)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):  # the mode is live: a sync would raise
+            torch.ones(1, device="cuda").item()
+        motion, _ = loops()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(motion, expected)
+    pipe.set_backend("eager")
+    eager, _ = loops()
+    torch.testing.assert_close(motion, eager, atol=1e-3, rtol=1e-3)
