@@ -379,6 +379,7 @@ def main_cache(argv: List[str]) -> int:
     parser.add_argument("--num-prompts", type=int, default=8, help="with --prompt: how many videos (seeds) of it")
     parser.add_argument("--flops-config", default=None, help="also count the FLOPs of each setting's evaluations "
                         "at this config's scale (e.g. sd21-512x1024)")
+    parser.add_argument("--backend", default="eager", help="the backend every setting runs on (default eager)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON, the last line of stdout")
     try:
         args = parser.parse_args(argv)
@@ -397,16 +398,20 @@ def main_cache(argv: List[str]) -> int:
             if args.num_prompts < 1:
                 raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
             prompts = [args.prompt] * args.num_prompts
+        from engine.backends import get_backend
         from engine.cache import plan_cache
         from engine.pipeline import CMDPipeline, check_request
         from engine.run import quiet_loading
 
         config = spec.load_config()
         req = check_request(config, **kwargs)
+        if "," in args.backend:
+            raise ValueError(f"--backend takes one backend, got {args.backend!r}")
+        backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
         for setting in settings.values():  # a setting the model cannot run fails here, before any work
-            plan_cache(config, req.scheduler, req.steps, req.motion_steps, backend=None, **setting)
+            plan_cache(config, req.scheduler, req.steps, req.motion_steps, backend=get_backend(backend), **setting)
         quiet_loading()
-        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)
+        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
         results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
         flops = cache_flops(args.flops_config, results) if args.flops_config else None
     except ValueError as e:
@@ -415,7 +420,7 @@ def main_cache(argv: List[str]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    report = {"kind": "cache", "model": args.model, "environment": _environment(device, dtype),
+    report = {"kind": "cache", "model": args.model, "backend": backend, "environment": _environment(device, dtype),
               "shape": {"videos": len(prompts), "batch": args.batch, "frames": req.num_frames, "height": req.height,
                         "width": req.width, "steps": req.steps, "motion_steps": req.motion_steps,
                         "scheduler": req.scheduler, "guidance": req.guidance, "motion_guidance": req.motion_guidance},

@@ -37,7 +37,7 @@ Config data (``sampling["cache"]``; older code ignores it, being a free-form ``s
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np

@@ -503,6 +503,11 @@ def test_bench_cache_compares_settings_side_by_side(capsys):
         assert bench.main(["cache", "--model", TINY, "--settings", f"none,{bad}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err, err
+    for backend, needle in (("onnxruntime", "backend 'onnxruntime' supports cache='static'"),
+                            ("eager,compile", "--backend takes one backend")):
+        assert bench.main(["cache", "--model", TINY, "--settings", "none,dynamic", "--backend", backend]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err, err
 
 
 # ------------------------------------------------------------------------------------------ GPU

@@ -97,4 +97,5 @@ def test_static_schedule_and_guidance_interval_on_tensorrt(tiny_latent, tiny_lat
         assert psnr(trt.frames, eager.frames) >= 35.0
     finally:
         model.to("cpu")
+        text_encoder.to("cpu")
         model.config.sampling.pop("cache", None)
