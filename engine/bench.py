@@ -213,13 +213,15 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
     """Step-caching settings side by side: ``settings`` maps a name to pipeline keyword arguments
     (``cache``, ``cache_threshold``, ``guidance_interval``); the first is the reference (normally no cache).
 
-    Prompt k is seeded ``seeds[k]`` (default ``seed + k``) in every setting; each batch of ``batch_size`` prompts runs every
-    setting in turn (so load drifts on a shared machine hit all settings alike). Per setting: denoiser
-    sample evaluations per video (``content``, ``motion``, their first-block-only rows and
-    ``full_total``), the ratio of full evaluations to the reference's, wall seconds per video (the
-    pipeline call, all stages) and its speed-up, mean per-video PSNR (dB, inf if identical) and SSIM of
-    the frames against the reference's, and ``score(videos)``'s result where given (``videos``:
-    (N, L, 3, H, W) in [-1, 1], e.g. attribute accuracy from the trainer, which the engine cannot import).
+    Prompt k is seeded ``seeds[k]`` (default ``seed + k``) in every setting; each batch of ``batch_size``
+    prompts runs every setting in turn (so load drifts on a shared machine hit all settings alike). Per
+    setting: denoiser sample evaluations per video (``content``, ``motion``, their first-block-only rows
+    and ``full_total``), the ratio of full evaluations to the reference's, wall seconds per video (the
+    pipeline call, all stages: the mean, and the median over batches, which a stall of the machine during
+    one batch does not move) and the speed-up of the median, mean per-video PSNR (dB, inf if identical)
+    and SSIM of the frames against the reference's, and ``score(videos)``'s result where given
+    (``videos``: (N, L, 3, H, W) in [-1, 1], e.g. attribute accuracy from the trainer, which the engine
+    cannot import).
     ``call``: more pipeline keyword arguments (steps, guidance, ...)."""
     import time
 
@@ -239,7 +241,7 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     names = list(settings)
     videos = {n: [] for n in names}
-    seconds = {n: 0.0 for n in names}
+    seconds = {n: [] for n in names}  # per batch: seconds per video
     stages = {n: {} for n in names}
     counts = {n: {} for n in names}
     for start in range(0, len(prompts), batch_size):
@@ -248,7 +250,7 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
         for name in names:
             t0 = time.perf_counter()
             out = pipe(chunk, generator=gens(), output_type="pt", progress=False, **call, **settings[name])
-            seconds[name] += time.perf_counter() - t0
+            seconds[name].append((time.perf_counter() - t0) / len(chunk))
             videos[name].append(out.frames.float().cpu())
             for key, value in out.evaluations.items():
                 counts[name][key] = counts[name].get(key, 0) + value
@@ -264,7 +266,9 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
         p = video_psnr(frames, reference, data_range=1.0)
         p[(frames == reference).flatten(1).all(1)] = math.inf  # identical videos (psnr() caps at 200 dB)
         results[name] = {"kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in settings[name].items()},
-                         "evaluations_per_video": per_video, "seconds_per_video": seconds[name] / n,
+                         "evaluations_per_video": per_video,
+                         "seconds_per_video": sum(s * len(b) for s, b in zip(seconds[name], videos[name])) / n,
+                         "seconds_per_video_median": statistics.median(seconds[name]),
                          "stages_s_per_video": {k: v / n for k, v in stages[name].items()},
                          "psnr_db": float(p.mean()), "psnr_db_min": float(p.min()),
                          "ssim": float(video_ssim(frames, reference, data_range=1.0).mean())}
@@ -274,7 +278,7 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
     for r in results.values():
         full = r["evaluations_per_video"]["full_total"]
         r["fewer_evaluations"] = base["evaluations_per_video"]["full_total"] / full if full else None
-        r["speedup"] = base["seconds_per_video"] / r["seconds_per_video"]
+        r["speedup"] = base["seconds_per_video_median"] / r["seconds_per_video_median"]
     return results
 
 
@@ -360,7 +364,7 @@ def _cache_table(results: Dict[str, dict], flops: Optional[dict]) -> str:
         ev = r["evaluations_per_video"]
         first = ev.get("content_first_block", 0) + ev.get("motion_first_block", 0)
         cells = (f"{name:<22}{ev.get('content', 0):>11.1f}{ev.get('motion', 0):>10.1f}{first:>10.1f}"
-                 f"{r['fewer_evaluations']:>7.2f}x{r['seconds_per_video']:>9.3f}{r['speedup']:>8.2f}x"
+                 f"{r['fewer_evaluations']:>7.2f}x{r['seconds_per_video_median']:>9.3f}{r['speedup']:>8.2f}x"
                  f"{r['psnr_db']:>9.1f}{r['ssim']:>7.3f}")
         if flops:
             cells += f"{flops['settings'][name]['tflops_per_video']:>10.2f}"

@@ -251,7 +251,7 @@ def plan_cache(config, scheduler: str, steps: int, motion_steps: int, cache: Opt
                                  f"config); calibrate one: {CALIBRATE_HINT}")
             plans[stage] = StagePlan(_static_flags(data, config.name, stage, scheduler, n, threshold), cfg, reuse)
         elif cache == "dynamic":
-            dyn = threshold if threshold is not None else float(data.get("dynamic_threshold", DEFAULT_DYNAMIC_THRESHOLD))
+            dyn = threshold if threshold is not None else data.get("dynamic_threshold", DEFAULT_DYNAMIC_THRESHOLD)
             plans[stage] = StagePlan((True,) * n, cfg, reuse, check_threshold(dyn))
         else:
             plans[stage] = StagePlan((True,) * n, cfg, reuse)

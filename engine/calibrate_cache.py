@@ -8,8 +8,8 @@ The model samples the calibration prompts without any cache, CFG on every step, 
 guidance; after each step the guided output of each network (the content UNet's and the motion DiT's,
 what a reuse step would take) is compared with the previous step's: ``change[i - 1]`` is the mean over
 videos of ``mean |out_i - out_{i-1}| / mean |out_{i-1}|``. A static schedule then reuses a step while the
-change accumulated since the last full evaluation stays below ``--threshold`` (first and last steps
-always run; :func:`engine.cache.schedule_from_change`). The measured change is stored too, so
+change accumulated since the last full evaluation stays below ``--threshold`` (default: the model's
+current one, else 0.15; first and last steps always run; :func:`engine.cache.schedule_from_change`). The measured change is stored too, so
 ``pipe(cache="static", cache_threshold=T)`` derives other schedules without calibrating again.
 
 Written into ``DIR/cmd_config.json`` under ``sampling.cache`` (atomically; entries for other
@@ -108,13 +108,14 @@ def measure_change(pipe, prompts: Sequence[str], seed: int = 0, scheduler: Optio
     return {stage: [round(float(v) / videos, 6) for v in s] for stage, s in sums.items()}
 
 
-def calibrate(pipe, prompts: Sequence[str], threshold: float = DEFAULT_THRESHOLD, reuse: Optional[str] = None,
+def calibrate(pipe, prompts: Sequence[str], threshold: Optional[float] = None, reuse: Optional[str] = None,
               dynamic_threshold: Optional[float] = None, seed: int = 0, scheduler: Optional[str] = None,
               steps: Optional[int] = None, motion_steps: Optional[int] = None, batch_size: int = 8) -> Dict:
     """The model config's new ``sampling["cache"]`` data: the old entries plus this (scheduler, steps)'s
-    measured change and schedules at ``threshold``. Changes nothing on disk (see :func:`write_cache_data`)."""
-    threshold = check_threshold(threshold)
-    old = cache_data(pipe.config) or {}
+    measured change and schedules at ``threshold`` (None: the model's current one, else
+    :data:`DEFAULT_THRESHOLD`). Changes nothing on disk (see :func:`write_cache_data`)."""
+    old = json.loads(json.dumps(cache_data(pipe.config) or {}))  # a copy: the loaded config stays as it is
+    threshold = check_threshold(old.get("threshold", DEFAULT_THRESHOLD) if threshold is None else threshold)
     reuse = reuse or old.get("reuse", DEFAULT_REUSE)
     if reuse not in REUSE_MODES:
         raise ValueError(f"--reuse must be one of {', '.join(REUSE_MODES)}, got {reuse!r}")
@@ -190,8 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a CMD model folder ('default': the shipped one)")
     p.add_argument("--prompts-file", help="calibration prompts, one a line (default: the last calibration's, "
                    "else built-in ones)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"accumulated relative change that ends a reuse run (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--threshold", type=float, default=None, help="accumulated relative change that ends a reuse "
+                   f"run (default: the model's current one, else {DEFAULT_THRESHOLD})")
     p.add_argument("--reuse", choices=REUSE_MODES, help=f"what reuse steps take (default: kept, else {DEFAULT_REUSE})")
     p.add_argument("--dynamic-threshold", type=float, help="cache='dynamic''s default threshold to store "
                    f"(default: kept, else {DEFAULT_DYNAMIC_THRESHOLD})")
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
         if spec.is_random:
             raise ValueError("calibrate a model folder: random weights have no folder to write the schedule into")
         config = spec.load_config()
-        check_threshold(args.threshold)
+        if args.threshold is not None:
+            check_threshold(args.threshold)
         if args.dynamic_threshold is not None:
             check_threshold(args.dynamic_threshold)
         if args.batch_size < 1:

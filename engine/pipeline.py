@@ -414,7 +414,7 @@ class CMDPipeline:
         dynamic = None
         if cache is not None and cache.dynamic:
             step = DynamicStep("dit", self.backend.network_parts("dit"), cache, noise.shape[0], guidance, evaluations)
-            dynamic = lambda i, batch, t: step(i, batch, t, frames[: batch.shape[0]], text[: batch.shape[0]])  # noqa: E731
+            dynamic = lambda i, batch, t: step(i, batch, t, frames[: len(batch)], text[: len(batch)])  # noqa: E731
         return self._loop("motion", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress,
                           cache, dynamic, evaluations)
 

@@ -17,8 +17,9 @@ from engine.pipeline import CMDPipeline
 TINY = "random:" + os.path.join(os.path.dirname(__file__), "tiny_config.json")
 STEPS = 6
 CALL = dict(num_inference_steps=STEPS, motion_steps=STEPS, progress=False)
-MODES = [dict(), dict(cache="static"), dict(cache="static", cache_threshold=0.5), dict(cache="dynamic", cache_threshold=0.5),
-         dict(guidance_interval=(0.3, 0.7)), dict(cache="static", guidance_interval=(0.0, 0.5)),
+MODES = [dict(), dict(cache="static"), dict(cache="static", cache_threshold=0.5),
+         dict(cache="dynamic", cache_threshold=0.5), dict(guidance_interval=(0.3, 0.7)),
+         dict(cache="static", guidance_interval=(0.0, 0.5)),
          dict(cache="dynamic", cache_threshold=0.5, guidance_interval=(0.5, 1.0))]
 MODE_IDS = ["none", "static", "static-0.5", "dynamic", "interval", "static+interval", "dynamic+interval"]
 
@@ -77,8 +78,8 @@ def test_schedule_from_change_accumulates_and_keeps_first_and_last_steps():
 
 def test_check_schedule_and_guidance_steps():
     assert check_schedule("FRF", 3, "x") == (True, False, True)
-    for bad, needle in (("FRF", "has 3 steps, the loop 4"), ("RFFF", "first step must run"), ("FXFF", "a schedule is a string"),
-                        ("", "a schedule is a string")):
+    for bad, needle in (("FRF", "has 3 steps, the loop 4"), ("RFFF", "first step must run"),
+                        ("FXFF", "a schedule is a string"), ("", "a schedule is a string")):
         with pytest.raises(ValueError, match=needle):
             check_schedule(bad, 4, "x")
     assert guidance_steps(None, 4) == (True,) * 4
@@ -118,7 +119,8 @@ def test_output_history_reuses_or_extrapolates_the_last_outputs():
     (dict(guidance_interval=(0.0, 1.5)), r"guidance_interval must lie in \[0, 1\], got \(0, 1.5\)"),
     (dict(guidance_interval=0.5), r"guidance_interval must be a pair \(start, end\)"),
     (dict(guidance_interval=(0.1, 0.2, 0.3)), r"guidance_interval must be a pair \(start, end\)"),
-    (dict(cache="static", num_inference_steps=5), r"no static content schedule for ddim/5 .*it has ddim/6.*calibrate_cache"),
+    (dict(cache="static", num_inference_steps=5),
+     r"no static content schedule for ddim/5 .*it has ddim/6.*calibrate_cache"),
     (dict(cache="static", scheduler="dpm"), r"no static content schedule for dpm/6"),
     (dict(cache="static", cache_threshold=0.2, motion_steps=4), r"no measured motion change for ddim/4"),
 ])
@@ -147,7 +149,7 @@ def test_schedules_that_do_not_fit_and_models_without_one(pipe, monkeypatch):
     with pytest.raises(ValueError, match="first step must run the network"):
         pipe("a", **CALL, cache="static")
     monkeypatch.setitem(pipe.config.sampling, "cache", dict(cache_entry(), reuse="guess"))
-    with pytest.raises(ValueError, match=r"sampling.cache.reuse must be one of \('reuse', 'extrapolate'\), got 'guess'"):
+    with pytest.raises(ValueError, match=r"sampling.cache.reuse must be one of \('reuse', 'extrapolate'\), got 'gue"):
         pipe("a", **CALL, cache="static")
     monkeypatch.delitem(pipe.config.sampling, "cache")
     with pytest.raises(ValueError, match="has no static cache schedule .*calibrate_cache --model DIR"):
@@ -242,7 +244,7 @@ def test_same_seed_same_video_and_a_batch_equals_single_runs(pipe, kwargs):
             total[k] += v
         content.append(single.evaluations["content"])
     assert batch.evaluations == total  # dynamic: each video's decisions are its own
-    if kwargs == dict(cache="dynamic", cache_threshold=0.5):  # the videos' decisions differ here (so the check above can fail)
+    if kwargs == dict(cache="dynamic", cache_threshold=0.5):  # the videos' decisions differ (the check can fail)
         assert len(set(content)) > 1 and batch.evaluations["motion_first_block"] > 0, content
 
 
@@ -430,6 +432,7 @@ def test_calibrate_measures_the_change_and_writes_schedules_the_pipeline_runs(mo
     data = _config_json(folder)["sampling"]["cache"]
     assert sorted(data["schedules"]["content"]) == ["ddim/3", "ddim/5"]
     assert data["calibration"]["prompts"] == prompts  # the last calibration's prompts by default
+    assert data["threshold"] == 0.5  # and its threshold
     capsys.readouterr()
 
     # Dry runs and bad values write nothing.
