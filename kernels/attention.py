@@ -144,8 +144,13 @@ def _attention_fwd_kernel(
         if not EVEN_N:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # Safe max (as FlashAttention): a row whose scores so far are all -inf (a key block of -inf
+        # scores, from infinite inputs) has m_new = -inf, and exp2(-inf - -inf) would be NaN. Subtracting
+        # 0 there gives alpha = p = 0, and the row carries on exactly once a finite score comes. One
+        # select per row per key block.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, SUM)
         m_i = m_new
 
@@ -168,7 +173,9 @@ def _attention_fwd_kernel(
             else:
                 acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
 
-    inv_l = 1.0 / l_i
+    # l_i is 0 only where every score of the row is -inf: SDPA returns 0 there (its safe softmax), and
+    # acc is 0 (0 * v), so divide by 1 (FlashAttention's rule; a NaN acc stays NaN, as in SDPA).
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o_ptrs = O + b * o_sb + h * o_sh + offs_m[:, None] * o_sn
     out1 = (acc1 * inv_l[:, None]).to(O.dtype.element_ty)
     if EVEN_M:
@@ -246,7 +253,18 @@ _motion_attention_op.register_autograd(_attention_backward, setup_context=_atten
 def motion_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, impl: str = "auto"
 ) -> torch.Tensor:
-    """Attention over the token sequence: q, k, v (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+    """Attention over the token sequence: q, k, v (B, heads, N, head_dim) -> (B, heads, N, head_dim),
+    softmax(q k^T * scale) v with scale defaulting to head_dim ** -0.5 (non-causal, no mask), as
+    ``torch.nn.functional.scaled_dot_product_attention``, the reference. The Triton kernel takes fp32, fp16
+    and bf16 with head_dim <= 128; other dtypes run the reference. Gradients come from SDPA's backward.
+
+    Finite inputs give finite scores. Infinite inputs follow SDPA on every path: keys whose score is -inf
+    weigh 0 (runs of any length, anywhere along N); a row whose scores are all -inf gives 0 (SDPA's safe
+    softmax, not NaN); a +inf or NaN score makes its row NaN.
+
+    Raises ValueError for q, k, v that are not 4-D of one shape, head_dim > 128, a scale that is not
+    positive, or tensors on two devices; TypeError for mixed dtypes.
+    """
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
             f"motion_attention expects q, k, v of one shape (B, heads, N, head_dim), "

@@ -2,7 +2,8 @@
 
     xbar[b, c, h, w] = sum_l softmax_l(logits[b, :, c, h, w])[l] * frames[b, l, c, h, w]
 
-The softmax is computed in fp32 whatever the input dtype; the result has the frames' dtype.
+The softmax is computed in fp32 whatever the input dtype; the result has the frames' dtype. -inf logits
+(masked frames) weigh 0; a pixel whose logits are all -inf is NaN, as torch.softmax (``content_frame``).
 
 Triton kernels: the forward reads each frame and logit once, a (BLOCK_L x BLOCK_P) tile of time x
 pixels at a time, with an online softmax across time blocks (any L); the backward recomputes the
@@ -90,8 +91,14 @@ def _content_frame_fwd_kernel(
         x = tl.where(lmask[:, None], x, float("-inf"))  # padded time steps weigh nothing
         f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, tl.reduce(x, 0, MAX))
-        alpha = tl.exp2(m - m_new)
-        e = tl.exp2(x - m_new[None, :])
+        # Safe max (FlashAttention's trick): where every logit so far is -inf (a masked run of frames),
+        # m_new is -inf and exp2(-inf - -inf) would be NaN. Subtracting 0 there instead gives
+        # alpha = e = exp2(-inf) = 0: the sums stay 0 until a finite logit comes, then continue exactly.
+        # One select per pixel per time block, not per element. All L logits -inf: 0 / 0 = NaN, as
+        # torch.softmax.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        e = tl.exp2(x - m_safe[None, :])
         s = s * alpha + tl.reduce(e, 0, SUM)
         acc = acc * alpha + tl.reduce(e * f, 0, SUM)
         m = m_new
@@ -131,6 +138,7 @@ def _content_frame_bwd_kernel(
         x = tl.load(x_base + l[:, None] * x_sl, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         x = tl.where(lmask[:, None], x, float("-inf"))
         f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
+        # One tile, one max: it is finite unless all L logits are -inf (then NaN, as torch.softmax).
         e = tl.exp2(x - tl.reduce(x, 0, MAX)[None, :])
         w = e / tl.reduce(e, 0, SUM)[None, :]
         out = tl.reduce(w * f, 0, SUM)
@@ -150,14 +158,16 @@ def _content_frame_bwd_kernel(
             x = tl.where(lmask[:, None], x, float("-inf"))
             f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
             m_new = tl.maximum(m, tl.reduce(x, 0, MAX))
-            alpha = tl.exp2(m - m_new)
-            e = tl.exp2(x - m_new[None, :])
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the forward: -inf runs
+            alpha = tl.exp2(m - m_safe)
+            e = tl.exp2(x - m_safe[None, :])
             s = s * alpha + tl.reduce(e, 0, SUM)
             acc = acc * alpha + tl.reduce(e * f, 0, SUM)
             m = m_new
         out = acc / s
         inv_s = 1.0 / s
-        # Pass 2: the weights and both gradients.
+        # Pass 2: the weights and both gradients. m is the final max, finite unless all L logits are
+        # -inf (NaN then, as torch.softmax); a -inf logit gets weight exp2(-inf) = 0, so zero gradients.
         for l0 in range(0, L, BLOCK_L):
             l = l0 + tl.arange(0, BLOCK_L)
             lmask = l < L
@@ -276,7 +286,25 @@ def _check(frames: torch.Tensor, logits: torch.Tensor) -> None:
 
 
 def content_frame(frames: torch.Tensor, logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Content frame of a video: (B, L, C, H, W) frames and importance logits -> (B, C, H, W)."""
+    """Content frame of a video (CMD Eq. 3): frames and importance logits, (B, L, C, H, W) each, to
+    (B, C, H, W) = sum over L of softmax_L(logits) * frames, the softmax in fp32, the result in the frames'
+    dtype. The Triton kernel takes fp32, fp16 and bf16; other dtypes (fp64) run the reference. Differentiable
+    in frames and logits.
+
+    Non-finite logits give what the reference (torch.softmax) gives, on every path and for any L:
+
+    - -inf logits (masked frames, in runs of any length anywhere along L) weigh exactly 0, so those frames
+      get zero gradient and so do their logits;
+    - a pixel whose L logits are all -inf comes out NaN (0 / 0), as do its gradients; other pixels are
+      unaffected. This is not raised as an error, since that would need a second read of the logits and
+      a host sync on every call (and no check can run inside an exported graph): keep at least one finite
+      logit per pixel;
+    - a +inf or NaN logit makes its pixel, and that pixel's gradients, NaN.
+
+    Frames are not checked: an inf or NaN frame carries into its pixel, even at weight 0 (0 * inf is NaN).
+
+    Raises ValueError for inputs that are not 5-D of one shape, for L = 0, or for tensors on two devices.
+    """
     _check(frames, logits)
     if use_triton(impl, frames, logits, op="content_frame"):
         return _content_frame_op(frames, logits)
