@@ -10,10 +10,13 @@ A checkpoint is a folder ``<root>/step-<N>/``::
                             torch's global CPU and CUDA generators, numpy's and Python's global generators
                             (:func:`global_rng_states`), and the data loader's generator
     state.json              step, optimizer param groups, EMA update count, anything else the trainer adds
+                            (``data_batches``: loader batches each process had taken, for the data position)
 
-The folder is written under a temporary name and renamed into place in one step, so a crash during a
-save leaves the previous checkpoints untouched and no half-written ``step-*`` folder. The last ``keep``
-checkpoints are kept.
+The folder is written under a temporary name (every file fsynced) and renamed into place in one step, so
+a crash during a save leaves the previous checkpoints untouched and no half-written ``step-*`` folder (a
+hard kill may leave a ``.tmp-step-*`` folder beside them, which nothing reads). Saving a step that exists
+already (after a resume) moves the old folder aside first: a crash between the two renames leaves the
+checkpoints before it. The last ``keep`` checkpoints are kept.
 """
 
 import json
@@ -159,6 +162,7 @@ def save_checkpoint(root: str, step: int, model_state: Dict[str, torch.Tensor], 
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         _save_tensors(rng, os.path.join(tmp, "rng.safetensors"))
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder 0700; checkpoints are ordinary outputs
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "optimizer": opt_meta, **extra}, f, indent=1)
             f.flush()
