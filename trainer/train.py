@@ -522,7 +522,7 @@ def train(args, info: DistInfo) -> TrainResult:
         empty = 0
         while batch["caption"] == []:  # every clip of the batch failed to load: take the next batch
             empty += 1
-            if empty >= data.per_epoch:  # a whole epoch's worth: the probed videos do not decode
+            if empty >= 2 * data.per_epoch:  # so long a run of empty batches holds a whole epoch: nothing loads
                 where = f" in {counts.root!r}" if counts is not None else ""
                 raise ValueError(f"no clip loaded{where} in the last {empty} batches of {data.batch_size} "
                                  f"({skipped} clips skipped so far)")

@@ -263,7 +263,36 @@ def test_clips_that_fail_after_the_check_end_the_run(tmp_path, csv_folder, capsy
     start = time.perf_counter()
     assert _train(csv_folder, tmp_path / "run", config, "--batch-size", "1") == 2
     err = _one_line_error(capsys, start)
-    assert f"no clip loaded in {str(csv_folder)!r} in the last 3 batches of 1" in err
+    assert f"no clip loaded in {str(csv_folder)!r} in the last 6 batches of 1" in err  # two epochs' worth
+
+
+def test_resume_after_batches_that_loaded_nothing(tmp_path, csv_folder, monkeypatch):
+    """Two of the three usable videos fail to decode at load time, so steps take more than one batch: a
+    resumed run continues from the saved data position, with the losses of an uninterrupted run."""
+    import trainer.data.videos as videos
+
+    real = videos.read_video
+
+    def flaky(path, max_frames=None):
+        if os.path.basename(path) in ("b.mp4", "c.mp4"):
+            raise ValueError(f"cannot read video {path!r}: damaged stream")
+        return real(path, max_frames)
+
+    monkeypatch.setattr(videos, "read_video", flaky)
+    config = tiny_config(tmp_path / "tiny.json")
+    full, part = tmp_path / "full", tmp_path / "part"
+    every = ("--batch-size", "1", "--log-every", "1", "--checkpoint-every")
+    assert _train(csv_folder, full, config, "--steps", "5", *every, "5") == 0
+    assert _train(csv_folder, part, config, "--steps", "2", *every, "2") == 0
+    saved = json.load(open(part / "checkpoints" / "autoencoder" / "step-00000002" / "state.json"))
+    assert saved["data_batches"][0] > 2, "the interruption should come after an empty batch"
+    assert _train(csv_folder, part, config, "--steps", "5", *every, "5", "--resume") == 0
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(out / "logs" / "autoencoder.jsonl")) if "loss" in r}
+
+    a, b = losses(full), losses(part)
+    assert [b[step] for step in (3, 4, 5)] == [a[step] for step in (3, 4, 5)]
 
 
 # ---------------------------------------------------------------------------------------- latent mode
