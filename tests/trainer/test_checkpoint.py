@@ -101,13 +101,14 @@ def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
 
 
 def _draws():
-    """One draw from each global generator, cached Gaussians included (numpy's legacy and Python's gauss
-    keep a second value for the next call)."""
+    """One draw from each global generator (CUDA's where present), cached Gaussians included (numpy's
+    legacy and Python's gauss keep a second value for the next call)."""
     import random
 
     import numpy as np
 
-    return (torch.rand(3).tolist(), np.random.standard_normal(), np.random.random(), random.gauss(0, 1),
+    cuda = torch.rand(3, device="cuda").tolist() if torch.cuda.is_available() else None
+    return (torch.rand(3).tolist(), cuda, np.random.standard_normal(), np.random.random(), random.gauss(0, 1),
             random.random(), random.getrandbits(64))
 
 
@@ -119,7 +120,7 @@ def test_global_rng_states_round_trip_through_a_checkpoint(tmp_path):
     net, opt = make()
     ema = EMA(net, 0.9)
     seed = int(np.random.default_rng().integers(1 << 30))
-    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)  # (torch.manual_seed seeds CUDA too)
     np.random.standard_normal(), random.gauss(0, 1)  # leave a cached Gaussian in both
     states = ckpt.global_rng_states()
     path = ckpt.save_checkpoint(str(tmp_path), 1, net.state_dict(), ema.state_dict(), opt, states, {})
