@@ -16,9 +16,9 @@ import engine.default_model
 import kernels
 from engine.pipeline import CMDPipeline
 from engine.run import main as run_main
+from engine.video_io import read_video
 from trainer.attributes import measure_attributes
 from trainer.data.synthetic import HELDOUT_COMBOS, prompts_for
-from trainer.data.videos import read_video
 from trainer.evaluate import attribute_row, generate
 
 # Eight clips: every held-out triple once.
