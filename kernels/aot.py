@@ -476,6 +476,14 @@ def _key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def backend_hash(arch: int) -> str:
+    """The compiler backend's part of every cache key for ``arch``: the ptxas version (Triton's bundled
+    ptxas unless ``TRITON_PTXAS_PATH`` / ``TRITON_PTXAS_BLACKWELL_PATH`` names another) and the arch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    return make_backend(GPUTarget("cuda", arch, 32)).hash()
+
+
 def export_cache(rows: List[dict], src: str, dest: str) -> int:
     """Copy the compiled kernels of ``rows`` from Triton cache ``src`` into ``dest`` as a Triton cache that
     holds what a launch needs (the binary and its metadata, as ``TRITON_STORE_BINARY_ONLY`` stores them).
@@ -546,6 +554,9 @@ def use_cache(cache_dir: str) -> Tuple[bool, str]:
         notes.append(f"filled for another build of Triton {triton.__version__} (key {manifest['triton_key_sha256'][:12]}, "
                      f"this one {_key_digest(triton_key())[:12]}): fill it again with --triton-key-from this "
                      f"machine's wheel, or here with --fill-cache DIR --jobs N")
+    for arch, filled in manifest["backend"].items():
+        if backend_hash(int(arch)) != filled:
+            notes.append(f"filled with another ptxas for sm_{arch} ({filled}, here {backend_hash(int(arch))})")
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         if 10 * major + minor not in manifest["archs"]:
@@ -678,7 +689,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n = export_cache(rows, scratch, args.fill_cache)
             manifest = {"triton": triton.__version__, "triton_key_sha256": _key_digest(key or triton_key()),
                         "key_from": os.path.basename(args.triton_key_from) if args.triton_key_from else
-                        f"this Python ({sys.version.split()[0]})", "archs": archs, "configs": configs,
+                        f"this Python ({sys.version.split()[0]})", "archs": archs,
+                        "backend": {str(a): backend_hash(a) for a in archs}, "configs": configs,
                         "autotune": mode, "dtypes": args.dtype or "default", "kernels": n,
                         "hashes": sorted({r["hash"] for r in rows if r.get("ok")})}
             from kernels.bench import _write_json

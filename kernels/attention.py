@@ -439,6 +439,8 @@ def _launch_modln_backward(grad, x, shift, scale, eps):
     if dx.numel():
         with launch_context(x):
             launch.run()
+    else:  # no rows (N = 0): d shift and d scale are sums over nothing
+        parts.zero_()
     # Two separate reductions: outputs of a custom op must not alias one another.
     return dx, parts[0].sum(1).to(shift.dtype), parts[1].sum(1).to(scale.dtype)
 
