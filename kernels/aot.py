@@ -357,11 +357,15 @@ def tasks(configs: Sequence[str], archs: Sequence[int], dtypes: Optional[Sequenc
 _CASES: Dict[str, List[Case]] = {}
 
 
-def run_task(task: Task) -> dict:
-    """Compile one task and describe it (a JSON-able row; ``ok`` False with ``error`` when it failed)."""
+def _case(task: Task) -> Case:
     if task.config not in _CASES:
         _CASES[task.config] = cases(task.config)
-    case = _CASES[task.config][task.index]
+    return _CASES[task.config][task.index]
+
+
+def run_task(task: Task) -> dict:
+    """Compile one task and describe it (a JSON-able row; ``ok`` False with ``error`` when it failed)."""
+    case = _case(task)
     target = KNOWN_TARGETS[task.arch]
     launch = case.build(DTYPES[task.dtype], target)
     config, kept = launch_configs(launch, task.mode, target, task.unpruned)[task.config_index]
@@ -576,6 +580,15 @@ def _init_worker(cache_dir: str, key: Optional[str]) -> None:
         use_triton_key(key)
 
 
+def _cost_rank(task: Task) -> int:
+    """Compile-time rank (measured: fp32 attention and the backward kernels take longest), so that the
+    workers of --jobs finish together."""
+    kernel = _case(task).kernel
+    if kernel == "motion_attention_fwd" and task.dtype == "float32":
+        return 0
+    return 1 if kernel.endswith("_bwd") else 2
+
+
 def _print_row(r: dict) -> None:
     cfg = " ".join(f"{k}={v}" for k, v in r["launch"].items())
     head = f"sm_{r['arch']} {r['dtype']:8s} {r['kernel']:24s} {r['config']:14s} {r['shape']:26s} {cfg}"
@@ -616,12 +629,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "this Triton and GPU (exit 1 if not); compiles nothing")
     args = parser.parse_args(argv)
 
-    if INTERPRETED:
-        # The kernels were built for the interpreter (TRITON_INTERPRET=1 at import): start again without it.
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        again = list(argv) if argv is not None else sys.argv[1:]
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *again], env)
-
     if args.use_cache:
         if not os.path.isdir(args.use_cache):
             parser.error(f"--use-cache: no folder {args.use_cache!r}")
@@ -654,6 +661,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         parser.error(str(e))
 
+    if INTERPRETED:
+        # The kernels were built for the interpreter (TRITON_INTERPRET=1 at import): start again without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        again = list(argv) if argv is not None else sys.argv[1:]
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *again], env)
+
     from triton.runtime.cache import triton_key
     scratch = tempfile.mkdtemp(prefix="cmd-aot-cache-")
     try:
@@ -662,19 +675,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"triton {triton.__version__}, torch {torch.__version__}: {len(work)} compiles "
               f"({mode} configs, sm_{','.join(map(str, archs))}, {args.jobs} process(es))", flush=True)
         start = time.perf_counter()
+        order = sorted(range(len(work)), key=lambda i: _cost_rank(work[i]))  # slow compiles first
+        done: Dict[int, dict] = {}
         if args.jobs == 1:
-            rows = []
-            for t in work:
-                rows.append(run_task(t))
-                _print_row(rows[-1])
+            for i in order:
+                done[i] = run_task(work[i])
+                _print_row(done[i])
         else:
             import multiprocessing
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_init_worker, initargs=(scratch, key)) as pool:
-                rows = []
-                for r in pool.map(run_task, work):
-                    rows.append(r)
+                for i, r in zip(order, pool.map(run_task, [work[i] for i in order])):
+                    done[i] = r
                     _print_row(r)
+        rows = [done[i] for i in range(len(work))]
         _share_ptxas_info(rows)
         seconds = time.perf_counter() - start
         failed = [(r, p) for r in rows for p in [problems(r)] if p]

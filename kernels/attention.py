@@ -92,18 +92,22 @@ def _attn_space(args, mode):
     return (_ATTN_FP32_SPACE if args["IS_FP32"] else _ATTN_SPACE)[mode]
 
 
-def _attn_smem(config, args) -> int:
-    """Shared memory (bytes) of a config, an upper estimate of what Triton allocates: ``num_stages``
-    buffers of the K and V tiles (BLOCK_N x padded head dim) for the cp.async pipeline, plus the
-    layout-conversion scratch of the Q and P tiles."""
-    el = 4 if args["IS_FP32"] else 2
+def _attn_smem(config, args, arch: int) -> int:
+    """Shared memory (bytes) Triton allocates for a config: the cp.async pipeline's K and V tiles
+    (BLOCK_N x padded head dim; ``num_stages`` buffers for sm_90's wgmma, one fewer for mma.sync and the
+    fp32 FMA dots), the Q tile, and for fp32 the P tile plus a little scratch. Fitted to the compiles of
+    ``python -m kernels.aot --unpruned`` (Triton 3.6 and 3.9, head dims 32-128): exact for fp16/bf16,
+    at most 256 B under for fp32 (the slack below)."""
+    fp32 = args["IS_FP32"]
+    el = 4 if fp32 else 2
     d = args["D1"] + (args["D2"] if args["TAIL"] else 0)
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return el * (2 * config.num_stages * n * d + m * d + m * n)
+    buffers = config.num_stages if arch >= 90 and not fp32 else max(1, config.num_stages - 1)
+    return el * (2 * buffers * n * d + m * d + (m * n if fp32 else 0)) + (512 if fp32 else 0)
 
 
 def _attn_fits(config, args, target: Target) -> bool:
-    return _attn_smem(config, args) <= target.max_shared_mem
+    return _attn_smem(config, args, target.arch) <= target.max_shared_mem
 
 
 def _attn_align(a) -> int:

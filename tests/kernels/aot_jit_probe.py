@@ -79,8 +79,11 @@ def main() -> None:
     real_chunks = attention._bwd_chunks  # the backward fills the target's SMs, as on the GPU
     attention._bwd_chunks = lambda B, N, block_r, device, num_sms=None: real_chunks(B, N, block_r, device, H100.num_sms)
     real_run = _triton.Launch.run
+    tuned = {}  # the first launch of each autotuned kernel
 
     def compile_only(self):
+        if isinstance(self.kernel, _triton.TunedKernel):
+            tuned.setdefault(self.kernel.name, self)
         try:
             return real_run(self)
         except NotOnThisMachine:
@@ -103,7 +106,17 @@ def main() -> None:
     text = torch.randn(2, dit.config.text_dim, dtype=dtype)
     t = torch.tensor([10, 500])
     dit(z, t, c, text).float().sum().backward()  # attention, modulated LayerNorm forward and backward
-    print(json.dumps({"compiles": compiles}))
+    # CMD_AUTOTUNE=full: the autotuner's own pruning step returns the kernel's candidates for the target.
+    os.environ["CMD_AUTOTUNE"] = "full"
+    pruning = {}
+    for name, launch in tuned.items():
+        tuner = launch.kernel.autotuner
+        tuner.nargs = dict(zip(tuner.arg_names, launch.args))
+        got = [_triton.config_key(c) for c in tuner.prune_configs(dict(launch.kwargs))]
+        named = dict(tuner.nargs, **launch.kwargs)
+        want = [_triton.config_key(c) for c in launch.kernel.candidates(named, "full", H100)]
+        pruning[name] = {"pruned": len(got), "same_as_candidates": got == want}
+    print(json.dumps({"compiles": compiles, "pruning": pruning}))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,17 @@ def test_attention_uses_tensor_cores_and_a_vector_pipeline(quick):
         assert "16" not in r["loop_loads"] and r["loop_cp_async"]["16"] > 0, r
 
 
+def test_attention_shared_memory_estimate_matches_the_compiles(quick):
+    """The pruning's estimate is what Triton allocates (fp16/bf16) or at most 512 B above (fp32)."""
+    _, report, _ = quick
+    for r in (r for r in report["rows"] if r["kernel"] == "motion_attention_fwd"):
+        config = triton.Config({k: r["launch"][k] for k in ("BLOCK_M", "BLOCK_N")}, num_warps=r["launch"]["num_warps"],
+                               num_stages=r["launch"]["num_stages"])
+        estimate = attention._attn_smem(config, _attention_args(int(r["shape"].rsplit("d", 1)[1]),
+                                                                fp32=r["dtype"] == "float32"), r["arch"])
+        assert 0 <= estimate - r["shared"] <= (512 if r["dtype"] == "float32" else 0), (r, estimate)
+
+
 def test_filled_cache_holds_the_keys_the_jit_computes(quick, tmp_path):
     """The engine's networks, launched through the real launchers and the JIT under a stand-in sm_90
     driver, find every kernel in the cache that --quick --fill-cache filled, moved to another folder."""
@@ -108,7 +119,12 @@ def test_filled_cache_holds_the_keys_the_jit_computes(quick, tmp_path):
     env = dict(_compiled_env(), TRITON_CACHE_DIR=str(moved))
     probe = _run(str(ROOT / "tests" / "kernels" / "aot_jit_probe.py"), env=env)
     assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
-    compiles = json.loads(probe.stdout.strip().splitlines()[-1])["compiles"]
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    compiles = result["compiles"]
+    # the autotuner's pruning hook (CMD_AUTOTUNE=full) gives the candidates kernels.aot compiles
+    assert set(result["pruning"]) == {"_content_frame_fwd_kernel", "_content_frame_bwd_kernel",
+                                      "_attention_fwd_kernel", "_decoder_fusion_fwd_kernel"}
+    assert all(p["same_as_candidates"] and p["pruned"] > 1 for p in result["pruning"].values()), result["pruning"]
     names = {c["kernel"] for c in compiles}
     assert names == {"_content_frame_fwd_kernel", "_content_frame_bwd_kernel", "_attention_fwd_kernel",
                      "_modln_fwd_kernel", "_modln_bwd_kernel", "_decoder_fusion_fwd_kernel",
@@ -187,10 +203,16 @@ def test_triton_key_from_wheel_swaps_only_the_libtriton_digest(tmp_path):
         aot.triton_key_from_wheel(str(tmp_path / "missing.whl"))
 
 
-def test_bad_arguments_exit_2():
-    for args in (["--arch", "75"], ["--config", "no-such-config"], ["--jobs", "0"], ["--triton-key-from", "x.whl"]):
-        proc = _run("-m", "kernels.aot", *args, timeout=120)
-        assert proc.returncode == 2 and "error:" in proc.stderr, (args, proc.stderr[-500:])
+def test_bad_arguments_exit_2_before_any_work(capsys, tmp_path):
+    for args, says in ((["--arch", "75"], "'75'"), (["--config", "no-such-config"], "no-such-config"),
+                       (["--jobs", "0"], "got 0"), (["--triton-key-from", "x.whl"], "--fill-cache"),
+                       (["--fill-cache", str(tmp_path), "--triton-key-from", str(tmp_path / "no.whl")], "no.whl"),
+                       (["--use-cache", str(tmp_path / "none")], "none")):
+        with pytest.raises(SystemExit) as exit_:
+            aot.main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "error:" in err and says in err, (args, err)
+    assert os.listdir(tmp_path) == []
 
 
 # -------------------------------------------------------------------------- launch-config policy
@@ -228,15 +250,18 @@ def test_modes_draw_from_one_space_and_off_is_one_config():
 def test_shared_memory_pruning_before_compile():
     """Configs whose K/V pipeline cannot fit the target's shared memory are not candidates; the off
     config falls back to a smaller tile on a small target."""
-    small = Target(86, 101376, 84)  # an RTX 3090: 99 KB per block
+    small = Target(86, 65536, 84)  # a GPU with 64 KB of shared memory per block
     args = _attention_args(128)
-    full = attention._attention_fwd_kernel.candidates(args, "full", KNOWN_TARGETS[90])
-    fits_small = attention._attention_fwd_kernel.candidates(args, "full", small)
-    assert len(fits_small) < len(full)
-    assert all(attention._attn_smem(c, args) <= small.max_shared_mem for c in fits_small)
-    off_big = attention._attention_fwd_kernel.candidates(args, "off", KNOWN_TARGETS[90])[0]
-    off_small = attention._attention_fwd_kernel.candidates(args, "off", small)[0]
-    assert attention._attn_smem(off_small, args) <= small.max_shared_mem < attention._attn_smem(off_big, args)
+    kernel = attention._attention_fwd_kernel
+    full = kernel.candidates(args, "full", KNOWN_TARGETS[90])
+    fits_small = kernel.candidates(args, "full", small)
+    assert 0 < len(fits_small) < len(full) < len(kernel.space(args, "full"))  # H100: 228 KB, not all fit either
+    assert all(attention._attn_smem(c, args, 86) <= small.max_shared_mem for c in fits_small)
+    assert all(attention._attn_smem(c, args, 90) <= KNOWN_TARGETS[90].max_shared_mem for c in full)
+    off_big = kernel.candidates(args, "off", KNOWN_TARGETS[90])[0]
+    off_small = kernel.candidates(args, "off", small)[0]
+    assert (off_big.kwargs, off_big.num_warps, off_big.num_stages) == ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3)
+    assert attention._attn_smem(off_small, args, 86) <= small.max_shared_mem < attention._attn_smem(off_big, args, 86)
     with pytest.raises(RuntimeError, match="no launch config fits"):
         attention._attention_fwd_kernel.candidates(args, "full", Target(70, 1024, 80))
 
