@@ -598,7 +598,9 @@ def _print_row(r: dict) -> None:
     sass = r.get("sass") or {}
     loads = ",".join(f"{w}b x{n}" for w, n in r["loop_loads"].items()) or "-"
     cp = ",".join(f"{b}B x{n}" for b, n in r["loop_cp_async"].items()) or "-"
-    print(f"{head} | regs {r['regs']} spill {r['spill_stores']}/{r['spill_loads']} smem {r['shared']} "
+    regs = (f"regs {r['regs']} spill {r['spill_stores']}/{r['spill_loads']}" if r["regs"] is not None
+            else "regs/spills: same binary as another row")
+    print(f"{head} | {regs} smem {r['shared']} "
           f"mma {r['mma'] or '-'} (HMMA {sass.get('HMMA')} HGMMA {sass.get('HGMMA')}) loop ld {loads} cp.async {cp}"
           f"{'' if r['kept'] else ' [pruned]'} {r['seconds']}s", flush=True)
 
