@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, MAX, SUM, autotune, can_launch, check_same_device, empty,
-                             grid_configs, interpret_block, launch_context, next_pow2)
+from kernels._triton import (INTERPRETED, MAX, SUM, Launch, autotune, can_launch, check_same_device, empty,
+                             grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_BLOCK_L = 16  # time steps per tile; longer videos loop with an online softmax
 
@@ -62,10 +62,17 @@ def _pixel_offset(p, H, W, s_c, s_h, s_w, FLAT: tl.constexpr):
     return off
 
 
+def _cfg(block_p, warps, stages):
+    return {"BLOCK_P": block_p}, warps, stages
+
+
 _FWD_CONFIGS = grid_configs({"BLOCK_P": [128, 256, 512, 1024]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_keep)
+_FWD_SPACE = {"full": _FWD_CONFIGS,
+              "fast": pick(_FWD_CONFIGS, _cfg(512, 4, 1), _cfg(1024, 8, 1), _cfg(256, 4, 2), _cfg(512, 8, 2)),
+              "off": pick(_FWD_CONFIGS, _cfg(512, 4, 1))}
 
 
-@autotune(_FWD_CONFIGS, key=["L", "P", "BLOCK_L", "FLAT"])
+@autotune(key=["L", "P", "BLOCK_L", "FLAT"], configs=_FWD_CONFIGS, space=lambda args, mode: _FWD_SPACE[mode])
 @triton.jit
 def _content_frame_fwd_kernel(
     f_ptr, x_ptr, out_ptr,
@@ -107,9 +114,12 @@ def _content_frame_fwd_kernel(
 
 
 _BWD_CONFIGS = grid_configs({"BLOCK_P": [128, 256, 512]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_keep)
+_BWD_SPACE = {"full": _BWD_CONFIGS,
+              "fast": pick(_BWD_CONFIGS, _cfg(256, 4, 1), _cfg(512, 8, 1), _cfg(128, 2, 2)),
+              "off": pick(_BWD_CONFIGS, _cfg(256, 4, 1))}
 
 
-@autotune(_BWD_CONFIGS, key=["L", "P", "BLOCK_L", "FLAT"])
+@autotune(key=["L", "P", "BLOCK_L", "FLAT"], configs=_BWD_CONFIGS, space=lambda args, mode: _BWD_SPACE[mode])
 @triton.jit
 def _content_frame_bwd_kernel(
     f_ptr, x_ptr, g_ptr, df_ptr, dx_ptr,
@@ -201,33 +211,41 @@ def _meta(P: int) -> dict:
     return {"BLOCK_P": interpret_block(P, 4096), "num_warps": 4} if INTERPRETED else {}
 
 
-def _launch_forward(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _forward_launch(frames: torch.Tensor, logits: torch.Tensor) -> Tuple[Launch, torch.Tensor]:
     B, L, C, H, W = frames.shape
     P = C * H * W
     out = empty((B, C, H, W), frames.dtype, frames.device)
-    if out.numel() == 0:
-        return out
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
-    with launch_context(frames):
-        _content_frame_fwd_kernel[grid](
-            frames, logits, out, L, P, H, W, *frames.stride(), *logits.stride(),
-            FLAT=_flat(frames, logits), BLOCK_L=_block_l(L), **_meta(P))
+    return Launch(_content_frame_fwd_kernel, grid, (frames, logits, out, L, P, H, W, *frames.stride(), *logits.stride()),
+                  dict(FLAT=_flat(frames, logits), BLOCK_L=_block_l(L), **_meta(P))), out
+
+
+def _launch_forward(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    launch, out = _forward_launch(frames, logits)
+    if out.numel():
+        with launch_context(frames):
+            launch.run()
     return out
 
 
-def _launch_backward(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
+def _backward_launch(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
+    """(launch, d frames, d logits)."""
     B, L, C, H, W = frames.shape
     P = C * H * W
     d_frames = empty((B, L, C, H, W), frames.dtype, frames.device)
     d_logits = empty((B, L, C, H, W), logits.dtype, logits.device)
-    if d_frames.numel() == 0:
-        return d_frames, d_logits
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
-    with launch_context(frames):
-        _content_frame_bwd_kernel[grid](
-            frames, logits, grad, d_frames, d_logits, L, P, H, W,
-            *frames.stride(), *logits.stride(), *grad.stride(),
-            FLAT=_flat(frames, logits, grad), BLOCK_L=_block_l(L), **_meta(P))
+    return Launch(_content_frame_bwd_kernel, grid,
+                  (frames, logits, grad, d_frames, d_logits, L, P, H, W,
+                   *frames.stride(), *logits.stride(), *grad.stride()),
+                  dict(FLAT=_flat(frames, logits, grad), BLOCK_L=_block_l(L), **_meta(P))), d_frames, d_logits
+
+
+def _launch_backward(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
+    launch, d_frames, d_logits = _backward_launch(grad, frames, logits)
+    if d_frames.numel():
+        with launch_context(frames):
+            launch.run()
     return d_frames, d_logits
 
 

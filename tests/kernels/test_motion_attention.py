@@ -289,3 +289,10 @@ def test_modulated_layernorm_bad_input(device):
     with pytest.raises(ValueError, match=r"\(2, 3, 8\), \(2, 7\)"):
         kernels.modulated_layernorm(x, torch.randn(2, 7, device=device), torch.randn(2, 7, device=device))
     assert math.isfinite(kernels.modulated_layernorm(x, x[:, 0], x[:, 1]).sum().item())
+
+
+def test_modulated_layernorm_backward_of_an_empty_sequence_is_zero(device):
+    # (outputs are NaN-poisoned: partial sums the launcher forgot to fill would read NaN)
+    x, shift, scale = (t.requires_grad_() for t in modln_inputs(2, 0, 8, torch.float32, device, seed=6))
+    kernels.modulated_layernorm(x, shift, scale, impl="triton").sum().backward()
+    assert torch.equal(shift.grad, torch.zeros_like(shift)) and torch.equal(scale.grad, torch.zeros_like(scale))
