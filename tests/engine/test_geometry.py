@@ -175,3 +175,17 @@ def test_model_folder_without_sizes_serves_its_own_size(tmp_path):
     assert cfg.served_sizes == [ClipSize(4, 16, 16)]
     with pytest.raises(ValueError, match="4x16x16"):
         check_request(cfg, width=32)
+
+
+@pytest.mark.parametrize("name", ["default", "ucf101-64", "sd21-512x1024"])
+def test_kernel_benchmark_shapes_are_the_geometry(name):
+    """kernels/bench.py may not import engine and reads the config files itself: its shapes must be the
+    geometry's (the DiT's tokens are the motion and the content tokens; the AE's grid is H' x W')."""
+    from kernels.bench import config_shapes
+
+    cfg = load_config(name)
+    geo = cfg.geometry()
+    shapes = config_shapes(name, ae_batch=1, dit_batch=1)
+    assert shapes.attention[2] == geo.motion_tokens + geo.content_tokens
+    assert shapes.decoder_fusion[1:4] == (geo.frames, geo.grid_height, geo.grid_width)
+    assert shapes.content_frame[1:] == (geo.frames, *geo.content_shape)
