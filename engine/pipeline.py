@@ -316,7 +316,8 @@ class CMDPipeline:
                                      made + (", x 2 for guidance" if cfg else "")))
         cfg = req.motion_guidance > 1.0
         made += f" x {req.motion_variations} motion variation(s)"
-        calls.append(NetworkCall("motion_dit", size, motions * (2 if cfg else 1), made + (", x 2 for guidance" if cfg else "")))
+        calls.append(NetworkCall("motion_dit", size, motions * (2 if cfg else 1),
+                                 made + (", x 2 for guidance" if cfg else "")))
         if output_type != "latent":
             calls.append(NetworkCall("ae_decoder", size, motions, made))
             if self.config.space == "latent" and hasattr(self.backend, "decode_frames"):
@@ -464,7 +465,9 @@ class CMDPipeline:
                  callback_on_step_end: Optional[Callable] = None, progress: bool = True) -> CMDPipelineOutput:
         """Generate ``len(prompt) * num_videos_per_prompt * motion_variations`` videos.
 
-        Defaults come from ``model.config.sampling``. ``image``: image-to-video, the image becomes the
+        Defaults come from ``model.config`` (its own size) and its ``sampling``. ``num_frames``, ``height``,
+        ``width``: a size the model serves (``config.sizes``), or fewer frames than one has (its first
+        frames). ``image``: image-to-video, the image becomes the
         content frame (the content model does not run). ``motion_variations``: motions per content
         frame (the content model runs once for all of them). ``callback_on_step_end(pipe, step,
         timestep, kwargs)`` runs after each step of both loops with ``kwargs = {"stage", "latents",

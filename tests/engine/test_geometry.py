@@ -84,7 +84,8 @@ def test_request_rule_and_network_rule_agree_on_random_sizes():
             else:
                 with pytest.raises(ValueError, match=str(size)):
                     networks_for(cfg, buckets=[size], names=["motion_dit"])
-            holders = [s for s in served if (s.height, s.width) == (size.height, size.width) and s.frames >= size.frames]
+            holders = [s for s in served
+                       if (s.height, s.width) == (size.height, size.width) and s.frames >= size.frames]
             if holders:
                 req = check_request(cfg, num_frames=size.frames, height=size.height, width=size.width)
                 assert req.geometry.size == min(holders)  # the shortest served clip that holds the frames
