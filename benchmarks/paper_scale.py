@@ -27,7 +27,6 @@ machines lack diffusers: install its wheel there first (it is small and pure Pyt
 """
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import json
@@ -50,6 +49,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from engine.atomic import atomic_path  # noqa: E402
 from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sample_baseline  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
+from engine.geometry import ClipSize, check_fits  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
 from engine.models import CMDModel  # noqa: E402
 from engine.pipeline import CMDPipeline, parse_device, parse_dtype  # noqa: E402
@@ -220,8 +220,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _with_frames(cfg: CMDConfig, frames: int) -> CMDConfig:
     """The config for clips of ``frames`` frames: the networks do not depend on it (sin-cos positions),
-    the pipeline's request check does."""
-    return dataclasses.replace(cfg, num_frames=frames)
+    the sizes the model serves do (random weights: any size that fits the networks may be declared)."""
+    return cfg.with_size(ClipSize(frames, cfg.height, cfg.width))
 
 
 def cmd_run(pipe: CMDPipeline, batch: int, args) -> Callable[[], Dict[str, float]]:
@@ -251,9 +251,8 @@ def vae_apart(pipe: CMDPipeline, device: torch.device, args) -> Optional[dict]:
         return None
     from engine.models.vae import decode_frames
 
-    cfg = pipe.config
-    latents = torch.randn(1, cfg.num_frames, cfg.channels, cfg.latent_height, cfg.latent_width,
-                          device=device, dtype=pipe.dtype)
+    geo = pipe.config.geometry()
+    latents = torch.randn(1, geo.frames, *geo.content_shape, device=device, dtype=pipe.dtype)
 
     def run():
         decode_frames(pipe.model.vae, latents, chunk=pipe.vae_chunk)
@@ -280,13 +279,14 @@ def baseline_run(unet, encoder, cfg: CMDConfig, frames: int, batch: int, guidanc
                  args) -> Callable[[], Dict[str, float]]:
     """The ModelScope-style loop for ``batch`` videos: text (prompts + empty negatives), then DDIM with CFG."""
     device = unet.device
+    geo = cfg.geometry(ClipSize(frames, cfg.height, cfg.width))
 
     def run() -> Dict[str, float]:
         timer = StageTimer(device)
         with timer.stage("text"):
             states, _ = encoder([PROMPT] * batch + [""] * batch)
         with timer.stage("unet"):
-            sample_baseline(unet, states[:batch], states[batch:], frames, cfg.latent_height, cfg.latent_width,
+            sample_baseline(unet, states[:batch], states[batch:], frames, geo.latent_height, geo.latent_width,
                             steps=args.steps, guidance_scale=guidance,
                             generator=torch.Generator().manual_seed(args.seed))
         return {k: v for k, v in timer.result().items() if k != "total"}
@@ -457,10 +457,11 @@ def run_benchmark(args) -> dict:
     if guidance <= 1.0:
         _fail(f"--guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
     args.guidance = guidance
-    patch = cfg.motion_dit.patch_size
     for frames in args.frames + (args.baseline_frames or []):
-        if frames % patch:
-            _fail(f"frame counts must be multiples of {patch} (the motion DiT patches time), got {frames}")
+        try:
+            check_fits(cfg, ClipSize(frames, cfg.height, cfg.width))
+        except ValueError as e:
+            _fail(f"frame count {frames}: {e}")
     unknown = [b for b in args.backends if b not in ("eager", "compile", "cudagraph")]
     if unknown:
         _fail(f"unknown backend {unknown[0]!r}; choose from eager, compile, cudagraph")

@@ -229,7 +229,7 @@ def main(argv=None) -> int:
 
         quiet_loading()
         pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)
-        req = pipe.check_inputs(**kwargs)
+        req = pipe.check_inputs(args.batch, **kwargs)
         call = call_kwargs(args, kwargs)
         if args.kind == "latency":
             results = bench_latency(pipe, names, call, args.warmup, args.iters)

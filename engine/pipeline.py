@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from engine.backends import Backend, get_backend
 from engine.configs import CMDConfig
 from engine.default_model import ModelSpec, resolve_model
+from engine.geometry import ClipGeometry, resolve_size, size_step
 from engine.models.bundle import CMDModel
+from engine.networks import NetworkCall
 from engine.profiling import StageTimer, nvtx_range
 from engine.schedulers import SCHEDULERS, make_sampler
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_SIZE_FACTOR = 4  # sizes up to 4x the training size per side (positions are sin-cos, so they extend)
 
 Generator = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
@@ -63,22 +64,15 @@ class Request:
     scheduler: str
     num_videos: int
     motion_variations: int
+    geometry: ClipGeometry  # of the clip generated: a served size, num_frames or more frames
 
     @property
     def generated_frames(self) -> int:
-        """The motion DiT patches time by 2: odd frame counts are generated one longer and trimmed."""
-        return self.num_frames + self.num_frames % 2
+        """Frames generated: the smallest served length that holds num_frames (the first are kept)."""
+        return self.geometry.frames
 
 
-def size_multiple(config: CMDConfig) -> int:
-    """Heights and widths (pixels) the model supports are multiples of this: the AE patch times the
-    DiT's motion patch (H' + W' must split into DiT patches), the DiT's content patch and the UNet's
-    downsampling, in latent pixels, times the VAE factor."""
-    down = len(config.content_unet.get("down_block_types", (0, 0, 0, 0)))
-    unet = 2 ** max(down - 1, 0)
-    latent = math.lcm(config.autoencoder.patch_size * config.motion_dit.patch_size,
-                      config.motion_dit.content_patch_size, unet)
-    return latent * config.vae_scale
+size_multiple = size_step  # heights and widths are multiples of this (engine.geometry)
 
 
 def _int(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> int:
@@ -101,19 +95,14 @@ def _guidance(name: str, value) -> float:
 def check_request(config: CMDConfig, num_frames=None, height=None, width=None, num_inference_steps=None,
                   motion_steps=None, guidance_scale=None, motion_guidance_scale=None, scheduler=None,
                   num_videos_per_prompt=1, motion_variations=1) -> Request:
-    """Fill defaults from ``config.sampling`` and validate everything about a request; a ValueError
-    naming the bad value otherwise. Needs only the config, so callers can check before loading weights."""
+    """Fill defaults from the config (its own size, ``config.sampling``) and validate everything about a
+    request; a ValueError naming the bad value otherwise. The size must be one the model serves
+    (``config.sizes``, :func:`engine.geometry.resolve_size`), or fewer frames of one. Needs only the
+    config, so callers can check before loading weights."""
     s = config.sampling
-    frames = _int("num_frames", config.num_frames if num_frames is None else num_frames, 1, config.num_frames,
-                  f" for this model (trained on {config.num_frames} frames)")
-    mult = size_multiple(config)
-    sizes = {}
-    for name, value, trained in (("height", height, config.height), ("width", width, config.width)):
-        value = _int(name, trained if value is None else value, mult, MAX_SIZE_FACTOR * trained,
-                     f" for this model (trained at {config.height}x{config.width})")
-        if value % mult:
-            raise ValueError(f"{name} must be a multiple of {mult} for this model, got {value}")
-        sizes[name] = value
+    dims = [None if v is None else _int(name, v, 1)
+            for name, v in (("num_frames", num_frames), ("height", height), ("width", width))]
+    size, generated = resolve_size(config, *dims)
     train_steps = config.content_scheduler.num_train_timesteps
     steps = _int("num_inference_steps", s.get("steps", 25) if num_inference_steps is None else num_inference_steps,
                  1, train_steps)
@@ -127,8 +116,8 @@ def check_request(config: CMDConfig, num_frames=None, height=None, width=None, n
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1)
     variations = _int("motion_variations", motion_variations, 1)
-    return Request(frames, sizes["height"], sizes["width"], steps, msteps, guidance, mguidance, scheduler,
-                   videos, variations)
+    return Request(size.frames, size.height, size.width, steps, msteps, guidance, mguidance, scheduler,
+                   videos, variations, config.geometry(generated))
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -300,9 +289,41 @@ class CMDPipeline:
         self.text_encoder.to(dev)
         return self.set_backend(self.backend.name)
 
-    def check_inputs(self, **kwargs) -> Request:
-        """:func:`check_request` against this pipeline's model config."""
-        return check_request(self.config, **kwargs)
+    def check_inputs(self, num_prompts: int = 1, image: bool = False, output_type: str = "np", **kwargs) -> Request:
+        """:func:`check_request` against this pipeline's model config, then the backend's limits (shape
+        buckets, batch ranges of exported graphs) for a call with ``num_prompts`` prompts, an image or not
+        and ``output_type``: a one-line ValueError before any network runs."""
+        req = check_request(self.config, **kwargs)
+        self.backend.check_calls(self.network_calls(req, num_prompts, image, output_type))
+        return req
+
+    def network_calls(self, req: Request, num_prompts: int = 1, image: bool = False,
+                      output_type: str = "np") -> List[NetworkCall]:
+        """The backend calls a pipeline call makes for ``req``: per network, the clip size and the
+        largest batch (classifier-free guidance doubles the denoisers' batch)."""
+        size = req.geometry.size
+        videos = num_prompts * req.num_videos
+        motions = videos * req.motion_variations
+        made = f"{num_prompts} prompt(s) x {req.num_videos} video(s)"
+        calls = []
+        if self.backend_text_encoder is not None:
+            negatives = not image and req.guidance > 1.0
+            calls.append(NetworkCall("text_encoder", size, num_prompts * (2 if negatives else 1),
+                                     f"{num_prompts} prompt(s)" + (" and their negative prompts" if negatives else "")))
+        if not image:
+            cfg = req.guidance > 1.0
+            calls.append(NetworkCall("content_unet", size, videos * (2 if cfg else 1),
+                                     made + (", x 2 for guidance" if cfg else "")))
+        cfg = req.motion_guidance > 1.0
+        made += f" x {req.motion_variations} motion variation(s)"
+        calls.append(NetworkCall("motion_dit", size, motions * (2 if cfg else 1),
+                                 made + (", x 2 for guidance" if cfg else "")))
+        if output_type != "latent":
+            calls.append(NetworkCall("ae_decoder", size, motions, made))
+            if self.config.space == "latent" and hasattr(self.backend, "decode_frames"):
+                calls.append(NetworkCall("vae_decoder", size, min(self.vae_chunk, motions * size.frames),
+                                         "frames per image-VAE call (pipe.vae_chunk)"))
+        return calls
 
     # ----------------------------------------------------------------------------------------- stages
     @torch.no_grad()
@@ -444,31 +465,31 @@ class CMDPipeline:
                  callback_on_step_end: Optional[Callable] = None, progress: bool = True) -> CMDPipelineOutput:
         """Generate ``len(prompt) * num_videos_per_prompt * motion_variations`` videos.
 
-        Defaults come from ``model.config.sampling``. ``image``: image-to-video, the image becomes the
+        Defaults come from ``model.config`` (its own size) and its ``sampling``. ``num_frames``, ``height``,
+        ``width``: a size the model serves (``config.sizes``), or fewer frames than one has (its first
+        frames). ``image``: image-to-video, the image becomes the
         content frame (the content model does not run). ``motion_variations``: motions per content
         frame (the content model runs once for all of them). ``callback_on_step_end(pipe, step,
         timestep, kwargs)`` runs after each step of both loops with ``kwargs = {"stage", "latents",
         "num_steps"}``; a returned dict with "latents" replaces them."""
-        req = self.check_inputs(num_frames=num_frames, height=height, width=width,
-                                num_inference_steps=num_inference_steps, motion_steps=motion_steps,
-                                guidance_scale=guidance_scale, motion_guidance_scale=motion_guidance_scale,
-                                scheduler=scheduler, num_videos_per_prompt=num_videos_per_prompt,
-                                motion_variations=motion_variations)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
         prompts = _prompt_list("prompt", prompt)
+        req = self.check_inputs(len(prompts), image is not None, output_type, num_frames=num_frames, height=height,
+                                width=width, num_inference_steps=num_inference_steps, motion_steps=motion_steps,
+                                guidance_scale=guidance_scale, motion_guidance_scale=motion_guidance_scale,
+                                scheduler=scheduler, num_videos_per_prompt=num_videos_per_prompt,
+                                motion_variations=motion_variations)
         gens = _generators(generator, len(prompts))
         need_negative = image is None and req.guidance > 1.0
         negatives = _prompt_list("negative_prompt", negative_prompt or "", len(prompts)) if need_negative else None
 
-        cfg, v, m = self.config, req.num_videos, req.motion_variations
-        h, w = req.height // cfg.vae_scale, req.width // cfg.vae_scale
-        motion_shape = cfg.motion_shape(req.generated_frames, req.height, req.width)
+        v, m, geo = req.num_videos, req.motion_variations, req.geometry
         # Per prompt: its content noise, then its motion noise, from its own generator.
         content_noise, motion_noise = [], []
         for g in gens:
-            content_noise.append(_randn((v, cfg.channels, h, w), g))
-            motion_noise.append(_randn((v * m, *motion_shape), g))
+            content_noise.append(_randn((v, *geo.content_shape), g))
+            motion_noise.append(_randn((v * m, *geo.motion_shape), g))
         content_noise, motion_noise = torch.cat(content_noise), torch.cat(motion_noise)
 
         timer = StageTimer(self.device)

@@ -190,6 +190,11 @@ def run(args) -> Tuple[List[str], Dict[str, float]]:
     pipe = CMDPipeline.from_pretrained(plan["spec"], device=plan["device"], dtype=plan["dtype"],
                                        backend=args.backend)
     req, prompts, outputs = plan["request"], plan["prompts"], plan["outputs"]
+    # The backend's limits (exported graphs' sizes and batches) for the largest batch, before any work.
+    pipe.check_inputs(min(args.batch_size, len(prompts)), plan["image"] is not None, num_frames=req.num_frames,
+                      height=req.height, width=req.width, num_inference_steps=req.steps, motion_steps=req.motion_steps,
+                      guidance_scale=req.guidance, motion_guidance_scale=req.motion_guidance, scheduler=req.scheduler,
+                      num_videos_per_prompt=req.num_videos, motion_variations=req.motion_variations)
     written, totals = [], {}
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]

@@ -18,16 +18,19 @@ Inputs arrive in the backend's ``dtype`` on its ``device``; outputs come back in
 that device (the pipeline upcasts). An output may be a buffer the backend reuses on its next call:
 callers consume it before calling again.
 
-Backends register by name with :func:`engine.backends.register_backend`, and ``device_scheduler``
+Before a request runs, the pipeline hands ``check_calls`` the size and batch of every network call it
+will make, so that a backend with fixed limits (exported graphs' shape buckets and batch profiles) refuses
+it before any work. Backends register by name with :func:`engine.backends.register_backend`, and ``device_scheduler``
 tells the pipeline to run the scheduler as device tables (no host syncs) instead of diffusers' step.
 """
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 if TYPE_CHECKING:  # the models import diffusers: only type checkers need them here
     from engine.models.bundle import CMDModel
+    from engine.networks import NetworkCall
 
 
 class Backend:
@@ -52,6 +55,11 @@ class Backend:
 
     def decode(self, content: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_calls(self, calls: Sequence["NetworkCall"]) -> None:
+        """Refuse, before anything runs, a request whose network calls (:class:`engine.networks.NetworkCall`:
+        clip size and batch per network) this backend cannot run, with a one-line ValueError. Backends
+        of exported graphs check their shape buckets and batch ranges; PyTorch backends run any size."""
 
     def reset(self) -> None:
         """Drop anything cached from the weights (compiled graphs, captured CUDA graphs). Call it after
