@@ -25,7 +25,7 @@ from engine.configs import CMDConfig
 from engine.default_model import ModelSpec, resolve_model
 from engine.models.bundle import CMDModel
 from engine.profiling import StageTimer, nvtx_range
-from engine.schedulers import SCHEDULERS, make_sampler
+from engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_sampler
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,6 +125,10 @@ def check_request(config: CMDConfig, num_frames=None, height=None, width=None, n
     scheduler = s.get("scheduler", "ddim") if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    spacing = s.get("timestep_spacing", "trailing")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"config sampling.timestep_spacing {spacing!r} is unknown; choose from "
+                         f"{', '.join(TIMESTEP_SPACINGS)}")
     videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1)
     variations = _int("motion_variations", motion_variations, 1)
     return Request(frames, sizes["height"], sizes["width"], steps, msteps, guidance, mguidance, scheduler,
@@ -319,11 +323,10 @@ class CMDPipeline:
 
     def _sampler(self, kind: str, steps: int, stage: str):
         sched = self.config.content_scheduler if stage == "content" else self.config.motion_scheduler
-        # Predicted x0 is clamped to [-1, 1] where the target lives there: pixel content frames, and
-        # the motion latent (tanh-bounded) in every mode.
-        clip = stage == "motion" or self.config.space == "pixel"
+        # Predicted x0 is clamped to [-1, 1] where the config says the data lives there (sched.clip_sample).
         spacing = self.config.sampling.get("timestep_spacing", "trailing")
-        return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler, clip, spacing)
+        return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler,
+                            timestep_spacing=spacing)
 
     def _loop(self, stage: str, denoise: Callable, x: torch.Tensor, steps: int, guidance: float,
               scheduler: str, callback, progress: bool) -> torch.Tensor:
