@@ -200,3 +200,20 @@ def test_the_config_says_where_data_is_bounded(tmp_path):
     old.write_text(json.dumps(data))
     legacy = load_config(str(old))
     assert (legacy.content_scheduler.clip_sample, legacy.motion_scheduler.clip_sample) == (False, True)
+
+
+@pytest.mark.gpu
+def test_default_model_on_cuda_graphs_stays_in_range():
+    """The shipped model with its scheduler as device tables on CUDA (cudagraph backend), DPM-Solver++ at 25 steps:
+    content frame and motion latent within [-1, 1]. (A random-weight text encoder: the GPU machines lack MiniLM.)"""
+    from engine.pipeline import CMDPipeline
+    from engine.random_text import RandomTextEncoder
+
+    cfg = load_config("default")
+    pipe = CMDPipeline.from_pretrained("default", device="cuda", backend="cudagraph",
+                                       text_encoder=RandomTextEncoder(cfg.text_encoder.hidden_size,
+                                                                      cfg.text_encoder.max_length))
+    assert pipe.backend.device_scheduler
+    out = pipe([f"a red circle moving {d}" for d in ("left", "right", "up", "down")], scheduler="dpm",
+               num_inference_steps=25, motion_steps=25, generator=0, output_type="latent", progress=False)
+    assert out.content.abs().max().item() <= 1.0 and out.motion.abs().max().item() <= 1.0
