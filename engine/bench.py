@@ -225,10 +225,7 @@ def main(argv=None) -> int:
         names = _backends(args.backends, device)
         from engine.pipeline import CMDPipeline
 
-        from engine.run import quiet_loading
-
-        quiet_loading()
-        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)
+        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)
         req = pipe.check_inputs(args.batch, **kwargs)
         call = call_kwargs(args, kwargs)
         if args.kind == "latency":

@@ -75,13 +75,24 @@ class TextEncoderConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Training noise schedule, handed to diffusers schedulers as their config."""
+    """Training noise schedule, handed to diffusers schedulers as their config.
+
+    ``clip_sample``: the data this network denoises is bounded to [-1, 1] (pixel-mode content frames, the
+    tanh-bounded motion latent), so samplers clamp every x0 prediction there; False for unbounded data
+    (SD VAE latents). Configs written before this key existed get :func:`legacy_clip_sample`."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
+    clip_sample: bool = False
+
+
+def legacy_clip_sample(space: str, section: str) -> bool:
+    """``clip_sample`` for a config that does not set it: the rule the samplers followed before the key
+    existed (the motion latent is always tanh-bounded; the content frame is bounded in pixel mode)."""
+    return section == "motion_scheduler" or space == "pixel"
 
 
 @dataclass
@@ -165,6 +176,10 @@ class CMDConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        for key in ("content_scheduler", "motion_scheduler"):
+            section = data.get(key, {})
+            if isinstance(section, dict) and "clip_sample" not in section:
+                data[key] = dict(section, clip_sample=legacy_clip_sample(data.get("space", "pixel"), key))
         for key, section_cls in sections.items():
             if key in data and isinstance(data[key], dict):
                 data[key] = section_cls(**data[key])

@@ -27,7 +27,7 @@ from engine.geometry import ClipGeometry, resolve_size, size_step
 from engine.models.bundle import CMDModel
 from engine.networks import NetworkCall
 from engine.profiling import StageTimer, nvtx_range
-from engine.schedulers import SCHEDULERS, make_sampler
+from engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_sampler
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +114,10 @@ def check_request(config: CMDConfig, num_frames=None, height=None, width=None, n
     scheduler = s.get("scheduler", "ddim") if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    spacing = s.get("timestep_spacing", "trailing")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"config sampling.timestep_spacing {spacing!r} is unknown; choose from "
+                         f"{', '.join(TIMESTEP_SPACINGS)}")
     videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1)
     variations = _int("motion_variations", motion_variations, 1)
     return Request(size.frames, size.height, size.width, steps, msteps, guidance, mguidance, scheduler,
@@ -340,11 +344,10 @@ class CMDPipeline:
 
     def _sampler(self, kind: str, steps: int, stage: str):
         sched = self.config.content_scheduler if stage == "content" else self.config.motion_scheduler
-        # Predicted x0 is clamped to [-1, 1] where the target lives there: pixel content frames, and
-        # the motion latent (tanh-bounded) in every mode.
-        clip = stage == "motion" or self.config.space == "pixel"
+        # Predicted x0 is clamped to [-1, 1] where the config says the data lives there (sched.clip_sample).
         spacing = self.config.sampling.get("timestep_spacing", "trailing")
-        return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler, clip, spacing)
+        return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler,
+                            timestep_spacing=spacing)
 
     def _loop(self, stage: str, denoise: Callable, x: torch.Tensor, steps: int, guidance: float,
               scheduler: str, callback, progress: bool) -> torch.Tensor:
@@ -417,42 +420,43 @@ class CMDPipeline:
                     video = decode_frames(self.model.vae, video, chunk=self.vae_chunk)
         return video.float()
 
-    def prepare_image(self, image, height: int, width: int, batch: int) -> torch.Tensor:
-        """An image -> the content frame (batch, C, h, w). ``image``: a path, an (H, W, 3) array (uint8,
-        or float in [0, 1]), a torch tensor (3, H, W) or (B, 3, H, W) in [0, 1], or a list of these (one
-        per prompt). Resized to (height, width) if needed; VAE-encoded in latent mode."""
-        from engine.video_io import read_image
+    def image_pixels(self, image, height: int, width: int, batch: int) -> torch.Tensor:
+        """An image -> pixels (batch, 3, height, width) in [-1, 1] on the device. ``image``: any form
+        :func:`engine.images.to_pixels` accepts (a path, a PIL image, a numpy array or torch tensor of uint8,
+        uint16 or float in [0, 1], channels-last or -first, a batch of one or one per prompt), or a list of
+        these (one per prompt); each is resized to (height, width) if needed. TypeError / ValueError for any
+        other form."""
+        from engine.images import to_pixels
 
         items = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not items:
+            raise ValueError("image is an empty list")
         tensors = []
         for item in items:
-            if isinstance(item, str):
-                item = read_image(item)
-            if isinstance(item, np.ndarray):
-                if item.ndim != 3 or item.shape[2] != 3:
-                    raise ValueError(f"image arrays must be (H, W, 3), got {item.shape}")
-                item = torch.from_numpy(item.astype(np.float32) / (255.0 if item.dtype == np.uint8 else 1.0))
-                item = item.permute(2, 0, 1)
-            if not isinstance(item, torch.Tensor):
-                raise ValueError(f"unsupported image {type(item).__name__}: use a path, an array or a tensor")
-            item = item.float()
-            item = item[None] if item.dim() == 3 else item
-            if item.dim() != 4 or item.shape[1] != 3:
-                raise ValueError(f"image tensors must be (3, H, W) or (B, 3, H, W), got {tuple(item.shape)}")
-            tensors.append(item)
-        pixels = torch.cat(tensors).to(self.device)
+            pixels = to_pixels(item)
+            if pixels.shape[-2:] != (height, width):
+                pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True,
+                                       align_corners=False).clamp(0, 1)  # resampling may overshoot [0, 1]
+            tensors.append(pixels)
+        pixels = torch.cat(tensors)
         if pixels.shape[0] == 1:
             pixels = pixels.expand(batch, -1, -1, -1)
         if pixels.shape[0] != batch:
             raise ValueError(f"got {pixels.shape[0]} images for {batch} prompts")
-        if pixels.shape[-2:] != (height, width):
-            pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        pixels = pixels.clamp(0, 1) * 2 - 1
+        return (pixels * 2 - 1).to(self.device)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> content frames (B, C, h, w): the pixels themselves in pixel mode,
+        their image-VAE latents in latent mode."""
         if self.config.space == "latent":
             from engine.models.vae import encode_frames
 
             return encode_frames(self.model.vae, pixels[:, None].to(self.dtype), chunk=self.vae_chunk)[:, 0].float()
         return pixels
+
+    def prepare_image(self, image, height: int, width: int, batch: int) -> torch.Tensor:
+        """An image (any form :meth:`image_pixels` takes) -> the content frame (batch, C, h, w)."""
+        return self.encode_image(self.image_pixels(image, height, width, batch))
 
     # ----------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -480,6 +484,7 @@ class CMDPipeline:
                                 guidance_scale=guidance_scale, motion_guidance_scale=motion_guidance_scale,
                                 scheduler=scheduler, num_videos_per_prompt=num_videos_per_prompt,
                                 motion_variations=motion_variations)
+        pixels = self.image_pixels(image, req.height, req.width, len(prompts)) if image is not None else None
         gens = _generators(generator, len(prompts))
         need_negative = image is None and req.guidance > 1.0
         negatives = _prompt_list("negative_prompt", negative_prompt or "", len(prompts)) if need_negative else None
@@ -499,7 +504,7 @@ class CMDPipeline:
             negative = negative.repeat_interleave(v, 0) if negative is not None else None
         with timer.stage("content"):
             if image is not None:
-                content = self.prepare_image(image, req.height, req.width, len(prompts)).repeat_interleave(v, 0)
+                content = self.encode_image(pixels).repeat_interleave(v, 0)
             else:
                 content = self.generate_content(states, negative, content_noise, req.steps, req.guidance,
                                                  req.scheduler, callback_on_step_end, progress)

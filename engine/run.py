@@ -148,29 +148,6 @@ def _plan(args):
                 outputs=outputs, fps=fps)
 
 
-def quiet_loading() -> None:
-    """Command-line tools only: silence diffusers/transformers notices and weight-loading bars (an
-    'accelerate is not installed' warning per network says nothing useful to a user of the CLI)."""
-    import logging
-
-    for name in ("diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        import transformers.utils.logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def _format_timings(timings: Dict[str, float]) -> str:
     order = ["text", "content", "motion", "decode", "vae", "write"]
     parts = [f"{k} {timings[k]:.3f}" for k in order if k in timings]
@@ -186,7 +163,6 @@ def run(args) -> Tuple[List[str], Dict[str, float]]:
     from engine.pipeline import CMDPipeline
     from engine.video_io import write_video
 
-    quiet_loading()
     pipe = CMDPipeline.from_pretrained(plan["spec"], device=plan["device"], dtype=plan["dtype"],
                                        backend=args.backend)
     req, prompts, outputs = plan["request"], plan["prompts"], plan["outputs"]

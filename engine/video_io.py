@@ -130,28 +130,12 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> (H, W, 3) float32 in [0, 1]; grey is repeated to RGB, alpha dropped."""
-    if not os.path.isfile(path):
-        raise ValueError(f"image not found: {path!r}")
-    try:
-        import imageio.v3 as iio
+    """An image file -> (H, W, 3) float32 in [0, 1]; grey is repeated to RGB, alpha dropped, 8- and 16-bit
+    files scaled by their full range (:func:`engine.images.to_pixels`, the one place these rules live).
+    ValueError / TypeError for a missing or unreadable file or one of an unsupported kind."""
+    from engine.images import to_pixels
 
-        image = np.asarray(iio.imread(path))
-    except Exception as e:  # imageio raises many kinds for unreadable files
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read image {path!r}: {first}") from None
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"cannot read image {path!r}: expected an RGB image, got an array of shape {image.shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    image = image[..., :3]
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    return np.clip(image.astype(np.float32), 0.0, 1.0)
+    return to_pixels(path)[0].permute(1, 2, 0).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------
