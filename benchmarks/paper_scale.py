@@ -23,8 +23,10 @@ bytes, the CUDA context not included.
 Everything runs in one process (one run = one device, one set of versions). The whole default run
 (baseline, three backends at two batch sizes, three frame counts, compilation included) has not been
 timed on a GPU yet and may outlast a capped command: then split it with ``--backends``, ``--frames``,
-``--batch-sizes`` and ``--skip-baseline`` (the JSON of each part lands beside the others). The GPU
-machines lack diffusers: install its wheel there first (it is small and pure Python).
+``--batch-sizes``, ``--skip-baseline`` and ``--no-scaling`` (the JSON of each part lands beside the
+others). On a borrowed GPU, ``benchmarks/gpu_lease.sh`` runs it in parts that fit a capped command (eager
+and cudagraph at batch 1 with the baseline; then, as time allows, batch 4 with 32 and 64 frames, and the
+compile backend), with diffusers carried as a wheel (the GPU machines lack it).
 """
 
 import argparse
