@@ -131,8 +131,9 @@ stage_setup() {
         local wheels=("$LEASE"/wheels/*.whl)
         if [ -e "${wheels[0]}" ]; then
             run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-                "${wheels[@]}" || echo "wheel install failed (exit $?)"
-            note wheels="$("$PY" -c 'import json, os, sys; print(json.dumps([os.path.basename(w) for w in sys.argv[1:]]))' \
+                "${wheels[@]}"
+            local pip_rc=$?
+            note wheels_rc=$pip_rc wheels="$("$PY" -c 'import json, os, sys; print(json.dumps([os.path.basename(w) for w in sys.argv[1:]]))' \
                 "${wheels[@]}")"
         else
             note wheels='"none: no .lease/wheels (run bash benchmarks/gpu_lease.sh --prepare on a CPU machine)"'

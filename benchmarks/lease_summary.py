@@ -195,9 +195,10 @@ def our_kernel_names(root: Path = ROOT) -> List[str]:
 
 
 def cache_lookups(work: Path, ours: List[str]) -> Dict[str, dict]:
-    """Per stage: Triton cache lookups of our kernels and of others (inductor's), split into hits of an
-    entry carried from the CPU machine, hits of an entry made earlier in this run, and misses (a compile on
-    this machine), with the names of our kernels that compiled."""
+    """Per stage: Triton cache lookups of our kernels and of others (inductor's), split into hits of the
+    cache prepared before the stages (``results/carried-entries.txt``: carried from the CPU machine, or filled
+    in setup), hits of an entry a stage made earlier in this run, and misses (a compile on this machine), with
+    the names of our kernels that compiled."""
     carried_path = work / "results" / "carried-entries.txt"
     carried = set(carried_path.read_text().split()) if carried_path.is_file() else set()
     out: Dict[str, dict] = {}
@@ -253,8 +254,12 @@ def rows_setup(name: str, r: Optional[dict]) -> List[dict]:
         return [_row(name, "setup", "no record")]
     rows = []
     wheels = r.get("wheels")
-    rows.append(_row(name, "wheels installed (carried from .lease/wheels)",
-                     ", ".join(wheels) if isinstance(wheels, list) and wheels else _fmt(wheels)))
+    installed = ", ".join(wheels) if isinstance(wheels, list) and wheels else _fmt(wheels)
+    if r.get("wheels_rc") is None:
+        rows.append(_row(name, "wheels installed (carried from .lease/wheels)", installed))
+    else:
+        rows.append(_row(name, "wheels installed (carried from .lease/wheels)", f"{installed}; pip exit {r['wheels_rc']}",
+                         "pip exit 0", r["wheels_rc"] == 0))
     req = r.get("requirements") or {}
     if req:
         unmet = [f"{d}: {row['requirement']}" for d, v in req.get("distributions", {}).items()
@@ -400,7 +405,8 @@ def rows_cache(stages: List[dict], lookups: Dict[str, dict], setup: Optional[dic
             total[k] += o[k]
         compiled += [k for k in c["compiled_ours"] if k not in compiled]
         rows.append(_row("triton cache", f"{s['name']}: lookups of our kernels",
-                         f"{o['hit_carried']} carried hits, {o['hit_run']} hits of this run's compiles, {o['miss']} "
+                         f"{o['hit_carried']} hits of the prepared cache, {o['hit_run']} hits of this run's compiles, "
+                         f"{o['miss']} "
                          f"compiled here" + (f" ({', '.join(c['compiled_ours'])})" if c["compiled_ours"] else "")
                          + (f"; other kernels (inductor): {other['hit_carried'] + other['hit_run']} hits, "
                             f"{other['miss']} compiled" if sum(other.values()) else "")))

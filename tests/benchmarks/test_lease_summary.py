@@ -82,7 +82,7 @@ message="assert 0.5 &lt;= 0.01&#10;second line">trace</failure></testcase><testc
 def test_gpu_shaped_run_is_judged_against_the_targets(tmp_path, rng):
     work, out = tmp_path / "work", tmp_path / "out"
     write_stage(work, "setup", "setup", tune="-", result={
-        "wheels": ["diffusers-0.42.1-py3-none-any.whl"], "requirements": {"ok": True, "distributions": {}},
+        "wheels": ["diffusers-0.42.1-py3-none-any.whl"], "wheels_rc": 0, "requirements": {"ok": True, "distributions": {}},
         "cache_check": "ok: 40 kernels", "cache_fits": True, "carried_entries": 1})
     (work / "results" / "carried-entries.txt").write_text("CARRIED1\n")
     write_stage(work, "env", "env", tune="-", result={
@@ -148,11 +148,12 @@ def test_gpu_shaped_run_is_judged_against_the_targets(tmp_path, rng):
     assert "TIMED OUT in 10 s (limit 75 s)" in row("engine_tests", "stage")["measured"]
     assert row("extra_scaling", "measurements that ended")["measured"] == json.dumps(partial)
     assert row("extra_compile", "stage")["met"] is None and "not run" in row("extra_compile", "stage")["measured"]
-    assert row("setup", "Triton cache carried")["met"] is True
+    assert row("setup", "Triton cache carried")["met"] is True and row("setup", "wheels installed")["met"] is True
 
     # Cache: one carried hit, one compile (then a hit of it) of ours in kernel_tests; inductor's apart.
     lookups = row("triton cache", "kernel_tests")["measured"]
-    assert lookups.startswith("1 carried hits, 1 hits of this run's compiles, 1 compiled here (_content_frame_fwd_kernel)")
+    assert lookups.startswith("1 hits of the prepared cache, 1 hits of this run's compiles, 1 compiled here "
+                              "(_content_frame_fwd_kernel)")
     assert "other kernels (inductor): 0 hits, 1 compiled" in row("triton cache", "extra_compile")["measured"]
     total = row("triton cache", "our kernels compiled")
     assert total["met"] is False and total["measured"].startswith("1 of 3 lookups")
