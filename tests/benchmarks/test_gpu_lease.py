@@ -16,7 +16,7 @@ STAGES = ["setup", "env", "kernel_tests", "paper_scale", "kernel_bench", "engine
           "extra_compile"]
 
 
-def lease(*args, env=None, timeout=1200):
+def lease(*args, env=None, timeout=3300):
     full = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     full.update(LEASE_PYTHON=sys.executable, **(env or {}))
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full, capture_output=True, text=True,
