@@ -9,9 +9,8 @@ every helper is a no-op. Backend: nccl on CUDA, gloo on CPU.
 import torch
 import torch.distributed as dist
 
-from engine.distributed import (  # noqa: F401  (the trainer's names for the shared helpers)
-    DistInfo, barrier, broadcast_object, finish, first_error, gather_objects, init_distributed, shard,
-    shard_batches)
+from engine.distributed import (  # noqa: F401  (the names the trainer has always imported from here)
+    DistInfo, barrier, broadcast_object, finish, gather_objects, init_distributed, shard)
 
 
 def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
