@@ -193,10 +193,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def _check_prompt_lengths(encoder, plan, args) -> None:
-    """A prompt the text encoder would cut short is bad input (the video would ignore its end)."""
-    for k, n in enumerate(encoder.num_tokens(plan["prompts"])):
+    """A prompt (or negative prompt) the text encoder would cut short is bad input: the video would ignore
+    its end."""
+    texts = plan["prompts"] + ([args.negative_prompt] if args.negative_prompt is not None else [])
+    for k, n in enumerate(encoder.num_tokens(texts)):
         if n > encoder.max_length:
-            where = "--prompt" if args.prompt is not None else f"line {plan['lines'][k]} of {args.prompts_file!r}"
+            if k == len(plan["prompts"]):
+                where = "--negative-prompt"
+            else:
+                where = "--prompt" if args.prompt is not None else f"line {plan['lines'][k]} of {args.prompts_file!r}"
             raise ValueError(f"{where} is too long for the text encoder: {n} tokens, at most {encoder.max_length}")
 
 

@@ -285,6 +285,10 @@ def test_too_long_prompt_is_bad_input_in_one_process(tmp_path, capsys, model_dir
                  "--model", model_dir, *FLAGS])
     err = capsys.readouterr().err
     assert code == 2 and "--prompt is too long for the text encoder: 9 tokens" in err
+    code = main(["--prompt", "a red circle", "--negative-prompt", "one two three four five six seven eight",
+                 "--out", str(tmp_path / "v.npy"), "--model", model_dir, *FLAGS])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "error: --negative-prompt is too long for the text encoder: 10 tokens, at most 8"
     assert sorted(os.listdir(tmp_path)) == ["p.txt"]
 
 
