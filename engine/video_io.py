@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.atomic import atomic_path
+from engine.atomic import atomic_path, deferred_interrupts
 
 VIDEO_FORMATS = (".mp4", ".gif", ".npy")
 
@@ -125,7 +125,8 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
             with open(tmp, "wb") as f:
                 np.save(f, np.stack([_to_uint8(frame) for frame in frames]))
         else:
-            _write_ffmpeg(tmp, frames, fps, ext)
+            with deferred_interrupts():  # ffmpeg ends before the temporary file can be removed
+                _write_ffmpeg(tmp, frames, fps, ext)
     return path
 
 

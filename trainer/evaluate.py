@@ -16,8 +16,10 @@ Metrics (``--metrics``, comma-separated; default: everything the inputs allow):
 videos generated at it); the results record the size and whether the model serves it (``served``): a
 model's config declares a size (``sizes``) only once it was evaluated there.
 
-Under torchrun every rank generates and measures its share of the prompts (round robin); rank 0 merges the
-results (feature statistics are summed, per-clip values gathered) and writes the JSON.
+Under torchrun every rank generates and measures its share of the prompts: the batches of --batch-size one
+process would run, batch b on rank b mod N (``engine.distributed.shard_batches``, as ``engine.run`` deals
+them), so each clip is the one a single process generates. Rank 0 merges the results (feature statistics are
+summed, per-clip values gathered) and writes the JSON.
 """
 
 import argparse
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.atomic import atomic_path
-from trainer.distributed import DistInfo, finish, gather_objects, init_distributed
+from engine.distributed import DistInfo, finish, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
 METRICS = ("recon", "attributes", "fvd", "clipsim")
@@ -200,7 +202,9 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
         pipe.config = pipe.model.config = pipe.config.with_size(size)
     cfg = pipe.config
     captions, truths, real_video = _items(args, cfg)
-    mine = list(range(info.rank, len(captions), info.world_size))
+    # This rank's batches, flattened: generate() and the loops below cut them again at --batch-size, which
+    # gives back the same batches (only the last batch of all is short, and it is its rank's last).
+    mine = [i for batch in shard_batches(len(captions), args.batch_size, info) for i in batch]
     results: Dict[str, Any] = {"model": os.path.abspath(args.model), "data": args.data, "clips": len(captions),
                                "split": args.split, "paraphrase": args.paraphrase, "size": str(size),
                                "served": served, "world_size": info.world_size}

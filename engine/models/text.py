@@ -85,6 +85,11 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def num_tokens(self, prompts: Sequence[str]) -> List[int]:
+        """Tokens of each prompt before truncation, special tokens included. A prompt with more than
+        ``max_length`` loses its end when encoded (``forward`` truncates); the CLI refuses it instead."""
+        return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """prompts -> (token states (B, max_length, d), pooled (B, d)), float32."""
