@@ -36,7 +36,6 @@ from engine.atomic import atomic_path  # noqa: E402
 from engine.bench import (DEFAULT_CACHE_SETTINGS, _environment, _jsonable, bench_cache, cache_flops,  # noqa: E402
                           parse_cache_setting)
 from engine.pipeline import CMDPipeline  # noqa: E402
-from engine.run import quiet_loading  # noqa: E402
 from trainer.data import prompts_for  # noqa: E402
 from trainer.evaluate import attribute_accuracy  # noqa: E402
 
@@ -87,7 +86,6 @@ def main(argv=None) -> int:
         settings = {t.strip(): parse_cache_setting(t) for t in args.settings.split(",") if t.strip()}
         if args.threads:
             torch.set_num_threads(args.threads)
-        quiet_loading()
         pipe = CMDPipeline.from_pretrained(args.model)
         cfg = pipe.config
         prompts, truths, seeds, bounds = [], [], [], {}

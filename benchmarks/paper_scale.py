@@ -8,7 +8,8 @@ on, one 16x512x1024 video (``sd21-512x1024``). Measured:
 - the baseline: ModelScope's UNet3D (``engine.baseline``), DDIM with CFG, same latent size and steps;
 - parameters per network; FLOPs (``engine.flops``, full accounting) and the TFLOP/s each stage reaches,
   against a bf16 matmul ceiling measured in the same run;
-- frame-count scaling (16, 32, 64) per stage with the fastest backend;
+- frame-count scaling (16, 32, 64) per stage with the fastest backend (``--no-scaling``: none);
+- the PSNR of each backend's output against eager's at the smallest batch (same seed, same inputs);
 - the issue's targets (on CUDA): <= 1.0 s, >= 2.5x eager, >= 15x the baseline, <= 4.0 / 8.0 GB.
 
 Writes ``<out>/<name>.json`` (raw), ``<name>.md`` (tables) and ``<name>.png`` (plots; only where
@@ -22,12 +23,13 @@ bytes, the CUDA context not included.
 Everything runs in one process (one run = one device, one set of versions). The whole default run
 (baseline, three backends at two batch sizes, three frame counts, compilation included) has not been
 timed on a GPU yet and may outlast a capped command: then split it with ``--backends``, ``--frames``,
-``--batch-sizes`` and ``--skip-baseline`` (the JSON of each part lands beside the others). The GPU
-machines lack diffusers: install its wheel there first (it is small and pure Python).
+``--batch-sizes``, ``--skip-baseline`` and ``--no-scaling`` (the JSON of each part lands beside the
+others). On a borrowed GPU, ``benchmarks/gpu_lease.sh`` runs it in parts that fit a capped command (eager
+and cudagraph at batch 1 with the baseline; then, as time allows, batch 4 with 32 and 64 frames, and the
+compile backend), with diffusers carried as a wheel (the GPU machines lack it).
 """
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import json
@@ -47,9 +49,11 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: the packages l
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
+from benchmarks.targets import check_paper  # noqa: E402
 from engine.atomic import atomic_path  # noqa: E402
 from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sample_baseline  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
+from engine.geometry import ClipSize, check_fits  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
 from engine.models import CMDModel  # noqa: E402
 from engine.pipeline import CMDPipeline, parse_device, parse_dtype  # noqa: E402
@@ -59,9 +63,6 @@ from engine.random_text import RandomTextEncoder  # noqa: E402
 GB = 1e9
 PROMPT = "a red panda climbing a snowy pine tree, cinematic lighting"
 STAGES = ("text", "content", "motion", "decode")
-# The issue's targets on an H100 80GB (the image VAE decode excluded).
-TARGETS = {"latency_s": 1.0, "speedup_vs_eager": 2.5, "speedup_vs_baseline": 15.0, "peak_gb_batch1": 4.0,
-           "peak_gb_batch4": 8.0}
 # A narrow UNet3D of the same block layout, for smoke runs on a CPU (the real one is 1.4B parameters).
 TINY_BASELINE = {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "attention_head_dim": 4,
                  "cross_attention_dim": 64}
@@ -97,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", type=_name_list, default=["eager", "compile", "cudagraph"])
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 4])
     p.add_argument("--frames", type=_int_list, default=[16, 32, 64], help="frame counts for the scaling table")
+    p.add_argument("--no-scaling", action="store_true", help="no frame-scaling table (--frames is ignored)")
     p.add_argument("--baseline-frames", type=_int_list, default=None,
                    help="frame counts for the baseline (default: the config's only)")
     p.add_argument("--baseline-size", choices=("full", "tiny"), default="full",
@@ -114,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and value < low:
             p.error(f"argument {flag}: must be >= {low}, got {value}")
     args.motion_steps = args.motion_steps or args.steps
+    if args.no_scaling:
+        args.frames = []
     return args
 
 
@@ -220,13 +224,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _with_frames(cfg: CMDConfig, frames: int) -> CMDConfig:
     """The config for clips of ``frames`` frames: the networks do not depend on it (sin-cos positions),
-    the pipeline's request check does."""
-    return dataclasses.replace(cfg, num_frames=frames)
+    the sizes the model serves do (random weights: any size that fits the networks may be declared)."""
+    return cfg.with_size(ClipSize(frames, cfg.height, cfg.width))
 
 
-def cmd_run(pipe: CMDPipeline, batch: int, args) -> Callable[[], Dict[str, float]]:
+def cmd_run(pipe: CMDPipeline, batch: int, args, keep: Optional[dict] = None) -> Callable[[], Dict[str, float]]:
     """One batch of videos up to the AE decoder's output (the image VAE decode left out, as the paper
-    does): the pipeline to the latents, then the backend's decoder. Returns seconds per stage."""
+    does): the pipeline to the latents, then the backend's decoder. Returns seconds per stage. With
+    ``keep``, ``keep["video"]`` holds the last run's decoder output (a reference: a CUDA graph's static
+    output stays valid until its next replay; the previous output is freed as the next one is made, so
+    it adds one decoded cube, 1 MB at paper scale, to the peak)."""
     prompts = [PROMPT] * batch
 
     def run() -> Dict[str, float]:
@@ -235,7 +242,9 @@ def cmd_run(pipe: CMDPipeline, batch: int, args) -> Callable[[], Dict[str, float
                    output_type="latent", progress=False)
         timer = StageTimer(pipe.device)
         with timer.stage("decode"):
-            pipe.backend.decode(out.content.to(pipe.dtype), out.motion.to(pipe.dtype))
+            video = pipe.backend.decode(out.content.to(pipe.dtype), out.motion.to(pipe.dtype))
+        if keep is not None:
+            keep["video"] = video
         stages = {k: v for k, v in out.timings.items() if k != "total"}
         stages.update({k: v for k, v in timer.result().items() if k != "total"})
         return stages
@@ -251,9 +260,8 @@ def vae_apart(pipe: CMDPipeline, device: torch.device, args) -> Optional[dict]:
         return None
     from engine.models.vae import decode_frames
 
-    cfg = pipe.config
-    latents = torch.randn(1, cfg.num_frames, cfg.channels, cfg.latent_height, cfg.latent_width,
-                          device=device, dtype=pipe.dtype)
+    geo = pipe.config.geometry()
+    latents = torch.randn(1, geo.frames, *geo.content_shape, device=device, dtype=pipe.dtype)
 
     def run():
         decode_frames(pipe.model.vae, latents, chunk=pipe.vae_chunk)
@@ -262,6 +270,21 @@ def vae_apart(pipe: CMDPipeline, device: torch.device, args) -> Optional[dict]:
     result = timed(run, device, args.repeats, min(args.warmup, 1))
     result["chunk"] = pipe.vae_chunk
     return result
+
+
+def compare_outputs(video: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How far a backend's decoder output is from eager's for the same seed and inputs: PSNR in dB
+    (``engine.bench.psnr`` after scaling both by the reference's value range, since the output is latents
+    or pixels in [-1, 1], not frames in [0, 1]; null when identical), ``identical`` and the largest
+    absolute difference."""
+    from engine.bench import psnr
+
+    video, reference = video.double().cpu(), reference.double().cpu()
+    lo, hi = reference.min(), reference.max()
+    span = (hi - lo).clamp_min(1e-12)
+    db = psnr(((video - lo) / span).numpy(), ((reference - lo) / span).numpy())
+    return {"psnr_db": _sig(db) if db != float("inf") else None, "identical": bool(torch.equal(video, reference)),
+            "max_abs_diff": _sig(float((video - reference).abs().max()))}
 
 
 def _achieved(result: dict, flops: dict, batch: int) -> None:
@@ -280,13 +303,14 @@ def baseline_run(unet, encoder, cfg: CMDConfig, frames: int, batch: int, guidanc
                  args) -> Callable[[], Dict[str, float]]:
     """The ModelScope-style loop for ``batch`` videos: text (prompts + empty negatives), then DDIM with CFG."""
     device = unet.device
+    geo = cfg.geometry(ClipSize(frames, cfg.height, cfg.width))
 
     def run() -> Dict[str, float]:
         timer = StageTimer(device)
         with timer.stage("text"):
             states, _ = encoder([PROMPT] * batch + [""] * batch)
         with timer.stage("unet"):
-            sample_baseline(unet, states[:batch], states[batch:], frames, cfg.latent_height, cfg.latent_width,
+            sample_baseline(unet, states[:batch], states[batch:], frames, geo.latent_height, geo.latent_width,
                             steps=args.steps, guidance_scale=guidance,
                             generator=torch.Generator().manual_seed(args.seed))
         return {k: v for k, v in timer.result().items() if k != "total"}
@@ -306,6 +330,8 @@ def bench_baseline(cfg: CMDConfig, device, dtype, guidance: float, flops_by_fram
             result = timed(baseline_run(unet, encoder, cfg, frames, 1, guidance, args), device, args.repeats,
                            args.warmup)
             result.update(frames=frames, batch=1)
+            print("[result] " + json.dumps({"baseline": BASELINE_NAME, "frames": frames, "latency_s": result["latency_s"],
+                                            "peak_allocated_gb": result["peak_allocated_gb"]}), flush=True)
             flops = flops_by_frames.get(frames)
             if flops is not None and args.baseline_size == "full":
                 result["tflops_per_s"] = {"total": _sig(flops["baseline"]["total"] / result["latency_s"])}
@@ -319,27 +345,11 @@ def bench_baseline(cfg: CMDConfig, device, dtype, guidance: float, flops_by_fram
 
 
 def check_targets(report: dict) -> Optional[dict]:
-    """The issue's targets against this run's numbers; None off CUDA (they are H100 targets)."""
+    """The issue's targets (``benchmarks/targets.py``) against this run's numbers; None off CUDA (they are
+    H100 targets)."""
     if report["environment"]["device_type"] != "cuda":
         return None
-    best = report["best_backend"]
-    runs = {(r["backend"], r["batch"]): r for r in report["runs"]}
-    frames = report["config"]["num_frames"]
-    b1 = runs.get((best, 1))
-    measured = {"latency_s": b1["latency_s"] if b1 else None,
-                "speedup_vs_eager": report["speedup"].get("vs_eager"),
-                "speedup_vs_baseline": report["speedup"].get("vs_baseline"),
-                "peak_gb_batch1": b1["peak_allocated_gb"] if b1 else None,
-                "peak_gb_batch4": runs[(best, 4)]["peak_allocated_gb"] if (best, 4) in runs else None}
-    out = {}
-    for key, target in TARGETS.items():
-        value = measured[key]
-        lower_is_better = key.startswith(("latency", "peak"))
-        met = None if value is None else (value <= target if lower_is_better else value >= target)
-        out[key] = {"target": target, "measured": value, "met": met,
-                    "rule": "<=" if lower_is_better else ">="}
-    out["frames"] = frames
-    return out
+    return dict(check_paper(report), frames=report["config"]["num_frames"])
 
 
 def format_tables(report: dict) -> str:
@@ -382,10 +392,15 @@ def format_tables(report: dict) -> str:
     lines += ["", f"Best backend: {report['best_backend']}; speedup vs eager {fmt(speedup.get('vs_eager'))}x, "
                   f"vs baseline {fmt(speedup.get('vs_baseline'))}x.",
               "", "Parameters (M): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in report["params"].items()
-                                                if v is not None),
-              "", f"Frame scaling ({report['scaling_backend']}, batch 1), seconds per stage:", "",
-              "| frames | latency s | " + " | ".join(STAGES) + " | peak alloc GB | TFLOPs (full) |",
-              "|---|---|" + "---|" * len(STAGES) + "---|---|"]
+                                                if v is not None)]
+    for backend, c in report.get("vs_eager_output", {}).items():
+        lines.append("")
+        lines.append(f"Output of {backend} vs eager (same seed): PSNR "
+                     f"{'identical' if c['identical'] else fmt(c['psnr_db']) + ' dB'}, max |diff| {fmt(c['max_abs_diff'])}.")
+    if report["scaling"]:
+        lines += ["", f"Frame scaling ({report['scaling_backend']}, batch 1), seconds per stage:", "",
+                  "| frames | latency s | " + " | ".join(STAGES) + " | peak alloc GB | TFLOPs (full) |",
+                  "|---|---|" + "---|" * len(STAGES) + "---|---|"]
     for r in report["scaling"]:
         lines.append(f"| {r['frames']} | {fmt(r['latency_s'])} | "
                      + " | ".join(fmt(r["stages_s"].get(k)) for k in STAGES)
@@ -422,6 +437,8 @@ def plot(report: dict, path: Path) -> Optional[str]:
     left.set_yscale("log")
     left.set_ylabel("seconds per video batch (VAE excluded)")
     left.set_title(f"{report['environment']['device']}, {report['settings']['dtype']}")
+    if not report["scaling"]:  # --no-scaling
+        right.set_visible(False)
     frames = [r["frames"] for r in report["scaling"]]
     bottom = [0.0] * len(frames)
     for stage in STAGES:
@@ -431,7 +448,8 @@ def plot(report: dict, path: Path) -> Optional[str]:
     right.set_xlabel("frames")
     right.set_ylabel("seconds (batch 1)")
     right.set_title(f"frame scaling per stage ({report['scaling_backend']})")
-    right.legend()
+    if report["scaling"]:
+        right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -457,10 +475,11 @@ def run_benchmark(args) -> dict:
     if guidance <= 1.0:
         _fail(f"--guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
     args.guidance = guidance
-    patch = cfg.motion_dit.patch_size
     for frames in args.frames + (args.baseline_frames or []):
-        if frames % patch:
-            _fail(f"frame counts must be multiples of {patch} (the motion DiT patches time), got {frames}")
+        try:
+            check_fits(cfg, ClipSize(frames, cfg.height, cfg.width))
+        except ValueError as e:
+            _fail(f"frame count {frames}: {e}")
     unknown = [b for b in args.backends if b not in ("eager", "compile", "cudagraph")]
     if unknown:
         _fail(f"unknown backend {unknown[0]!r}; choose from eager, compile, cudagraph")
@@ -500,23 +519,33 @@ def run_benchmark(args) -> dict:
                         "text_encoder (random)": _params(encoder),
                         "baseline_unet3d": (report.get("baseline") or {}).get("params")}
 
-    runs = []
+    runs, outputs = [], {}
     for backend in backends:
         pipe = CMDPipeline(model, encoder, backend,
                            {"mode": args.compile_mode} if backend == "compile" and args.compile_mode else None)
         for batch in args.batch_sizes:
             print(f"[cmd] backend {backend}, batch {batch}", flush=True)
-            run = cmd_run(pipe, batch, args)
+            keep = {} if batch == min(args.batch_sizes) else None
+            run = cmd_run(pipe, batch, args, keep)
             result = timed(run, device, args.repeats, args.warmup)
             del run  # its closure holds the pipeline (and a backend's graphs): free them with it
+            if keep:
+                outputs[backend] = keep.pop("video").detach().to("cpu", copy=True)
             result.update(backend=backend, batch=batch, frames=cfg.num_frames)
             _achieved(result, flops_by_frames[cfg.num_frames], batch)
             runs.append(result)
+            # One line per measurement as it ends: a run cut short (a time limit) still shows what finished.
+            print("[result] " + json.dumps({k: result[k] for k in ("backend", "batch", "frames", "latency_s",
+                                                                    "stages_s", "peak_allocated_gb")}), flush=True)
         if backend == backends[0]:
             report["vae_decode"] = vae_apart(pipe, device, args)
         del pipe
         _free(device)
     report["runs"] = runs
+    # Same seed and inputs: each backend's output against eager's (batch min(--batch-sizes)).
+    report["vs_eager_output"] = ({b: compare_outputs(v, outputs["eager"]) for b, v in outputs.items() if b != "eager"}
+                                 if "eager" in outputs else {})
+    del outputs
 
     b1 = {r["backend"]: r for r in runs if r["batch"] == min(args.batch_sizes)}
     best = min(b1, key=lambda b: b1[b]["latency_s"])
@@ -541,6 +570,9 @@ def run_benchmark(args) -> dict:
         result = timed(cmd_run(pipe, 1, args), device, args.repeats, args.warmup)
         result.update(frames=frames, tflops=round(flops_by_frames[frames]["cmd"]["total"], 3))
         scaling.append(result)
+        print("[result] " + json.dumps({"scaling": best, "frames": frames, "latency_s": result["latency_s"],
+                                        "stages_s": result["stages_s"],
+                                        "peak_allocated_gb": result["peak_allocated_gb"]}), flush=True)
         del pipe, model_f
         _free(device)
     report["scaling"] = scaling

@@ -405,7 +405,6 @@ def main_cache(argv: List[str]) -> int:
         from engine.backends import get_backend
         from engine.cache import plan_cache
         from engine.pipeline import CMDPipeline, check_request
-        from engine.run import quiet_loading
 
         config = spec.load_config()
         req = check_request(config, **kwargs)
@@ -414,7 +413,6 @@ def main_cache(argv: List[str]) -> int:
         backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
         for setting in settings.values():  # a setting the model cannot run fails here, before any work
             plan_cache(config, req.scheduler, req.steps, req.motion_steps, backend=get_backend(backend), **setting)
-        quiet_loading()
         pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
         results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
         flops = cache_flops(args.flops_config, results) if args.flops_config else None
@@ -464,11 +462,8 @@ def main(argv=None) -> int:
         names = _backends(args.backends, device)
         from engine.pipeline import CMDPipeline
 
-        from engine.run import quiet_loading
-
-        quiet_loading()
-        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)
-        req = pipe.check_inputs(**kwargs)
+        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)
+        req = pipe.check_inputs(args.batch, **kwargs)
         call = call_kwargs(args, kwargs)
         if args.kind == "latency":
             results = bench_latency(pipe, names, call, args.warmup, args.iters)

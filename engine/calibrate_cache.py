@@ -224,9 +224,7 @@ def main(argv=None) -> int:
         prompts = _prompts(args, config)
 
         from engine.pipeline import CMDPipeline
-        from engine.run import quiet_loading
 
-        quiet_loading()
         pipe = CMDPipeline.from_pretrained(spec)
         data = calibrate(pipe, prompts, args.threshold, args.reuse, args.dynamic_threshold, args.seed,
                          args.scheduler, args.steps, args.motion_steps, args.batch_size)

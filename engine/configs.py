@@ -1,15 +1,18 @@
 """CMD configurations as data: one JSON file per named config in ``engine/configs/``.
 
-A config describes the video space (pixel or SD latent), the clip size, and each network's
-hyper-parameters; model classes take their section as keyword arguments. Training hyper-parameters
-live here too (``train``), so a config file is the whole recipe.
+A config describes the video space (pixel or SD latent), the clip size it trains at and the sizes it
+serves (``sizes``; see :mod:`engine.geometry`), and each network's hyper-parameters; model classes take
+their section as keyword arguments. Training hyper-parameters live here too (``train``), so a config
+file is the whole recipe.
 """
 
 import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
+
+from engine.geometry import ClipGeometry, ClipSize, clip_geometry, parse_sizes
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -72,17 +75,34 @@ class TextEncoderConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Training noise schedule, handed to diffusers schedulers as their config."""
+    """Training noise schedule, handed to diffusers schedulers as their config.
+
+    ``clip_sample``: the data this network denoises is bounded to [-1, 1] (pixel-mode content frames, the
+    tanh-bounded motion latent), so samplers clamp every x0 prediction there; False for unbounded data
+    (SD VAE latents). Configs written before this key existed get :func:`legacy_clip_sample`."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
+    clip_sample: bool = False
+
+
+def legacy_clip_sample(space: str, section: str) -> bool:
+    """``clip_sample`` for a config that does not set it: the rule the samplers followed before the key
+    existed (the motion latent is always tanh-bounded; the content frame is bounded in pixel mode)."""
+    return section == "motion_scheduler" or space == "pixel"
 
 
 @dataclass
 class CMDConfig:
+    """``num_frames`` x ``height`` x ``width``: the clip size the model trains at and the default of a
+    request. ``sizes``: every clip size the model serves, as ``"FxHxW"`` strings (default: its own size
+    alone); it must hold the own size, and each must fit the networks (:mod:`engine.geometry`). Declare a
+    size only once the model was evaluated there (``python -m trainer.evaluate --size FxHxW``). Export
+    builds one shape bucket (TensorRT profile) per size."""
+
     name: str
     space: str = "pixel"  # "pixel" or "latent"
     num_frames: int = 16
@@ -90,6 +110,7 @@ class CMDConfig:
     width: int = 32
     channels: int = 3  # channels of what the AE sees: RGB in pixel mode, VAE latent channels in latent mode
     vae_scale: int = 1  # spatial downsampling of the image VAE (8 for SD), 1 in pixel mode
+    sizes: List[str] = field(default_factory=list)  # clip sizes served, "FxHxW"; empty: the own size
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     motion_dit: MotionDiTConfig = field(default_factory=MotionDiTConfig)
     content_unet: Dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel kwargs
@@ -105,22 +126,42 @@ class CMDConfig:
             raise ValueError(f"space must be 'pixel' or 'latent', got {self.space!r}")
         if self.space == "latent" and self.vae is None:
             raise ValueError(f"config {self.name!r}: latent space needs a 'vae' section")
+        self.sizes = parse_sizes(self, self.sizes or [self.default_size])
+
+    @property
+    def default_size(self) -> ClipSize:
+        """The config's own size (num_frames x height x width): the training size and request default."""
+        return ClipSize(self.num_frames, self.height, self.width)
+
+    @property
+    def served_sizes(self) -> List[ClipSize]:
+        """The clip sizes this model serves (``sizes``), in declaration order."""
+        return [ClipSize.parse(s) for s in self.sizes]
+
+    def geometry(self, size: Union[None, ClipSize, str] = None) -> ClipGeometry:
+        """Shapes of a clip of ``size`` (default: the own size); a ValueError if it does not fit the networks."""
+        return clip_geometry(self, None if size is None else ClipSize.coerce(size))
+
+    def with_size(self, size: Union[ClipSize, str]) -> "CMDConfig":
+        """A copy whose own and only size is ``size`` (benchmarks of random weights at other sizes,
+        evaluation at a candidate size)."""
+        size = ClipSize.coerce(size)
+        data = dict(self.to_dict(), num_frames=size.frames, height=size.height, width=size.width, sizes=[str(size)])
+        return CMDConfig.from_dict(data)
 
     @property
     def latent_height(self) -> int:
-        return self.height // self.vae_scale
+        return ClipGeometry.of(self, self.default_size).latent_height
 
     @property
     def latent_width(self) -> int:
-        return self.width // self.vae_scale
+        return ClipGeometry.of(self, self.default_size).latent_width
 
     def motion_shape(self, num_frames: Optional[int] = None, height: Optional[int] = None,
                      width: Optional[int] = None):
-        """Shape (D, L, H' + W') of the motion latent z for a clip of this size (pixels)."""
-        p = self.autoencoder.patch_size
-        hp = (height or self.height) // self.vae_scale // p
-        wp = (width or self.width) // self.vae_scale // p
-        return (self.autoencoder.motion_dim, num_frames or self.num_frames, hp + wp)
+        """Shape (D, L, H' + W') of the motion latent z for a clip of this size (pixels; default the own)."""
+        size = ClipSize(num_frames or self.num_frames, height or self.height, width or self.width)
+        return ClipGeometry.of(self, size).motion_shape
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,9 +176,23 @@ class CMDConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        for key in ("content_scheduler", "motion_scheduler"):
+            section = data.get(key, {})
+            if isinstance(section, dict) and "clip_sample" not in section:
+                data[key] = dict(section, clip_sample=legacy_clip_sample(data.get("space", "pixel"), key))
         for key, section_cls in sections.items():
             if key in data and isinstance(data[key], dict):
                 data[key] = section_cls(**data[key])
+        sampling = data.get("sampling")
+        if isinstance(sampling, dict) and "buckets" in sampling:
+            # Earlier configs declared export's shape buckets as sampling["buckets"]: the same sizes.
+            sampling = dict(sampling)
+            buckets = sampling.pop("buckets")
+            if data.get("sizes") and buckets:
+                raise ValueError(f"config {data.get('name')!r}: give its sizes once, as 'sizes' "
+                                 "(sampling.buckets is the older name)")
+            data["sampling"] = sampling
+            data["sizes"] = data.get("sizes") or buckets or []
         return cls(**data)
 
     def save(self, path: str) -> None:

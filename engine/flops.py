@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine.baseline import BASELINE_NAME, MODELSCOPE_UNET3D_CONFIG, TEXT_TOKENS, build_baseline_unet
 from engine.configs import CMDConfig, load_config
+from engine.geometry import ClipSize, frame_step
 from engine.models import CMDModel
 
 __all__ = ["ACCOUNTINGS", "MODELSCOPE_UNET3D_CONFIG", "PAPER_TABLE9", "NetworkCost", "count_evaluation",
@@ -126,8 +127,10 @@ def _resolve(config: Union[str, CMDConfig]) -> CMDConfig:
 
 
 def _check_frames(cfg: CMDConfig, frames: Optional[int]) -> int:
+    """Frames of a clip at the config's own height and width that fits its networks (any length the
+    networks run, not only the sizes the model serves: FLOPs are counted for any scale)."""
     frames = cfg.num_frames if frames is None else frames
-    patch = cfg.motion_dit.patch_size
+    patch = frame_step(cfg)
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or frames % patch:
         raise ValueError(f"frames must be a positive multiple of the motion DiT patch size {patch}, got {frames!r}")
     return frames
@@ -151,13 +154,14 @@ def measure(config: Union[str, CMDConfig], frames: Optional[int] = None) -> Dict
     frames = _check_frames(cfg, frames)
     model = CMDModel.from_config(cfg, device="meta")
     baseline = build_baseline_unet(in_channels=cfg.channels, device="meta")
-    c, h, w = cfg.channels, cfg.latent_height, cfg.latent_width
+    geo = cfg.geometry(ClipSize(frames, cfg.height, cfg.width))
+    c, h, w = geo.content_shape
     text = cfg.text_encoder
     costs = {}
     meta = {"device": "meta"}  # inputs made on meta directly: a device context would add a mode to every call
     t = torch.zeros(1, **meta)
-    content = torch.empty(1, c, h, w, **meta)
-    motion = torch.empty(1, *cfg.motion_shape(num_frames=frames), **meta)
+    content = torch.empty(1, *geo.content_shape, **meta)
+    motion = torch.empty(1, *geo.motion_shape, **meta)
     states = torch.empty(1, text.max_length, text.hidden_size, **meta)
     pooled = torch.empty(1, text.hidden_size, **meta)
     costs["content_unet"] = count_evaluation(model.content_unet, lambda: model.content_unet(

@@ -17,9 +17,13 @@ Networks of one model (``networks_for(config)``)::
 Timesteps are float32 in every graph (exact for integer timesteps; what TensorRT handles best).
 
 Shape buckets are the clip sizes (frames x height x width, in pixels) a model serves: the config's
-``sampling["buckets"]`` list when it has one, else its own size. An axis is dynamic in the graphs
-only when its size changes across buckets or with the batch, so a one-bucket model gets graphs with
-a dynamic batch and static everything else (more constant folding, simpler TensorRT profiles).
+``sizes`` (:mod:`engine.geometry`), or a subset of them. An axis is dynamic in the graphs only when its
+size changes across buckets or with the batch, so a one-bucket model gets graphs with a dynamic batch
+and static everything else (more constant folding, simpler TensorRT profiles).
+
+What graphs or plans can run is checked before a request runs (:func:`check_calls`): the pipeline
+lists each network call of a request (:class:`NetworkCall`: size and batch) and the backend checks
+them against its graphs' buckets and batch ranges.
 """
 
 import hashlib
@@ -32,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from engine.configs import CMDConfig
+from engine.geometry import ClipSize, check_fits, format_sizes
 from engine.models.text import encode_tokens
 
 # Videos per call a graph is built for (its CFG networks see twice that).
@@ -44,71 +49,13 @@ _SAMPLE_TIMESTEPS = 1000
 _SAMPLE_VOCAB = 1000
 
 
-@dataclass(frozen=True)
-class ShapeBucket:
-    """One clip size a model serves: frames x height x width in pixels."""
-
-    frames: int
-    height: int
-    width: int
-
-    def __str__(self) -> str:
-        return f"{self.frames}x{self.height}x{self.width}"
-
-    @classmethod
-    def parse(cls, text: str) -> "ShapeBucket":
-        """``"16x32x32"`` -> ShapeBucket(16, 32, 32)."""
-        try:
-            frames, height, width = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"a shape bucket is FRAMESxHEIGHTxWIDTH, e.g. 16x32x32, got {text!r}") from None
-        return cls(frames, height, width)
+# A shape bucket is a clip size a model serves (engine.geometry): the graphs hold one profile per bucket.
+ShapeBucket = ClipSize
 
 
-def shape_buckets(cfg: CMDConfig) -> List[ShapeBucket]:
-    """The buckets of a config (``sampling["buckets"]``: a list of [frames, height, width] or
-    "FxHxW" strings; default: the config's own size), each checked against what the networks need."""
-    raw = cfg.sampling.get("buckets") or [[cfg.num_frames, cfg.height, cfg.width]]
-    buckets = []
-    for b in raw:
-        if isinstance(b, str):
-            buckets.append(ShapeBucket.parse(b))
-        elif isinstance(b, (list, tuple)) and len(b) == 3 and all(isinstance(v, int) for v in b):
-            buckets.append(ShapeBucket(*b))
-        else:
-            raise ValueError(f"config {cfg.name!r}: a shape bucket is [frames, height, width] or 'FxHxW', got {b!r}")
-    for bucket in buckets:
-        check_bucket(cfg, bucket)
-    return buckets
-
-
-def check_bucket(cfg: CMDConfig, bucket: ShapeBucket) -> None:
-    """A one-line ValueError naming the size if a network cannot run a clip of this size."""
-    # The content frame must split into AE patches, DiT content patches and the UNet's downsamplings;
-    # the motion latent into DiT patches along time and along its planes.
-    levels = len(cfg.content_unet.get("block_out_channels", [1]))
-    p = cfg.autoencoder.patch_size
-    multiple = _lcm(p, cfg.motion_dit.content_patch_size, 2 ** (levels - 1)) * cfg.vae_scale
-    if bucket.frames < 1 or bucket.height % multiple or bucket.width % multiple or min(bucket.height, bucket.width) < 1:
-        raise ValueError(f"shape bucket {bucket} does not fit config {cfg.name!r}: height and width must be "
-                         f"positive multiples of {multiple}")
-    if bucket.frames % cfg.motion_dit.patch_size:
-        raise ValueError(f"shape bucket {bucket} does not fit config {cfg.name!r}: frames must be a multiple of "
-                         f"the motion DiT patch {cfg.motion_dit.patch_size}")
-    n = (bucket.height // cfg.vae_scale + bucket.width // cfg.vae_scale) // p
-    if n % cfg.motion_dit.patch_size:
-        raise ValueError(f"shape bucket {bucket} does not fit config {cfg.name!r}: the motion latent's "
-                         f"{n} plane positions are not a multiple of the DiT patch {cfg.motion_dit.patch_size}")
-
-
-def _lcm(*values: int) -> int:
-    out = 1
-    for v in values:
-        a, b = out, v
-        while b:
-            a, b = b, a % b
-        out = out * v // a
-    return out
+def shape_buckets(cfg: CMDConfig) -> List[ClipSize]:
+    """The buckets of a config: the sizes it serves (its ``sizes``; by default its own size)."""
+    return cfg.served_sizes
 
 
 @dataclass(frozen=True)
@@ -129,7 +76,7 @@ class TensorSpec:
 class Profile:
     """The min/opt/max shape of every input for one bucket (a TensorRT optimisation profile)."""
 
-    bucket: ShapeBucket
+    bucket: ClipSize
     min: Dict[str, Tuple[int, ...]]
     opt: Dict[str, Tuple[int, ...]]
     max: Dict[str, Tuple[int, ...]]
@@ -152,7 +99,7 @@ class Network:
     inputs: Tuple[TensorSpec, ...] = ()
     outputs: Tuple[TensorSpec, ...] = ()
 
-    def __init__(self, config: CMDConfig, buckets: Optional[Sequence[ShapeBucket]] = None,
+    def __init__(self, config: CMDConfig, buckets: Optional[Sequence[ClipSize]] = None,
                  max_batch: int = DEFAULT_MAX_BATCH):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -161,7 +108,7 @@ class Network:
         if not self.buckets:
             raise ValueError(f"network {self.name}: no shape buckets")
         for bucket in self.buckets:
-            check_bucket(config, bucket)
+            check_fits(config, bucket)
         self.max_batch = max_batch
 
     # -- what subclasses declare ---------------------------------------------------------------
@@ -169,7 +116,7 @@ class Network:
         """(min, opt, max) of the batch axis."""
         raise NotImplementedError
 
-    def axis_sizes(self, bucket: ShapeBucket) -> Dict[str, int]:
+    def axis_sizes(self, bucket: ClipSize) -> Dict[str, int]:
         """Size of every axis symbol except ``batch`` for a bucket."""
         raise NotImplementedError
 
@@ -186,14 +133,14 @@ class Network:
     def output_names(self) -> List[str]:
         return [t.name for t in self.outputs]
 
-    def shape(self, spec: TensorSpec, bucket: ShapeBucket, batch: int) -> Tuple[int, ...]:
+    def shape(self, spec: TensorSpec, bucket: ClipSize, batch: int) -> Tuple[int, ...]:
         sizes = dict(self.axis_sizes(bucket), batch=batch)
         return tuple(sizes[a] for a in spec.axes)
 
-    def input_shapes(self, bucket: ShapeBucket, batch: int) -> Dict[str, Tuple[int, ...]]:
+    def input_shapes(self, bucket: ClipSize, batch: int) -> Dict[str, Tuple[int, ...]]:
         return {t.name: self.shape(t, bucket, batch) for t in self.inputs}
 
-    def output_shapes(self, bucket: ShapeBucket, batch: int) -> Dict[str, Tuple[int, ...]]:
+    def output_shapes(self, bucket: ClipSize, batch: int) -> Dict[str, Tuple[int, ...]]:
         return {t.name: self.shape(t, bucket, batch) for t in self.outputs}
 
     def dynamic_symbols(self) -> List[str]:
@@ -216,7 +163,7 @@ class Network:
         return [Profile(b, self.input_shapes(b, lo), self.input_shapes(b, opt), self.input_shapes(b, hi))
                 for b in self.buckets]
 
-    def find_bucket(self, shapes: Dict[str, Tuple[int, ...]]) -> ShapeBucket:
+    def find_bucket(self, shapes: Dict[str, Tuple[int, ...]]) -> ClipSize:
         """The bucket these input shapes belong to, whatever their batch; a ValueError naming them if none.
         (Every input's first axis is the batch.)"""
         batch = tuple(shapes[self.inputs[0].name])[0]
@@ -235,7 +182,7 @@ class Network:
         raise ValueError(f"{self.name}: input shapes {shapes} fit no shape bucket of this model "
                          f"(buckets {', '.join(map(str, self.buckets))}, batch {lo}..{hi})")
 
-    def sample_inputs(self, bucket: Optional[ShapeBucket] = None, batch: Optional[int] = None,
+    def sample_inputs(self, bucket: Optional[ClipSize] = None, batch: Optional[int] = None,
                       dtype: torch.dtype = torch.float32, device="cpu",
                       generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Random inputs of the right shapes and types (default: first bucket, opt batch). Floats are
@@ -273,12 +220,11 @@ class Network:
         return f"{type(self).__name__}({self.config.name!r}, buckets=[{', '.join(map(str, self.buckets))}])"
 
     # -- helpers for subclasses ------------------------------------------------------------------
-    def _content_sizes(self, bucket: ShapeBucket) -> Dict[str, int]:
+    def _content_sizes(self, bucket: ClipSize) -> Dict[str, int]:
         cfg = self.config
-        h, w = bucket.height // cfg.vae_scale, bucket.width // cfg.vae_scale
-        p = cfg.autoencoder.patch_size
-        return {"channels": cfg.channels, "height": h, "width": w, "frames": bucket.frames,
-                "motion_dim": cfg.autoencoder.motion_dim, "motion_len": h // p + w // p,
+        geo = cfg.geometry(bucket)
+        return {"channels": geo.channels, "height": geo.latent_height, "width": geo.latent_width,
+                "frames": geo.frames, "motion_dim": geo.motion_dim, "motion_len": geo.motion_length,
                 "tokens": cfg.text_encoder.max_length, "text_dim": cfg.text_encoder.hidden_size}
 
 
@@ -386,7 +332,41 @@ class VAEDecoderNet(Network):
 NETWORK_CLASSES = {cls.name: cls for cls in (TextEncoderNet, ContentUNetNet, MotionDiTNet, AEDecoderNet, VAEDecoderNet)}
 
 
-def networks_for(config: CMDConfig, buckets: Optional[Sequence[ShapeBucket]] = None,
+@dataclass(frozen=True)
+class NetworkCall:
+    """The calls one request makes into one network: the clip size and the largest batch.
+    ``batch_note`` says where that batch comes from, for error messages (e.g. "3 prompts x 2 videos,
+    x 2 for guidance")."""
+
+    network: str
+    size: ClipSize
+    batch: int
+    batch_note: str = ""
+
+
+def check_calls(networks: Dict[str, Network], calls: Sequence[NetworkCall], source: str) -> None:
+    """Check, before anything runs, that graphs or plans built from these declarations (``source`` names
+    them, e.g. "the graphs in 'onnx/default'") can run every call: the network is there, the clip size
+    gives the input shapes of one of its buckets, and the batch lies in its batch range. A one-line
+    ValueError naming the first that cannot, and how to export for it."""
+    for call in calls:
+        net = networks.get(call.network)
+        if net is None:
+            raise ValueError(f"{source} hold no {call.network} network, which this request needs; export it "
+                             "(python -m export onnx --model MODEL) and build again")
+        shapes = net.input_shapes(call.size, call.batch)
+        if not any(net.input_shapes(bucket, call.batch) == shapes for bucket in net.buckets):
+            raise ValueError(f"clip size {call.size} is outside {source}: their {net.name} network was built for "
+                             f"{format_sizes(net.buckets)}; export with --bucket {call.size} for this size")
+        lo, _, hi = net.batch_range()
+        if not lo <= call.batch <= hi:
+            note = f" ({call.batch_note})" if call.batch_note else ""
+            raise ValueError(f"{source} run {net.name} on batches of {lo} to {hi}, this request needs "
+                             f"{call.batch}{note}; make fewer videos per call (prompts x videos per prompt x motion "
+                             f"variations: at most {net.max_batch}) or export with a larger --max-batch")
+
+
+def networks_for(config: CMDConfig, buckets: Optional[Sequence[ClipSize]] = None,
                  max_batch: int = DEFAULT_MAX_BATCH, names: Optional[Sequence[str]] = None) -> List[Network]:
     """Every network of a model (the VAE decoder only in latent mode), or those named in ``names``."""
     available = [n for n in NETWORK_CLASSES if n != "vae_decoder" or config.space == "latent"]
@@ -513,7 +493,7 @@ def read_manifest(onnx_dir: str) -> Dict:
 def networks_from_manifest(manifest: Dict) -> Dict[str, Network]:
     """The declarations the graphs of an export folder were built from, by network name."""
     cfg = CMDConfig.from_dict(manifest["config"])
-    buckets = [ShapeBucket.parse(b) for b in manifest["buckets"]]
+    buckets = [ClipSize.parse(b) for b in manifest["buckets"]]
     return {n.name: n for n in networks_for(cfg, buckets, manifest["max_batch"], list(manifest["networks"]))}
 
 

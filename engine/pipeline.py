@@ -24,13 +24,14 @@ from engine.backends import Backend, get_backend
 from engine.cache import DynamicStep, Evaluations, OutputHistory, StagePlan, guide, plan_cache
 from engine.configs import CMDConfig
 from engine.default_model import ModelSpec, resolve_model
+from engine.geometry import ClipGeometry, resolve_size, size_step
 from engine.models.bundle import CMDModel
+from engine.networks import NetworkCall
 from engine.profiling import StageTimer, nvtx_range
-from engine.schedulers import SCHEDULERS, make_sampler
+from engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_sampler
 
 OUTPUT_TYPES = ("np", "pt", "latent")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAX_SIZE_FACTOR = 4  # sizes up to 4x the training size per side (positions are sin-cos, so they extend)
 
 Generator = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
@@ -68,22 +69,15 @@ class Request:
     scheduler: str
     num_videos: int
     motion_variations: int
+    geometry: ClipGeometry  # of the clip generated: a served size, num_frames or more frames
 
     @property
     def generated_frames(self) -> int:
-        """The motion DiT patches time by 2: odd frame counts are generated one longer and trimmed."""
-        return self.num_frames + self.num_frames % 2
+        """Frames generated: the smallest served length that holds num_frames (the first are kept)."""
+        return self.geometry.frames
 
 
-def size_multiple(config: CMDConfig) -> int:
-    """Heights and widths (pixels) the model supports are multiples of this: the AE patch times the
-    DiT's motion patch (H' + W' must split into DiT patches), the DiT's content patch and the UNet's
-    downsampling, in latent pixels, times the VAE factor."""
-    down = len(config.content_unet.get("down_block_types", (0, 0, 0, 0)))
-    unet = 2 ** max(down - 1, 0)
-    latent = math.lcm(config.autoencoder.patch_size * config.motion_dit.patch_size,
-                      config.motion_dit.content_patch_size, unet)
-    return latent * config.vae_scale
+size_multiple = size_step  # heights and widths are multiples of this (engine.geometry)
 
 
 def _int(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> int:
@@ -106,19 +100,14 @@ def _guidance(name: str, value) -> float:
 def check_request(config: CMDConfig, num_frames=None, height=None, width=None, num_inference_steps=None,
                   motion_steps=None, guidance_scale=None, motion_guidance_scale=None, scheduler=None,
                   num_videos_per_prompt=1, motion_variations=1) -> Request:
-    """Fill defaults from ``config.sampling`` and validate everything about a request; a ValueError
-    naming the bad value otherwise. Needs only the config, so callers can check before loading weights."""
+    """Fill defaults from the config (its own size, ``config.sampling``) and validate everything about a
+    request; a ValueError naming the bad value otherwise. The size must be one the model serves
+    (``config.sizes``, :func:`engine.geometry.resolve_size`), or fewer frames of one. Needs only the
+    config, so callers can check before loading weights."""
     s = config.sampling
-    frames = _int("num_frames", config.num_frames if num_frames is None else num_frames, 1, config.num_frames,
-                  f" for this model (trained on {config.num_frames} frames)")
-    mult = size_multiple(config)
-    sizes = {}
-    for name, value, trained in (("height", height, config.height), ("width", width, config.width)):
-        value = _int(name, trained if value is None else value, mult, MAX_SIZE_FACTOR * trained,
-                     f" for this model (trained at {config.height}x{config.width})")
-        if value % mult:
-            raise ValueError(f"{name} must be a multiple of {mult} for this model, got {value}")
-        sizes[name] = value
+    dims = [None if v is None else _int(name, v, 1)
+            for name, v in (("num_frames", num_frames), ("height", height), ("width", width))]
+    size, generated = resolve_size(config, *dims)
     train_steps = config.content_scheduler.num_train_timesteps
     steps = _int("num_inference_steps", s.get("steps", 25) if num_inference_steps is None else num_inference_steps,
                  1, train_steps)
@@ -130,10 +119,14 @@ def check_request(config: CMDConfig, num_frames=None, height=None, width=None, n
     scheduler = s.get("scheduler", "ddim") if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    spacing = s.get("timestep_spacing", "trailing")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"config sampling.timestep_spacing {spacing!r} is unknown; choose from "
+                         f"{', '.join(TIMESTEP_SPACINGS)}")
     videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1)
     variations = _int("motion_variations", motion_variations, 1)
-    return Request(frames, sizes["height"], sizes["width"], steps, msteps, guidance, mguidance, scheduler,
-                   videos, variations)
+    return Request(size.frames, size.height, size.width, steps, msteps, guidance, mguidance, scheduler,
+                   videos, variations, config.geometry(generated))
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -305,9 +298,41 @@ class CMDPipeline:
         self.text_encoder.to(dev)
         return self.set_backend(self.backend.name)
 
-    def check_inputs(self, **kwargs) -> Request:
-        """:func:`check_request` against this pipeline's model config."""
-        return check_request(self.config, **kwargs)
+    def check_inputs(self, num_prompts: int = 1, image: bool = False, output_type: str = "np", **kwargs) -> Request:
+        """:func:`check_request` against this pipeline's model config, then the backend's limits (shape
+        buckets, batch ranges of exported graphs) for a call with ``num_prompts`` prompts, an image or not
+        and ``output_type``: a one-line ValueError before any network runs."""
+        req = check_request(self.config, **kwargs)
+        self.backend.check_calls(self.network_calls(req, num_prompts, image, output_type))
+        return req
+
+    def network_calls(self, req: Request, num_prompts: int = 1, image: bool = False,
+                      output_type: str = "np") -> List[NetworkCall]:
+        """The backend calls a pipeline call makes for ``req``: per network, the clip size and the
+        largest batch (classifier-free guidance doubles the denoisers' batch)."""
+        size = req.geometry.size
+        videos = num_prompts * req.num_videos
+        motions = videos * req.motion_variations
+        made = f"{num_prompts} prompt(s) x {req.num_videos} video(s)"
+        calls = []
+        if self.backend_text_encoder is not None:
+            negatives = not image and req.guidance > 1.0
+            calls.append(NetworkCall("text_encoder", size, num_prompts * (2 if negatives else 1),
+                                     f"{num_prompts} prompt(s)" + (" and their negative prompts" if negatives else "")))
+        if not image:
+            cfg = req.guidance > 1.0
+            calls.append(NetworkCall("content_unet", size, videos * (2 if cfg else 1),
+                                     made + (", x 2 for guidance" if cfg else "")))
+        cfg = req.motion_guidance > 1.0
+        made += f" x {req.motion_variations} motion variation(s)"
+        calls.append(NetworkCall("motion_dit", size, motions * (2 if cfg else 1),
+                                 made + (", x 2 for guidance" if cfg else "")))
+        if output_type != "latent":
+            calls.append(NetworkCall("ae_decoder", size, motions, made))
+            if self.config.space == "latent" and hasattr(self.backend, "decode_frames"):
+                calls.append(NetworkCall("vae_decoder", size, min(self.vae_chunk, motions * size.frames),
+                                         "frames per image-VAE call (pipe.vae_chunk)"))
+        return calls
 
     # ----------------------------------------------------------------------------------------- stages
     @torch.no_grad()
@@ -324,11 +349,10 @@ class CMDPipeline:
 
     def _sampler(self, kind: str, steps: int, stage: str):
         sched = self.config.content_scheduler if stage == "content" else self.config.motion_scheduler
-        # Predicted x0 is clamped to [-1, 1] where the target lives there: pixel content frames, and
-        # the motion latent (tanh-bounded) in every mode.
-        clip = stage == "motion" or self.config.space == "pixel"
+        # Predicted x0 is clamped to [-1, 1] where the config says the data lives there (sched.clip_sample).
         spacing = self.config.sampling.get("timestep_spacing", "trailing")
-        return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler, clip, spacing)
+        return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler,
+                            timestep_spacing=spacing)
 
     def _loop(self, stage: str, denoise: Callable, x: torch.Tensor, steps: int, guidance: float,
               scheduler: str, callback, progress: bool, plan: Optional[StagePlan] = None,
@@ -434,42 +458,43 @@ class CMDPipeline:
                     video = decode_frames(self.model.vae, video, chunk=self.vae_chunk)
         return video.float()
 
-    def prepare_image(self, image, height: int, width: int, batch: int) -> torch.Tensor:
-        """An image -> the content frame (batch, C, h, w). ``image``: a path, an (H, W, 3) array (uint8,
-        or float in [0, 1]), a torch tensor (3, H, W) or (B, 3, H, W) in [0, 1], or a list of these (one
-        per prompt). Resized to (height, width) if needed; VAE-encoded in latent mode."""
-        from engine.video_io import read_image
+    def image_pixels(self, image, height: int, width: int, batch: int) -> torch.Tensor:
+        """An image -> pixels (batch, 3, height, width) in [-1, 1] on the device. ``image``: any form
+        :func:`engine.images.to_pixels` accepts (a path, a PIL image, a numpy array or torch tensor of uint8,
+        uint16 or float in [0, 1], channels-last or -first, a batch of one or one per prompt), or a list of
+        these (one per prompt); each is resized to (height, width) if needed. TypeError / ValueError for any
+        other form."""
+        from engine.images import to_pixels
 
         items = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not items:
+            raise ValueError("image is an empty list")
         tensors = []
         for item in items:
-            if isinstance(item, str):
-                item = read_image(item)
-            if isinstance(item, np.ndarray):
-                if item.ndim != 3 or item.shape[2] != 3:
-                    raise ValueError(f"image arrays must be (H, W, 3), got {item.shape}")
-                item = torch.from_numpy(item.astype(np.float32) / (255.0 if item.dtype == np.uint8 else 1.0))
-                item = item.permute(2, 0, 1)
-            if not isinstance(item, torch.Tensor):
-                raise ValueError(f"unsupported image {type(item).__name__}: use a path, an array or a tensor")
-            item = item.float()
-            item = item[None] if item.dim() == 3 else item
-            if item.dim() != 4 or item.shape[1] != 3:
-                raise ValueError(f"image tensors must be (3, H, W) or (B, 3, H, W), got {tuple(item.shape)}")
-            tensors.append(item)
-        pixels = torch.cat(tensors).to(self.device)
+            pixels = to_pixels(item)
+            if pixels.shape[-2:] != (height, width):
+                pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True,
+                                       align_corners=False).clamp(0, 1)  # resampling may overshoot [0, 1]
+            tensors.append(pixels)
+        pixels = torch.cat(tensors)
         if pixels.shape[0] == 1:
             pixels = pixels.expand(batch, -1, -1, -1)
         if pixels.shape[0] != batch:
             raise ValueError(f"got {pixels.shape[0]} images for {batch} prompts")
-        if pixels.shape[-2:] != (height, width):
-            pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        pixels = pixels.clamp(0, 1) * 2 - 1
+        return (pixels * 2 - 1).to(self.device)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> content frames (B, C, h, w): the pixels themselves in pixel mode,
+        their image-VAE latents in latent mode."""
         if self.config.space == "latent":
             from engine.models.vae import encode_frames
 
             return encode_frames(self.model.vae, pixels[:, None].to(self.dtype), chunk=self.vae_chunk)[:, 0].float()
         return pixels
+
+    def prepare_image(self, image, height: int, width: int, batch: int) -> torch.Tensor:
+        """An image (any form :meth:`image_pixels` takes) -> the content frame (batch, C, h, w)."""
+        return self.encode_image(self.image_pixels(image, height, width, batch))
 
     # ----------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -484,7 +509,9 @@ class CMDPipeline:
                  guidance_interval: Optional[Sequence[float]] = None) -> CMDPipelineOutput:
         """Generate ``len(prompt) * num_videos_per_prompt * motion_variations`` videos.
 
-        Defaults come from ``model.config.sampling``. ``image``: image-to-video, the image becomes the
+        Defaults come from ``model.config`` (its own size) and its ``sampling``. ``num_frames``, ``height``,
+        ``width``: a size the model serves (``config.sizes``), or fewer frames than one has (its first
+        frames). ``image``: image-to-video, the image becomes the
         content frame (the content model does not run). ``motion_variations``: motions per content
         frame (the content model runs once for all of them). ``callback_on_step_end(pipe, step,
         timestep, kwargs)`` runs after each step of both loops with ``kwargs = {"stage", "latents",
@@ -496,28 +523,27 @@ class CMDPipeline:
         "static" derives the schedule at that threshold. ``guidance_interval=(start, end)``: CFG only on
         the steps starting in that fraction of each loop, the conditional half alone elsewhere.
         ``output.evaluations`` counts what ran."""
-        req = self.check_inputs(num_frames=num_frames, height=height, width=width,
-                                num_inference_steps=num_inference_steps, motion_steps=motion_steps,
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
+        prompts = _prompt_list("prompt", prompt)
+        req = self.check_inputs(len(prompts), image is not None, output_type, num_frames=num_frames, height=height,
+                                width=width, num_inference_steps=num_inference_steps, motion_steps=motion_steps,
                                 guidance_scale=guidance_scale, motion_guidance_scale=motion_guidance_scale,
                                 scheduler=scheduler, num_videos_per_prompt=num_videos_per_prompt,
                                 motion_variations=motion_variations)
         cache_plan = plan_cache(self.config, req.scheduler, req.steps, req.motion_steps, cache, cache_threshold,
                                 guidance_interval, self.backend, content=image is None)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
-        prompts = _prompt_list("prompt", prompt)
+        pixels = self.image_pixels(image, req.height, req.width, len(prompts)) if image is not None else None
         gens = _generators(generator, len(prompts))
         need_negative = image is None and req.guidance > 1.0
         negatives = _prompt_list("negative_prompt", negative_prompt or "", len(prompts)) if need_negative else None
 
-        cfg, v, m = self.config, req.num_videos, req.motion_variations
-        h, w = req.height // cfg.vae_scale, req.width // cfg.vae_scale
-        motion_shape = cfg.motion_shape(req.generated_frames, req.height, req.width)
+        v, m, geo = req.num_videos, req.motion_variations, req.geometry
         # Per prompt: its content noise, then its motion noise, from its own generator.
         content_noise, motion_noise = [], []
         for g in gens:
-            content_noise.append(_randn((v, cfg.channels, h, w), g))
-            motion_noise.append(_randn((v * m, *motion_shape), g))
+            content_noise.append(_randn((v, *geo.content_shape), g))
+            motion_noise.append(_randn((v * m, *geo.motion_shape), g))
         content_noise, motion_noise = torch.cat(content_noise), torch.cat(motion_noise)
 
         timer = StageTimer(self.device)
@@ -528,7 +554,7 @@ class CMDPipeline:
             negative = negative.repeat_interleave(v, 0) if negative is not None else None
         with timer.stage("content"):
             if image is not None:
-                content = self.prepare_image(image, req.height, req.width, len(prompts)).repeat_interleave(v, 0)
+                content = self.encode_image(pixels).repeat_interleave(v, 0)
             else:
                 content = self.generate_content(states, negative, content_noise, req.steps, req.guidance,
                                                  req.scheduler, callback_on_step_end, progress, cache_plan.content,

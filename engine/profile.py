@@ -65,9 +65,6 @@ def main(argv=None) -> int:
 
         from engine.pipeline import CMDPipeline
 
-        from engine.run import quiet_loading
-
-        quiet_loading()
         pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=args.backend)
         call = call_kwargs(args, kwargs)
         for _ in range(args.warmup):

@@ -28,6 +28,10 @@ class HashTokenizer:
         ids = [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in _WORD.findall(text.lower())]
         return [CLS] + ids[: max_length - 2] + [SEP]
 
+    def num_tokens(self, text: str) -> int:
+        """Tokens of ``text`` before truncation, [CLS] and [SEP] included."""
+        return len(_WORD.findall(text.lower())) + 2
+
     def __call__(self, prompts: Sequence[str], max_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rows = [self.encode(p, max_length) for p in prompts]
         ids = torch.full((len(rows), max_length), PAD, dtype=torch.long)
@@ -61,6 +65,10 @@ class RandomTextEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def num_tokens(self, prompts: Sequence[str]) -> List[int]:
+        """Tokens of each prompt before truncation (``TextEncoder.num_tokens``)."""
+        return [self.tokenizer.num_tokens(p) for p in prompts]
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:

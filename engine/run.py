@@ -7,11 +7,17 @@ Everything is checked before any work and any file: a bad value gets one line ``
 stderr and exit code 2. Files are written atomically, so an error or Ctrl-C (exit 130) leaves no
 partial file. With ``--prompts-file``, prompt i (0-based) uses seed ``--seed + i``: its video equals
 ``--prompt <line i> --seed <seed + i>``.
+
+Under torchrun (``torchrun --nproc-per-node N -m engine.run --prompts-file F --out-dir D ...``) the batches
+are dealt to the ranks (``engine.distributed``), each rank on its own device, the files are those one
+process writes, and rank 0 writes ``D/index.jsonl`` when all are done. A prompt that fails (out of memory, a
+write error) is recorded and the others go on; the exit code is then 1.
 """
 
 import argparse
 import math
 import os
+import signal
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -35,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--out", help="output file: .mp4, .gif or .npy (uint8 frames, H, W, 3)")
     src.add_argument("--out-dir", help="output folder for --prompts-file: DIR/000.mp4, DIR/001.mp4, ...")
     src.add_argument("--format", default="mp4", choices=("mp4", "gif", "npy"), help="file format with --out-dir")
+    src.add_argument("--skip-existing", action="store_true",
+                     help="skip prompts whose files are complete (resume an interrupted run)")
     gen = p.add_argument_group("generation (defaults come from the model's config)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--frames", type=int, default=None)
@@ -74,10 +82,11 @@ def _count(flag: str, value: Optional[float]) -> Optional[int]:
     return int(value)
 
 
-def _read_prompts(path: str) -> List[str]:
+def _read_prompts(path: str) -> List[Tuple[int, str]]:
+    """(line number from 1, prompt) for each non-blank line."""
     try:
         with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+            prompts = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
     except FileNotFoundError:
         raise ValueError(f"prompts file not found: {path!r}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -137,7 +146,8 @@ def _plan(args):
     if backend.name == "cudagraph" and device.type != "cuda":
         raise ValueError(f"backend 'cudagraph' needs --device cuda, got --device {args.device}")
 
-    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
+    numbered = [(None, args.prompt)] if args.prompt is not None else _read_prompts(args.prompts_file)
+    prompts = [p for _, p in numbered]
     spec = resolve_model(args.model)
     config = spec.load_config()
     request = check_request(config, num_frames=args.frames, height=args.height, width=args.width,
@@ -155,31 +165,8 @@ def _plan(args):
         image = read_image(args.image)
     outputs = _outputs(args, len(prompts), request.num_videos * request.motion_variations)
     fps = args.fps if args.fps is not None else float(config.sampling.get("fps", 8))
-    return dict(spec=spec, device=device, dtype=dtype, prompts=prompts, request=request, image=image,
-                outputs=outputs, fps=fps)
-
-
-def quiet_loading() -> None:
-    """Command-line tools only: silence diffusers/transformers notices and weight-loading bars (an
-    'accelerate is not installed' warning per network says nothing useful to a user of the CLI)."""
-    import logging
-
-    for name in ("diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        import transformers.utils.logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    return dict(spec=spec, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
+                request=request, image=image, outputs=outputs, fps=fps)
 
 
 def _format_timings(timings: Dict[str, float]) -> str:
@@ -189,56 +176,171 @@ def _format_timings(timings: Dict[str, float]) -> str:
     return "timings (s): " + " | ".join(parts + [f"total {total:.3f}"])
 
 
-def run(args) -> Tuple[List[str], Dict[str, float]]:
-    """Validate, load, generate in batches, write. Returns the written paths and summed timings."""
-    import time
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
+
+def _check_prompt_lengths(encoder, plan, args) -> None:
+    """A prompt (or negative prompt) the text encoder would cut short is bad input: the video would ignore
+    its end."""
+    texts = plan["prompts"] + ([args.negative_prompt] if args.negative_prompt is not None else [])
+    for k, n in enumerate(encoder.num_tokens(texts)):
+        if n > encoder.max_length:
+            if k == len(plan["prompts"]):
+                where = "--negative-prompt"
+            else:
+                where = "--prompt" if args.prompt is not None else f"line {plan['lines'][k]} of {args.prompts_file!r}"
+            raise ValueError(f"{where} is too long for the text encoder: {n} tokens, at most {encoder.max_length}")
+
+
+def _prepare(args):
+    """This rank's plan and pipeline, every input checked."""
     plan = _plan(args)
     from engine.pipeline import CMDPipeline
-    from engine.video_io import write_video
 
-    quiet_loading()
     pipe = CMDPipeline.from_pretrained(plan["spec"], device=plan["device"], dtype=plan["dtype"],
                                        backend=args.backend)
-    req, prompts, outputs = plan["request"], plan["prompts"], plan["outputs"]
-    written, totals = [], {}
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start:start + args.batch_size]
-        result = pipe(batch, negative_prompt=args.negative_prompt, num_frames=req.num_frames, height=req.height,
-                      width=req.width, num_inference_steps=req.steps, motion_steps=req.motion_steps,
-                      guidance_scale=req.guidance, motion_guidance_scale=req.motion_guidance,
-                      scheduler=req.scheduler, num_videos_per_prompt=req.num_videos,
-                      generator=args.seed + start, image=plan["image"], motion_variations=req.motion_variations,
-                      progress=not args.quiet, cache=args.cache, cache_threshold=args.cache_threshold,
+    _check_prompt_lengths(pipe.text_encoder, plan, args)
+    req = plan["request"]
+    # The backend's limits (exported graphs' sizes and batches) for the largest batch, before any work.
+    pipe.check_inputs(min(args.batch_size, len(plan["prompts"])), plan["image"] is not None,
+                      num_frames=req.num_frames, height=req.height, width=req.width, num_inference_steps=req.steps,
+                      motion_steps=req.motion_steps, guidance_scale=req.guidance,
+                      motion_guidance_scale=req.motion_guidance, scheduler=req.scheduler,
+                      num_videos_per_prompt=req.num_videos, motion_variations=req.motion_variations)
+    return plan, pipe
+
+
+def run(args, info=None) -> List[dict]:
+    """Validate, load, generate (this rank's batches under torchrun), write. Returns every prompt's record,
+    in order (``engine.distributed.run_sharded``). Under torchrun (``info``: an ``engine.distributed.DistInfo``
+    of a joined group) a failure to start on any rank is raised on every rank (ValueError for bad input), so
+    that all of them stop together."""
+    from engine.distributed import DistInfo, Job, first_error, run_sharded
+
+    info = info if info is not None else DistInfo()
+    error = None
+    try:
+        plan, pipe = _prepare(args)
+    except Exception as e:  # noqa: BLE001 -- under torchrun every rank must hear of it; see below
+        if not info.enabled:
+            raise
+        error = (isinstance(e, (ValueError, FileNotFoundError)), _one_line(e))
+    if info.enabled:
+        failed = first_error(error, info)
+        if failed is not None:
+            rank, (bad_input, message) = failed
+            message = message if rank == 0 else f"rank {rank}: {message}"
+            raise ValueError(message) if bad_input else RuntimeError(message)
+
+    from engine.video_io import write_video
+
+    req = plan["request"]
+    jobs = [Job(i, prompt, args.seed + i, plan["outputs"][i], plan["lines"][i])
+            for i, prompt in enumerate(plan["prompts"])]
+
+    def generate(group):
+        # An int generator seeds prompt k of the call with seed + k: prompt i gets --seed + i.
+        result = pipe([job.prompt for job in group], negative_prompt=args.negative_prompt,
+                      num_frames=req.num_frames, height=req.height, width=req.width,
+                      num_inference_steps=req.steps, motion_steps=req.motion_steps, guidance_scale=req.guidance,
+                      motion_guidance_scale=req.motion_guidance, scheduler=req.scheduler,
+                      num_videos_per_prompt=req.num_videos, generator=group[0].seed, image=plan["image"],
+                      motion_variations=req.motion_variations, progress=not args.quiet and info.is_main,
+                      cache=args.cache, cache_threshold=args.cache_threshold,
                       guidance_interval=args.guidance_interval)
-        t0 = time.perf_counter()
-        paths = [p for row in outputs[start:start + len(batch)] for p in row]
+        return result.frames, result.timings
+
+    def write(path, frames):
         if args.out_dir is not None:
             os.makedirs(args.out_dir, exist_ok=True)
-        for path, frames in zip(paths, result.frames):
-            write_video(path, frames, fps=plan["fps"])
-            written.append(path)
-            print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
-                  f"{plan['fps']:g} fps)", flush=True)
-        result.timings["write"] = time.perf_counter() - t0
-        for k, v in result.timings.items():
-            totals[k] = totals.get(k, 0.0) + v
-    return written, totals
+        write_video(path, frames, fps=plan["fps"])
+        print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+              f"{plan['fps']:g} fps)", flush=True)
+
+    return run_sharded(jobs, args.batch_size, info, generate, write, skip_existing=args.skip_existing)
+
+
+def _report(args, info, records: List[dict], torchrun: bool) -> int:
+    """Rank 0: the index (under torchrun, with --out-dir), the timings and the summary. Every rank: the exit
+    code, 1 when a prompt failed."""
+    failed = [r for r in records if r["status"] == "failed"]
+    index = os.path.join(args.out_dir, "index.jsonl") if torchrun and args.out_dir is not None else None
+    if info.is_main:
+        from engine.distributed import write_index
+
+        if index is not None:
+            os.makedirs(args.out_dir, exist_ok=True)
+            write_index(index, records, root=args.out_dir)
+        totals: Dict[str, float] = {}
+        for r in records:
+            for k, v in r.get("seconds", {}).items():
+                totals[k] = totals.get(k, 0.0) + v
+        print(_format_timings(totals), flush=True)
+        if args.prompts_file is not None:
+            counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
+            print(f"{len(records)} prompts: {counts['ok']} written, {counts['skipped']} skipped, "
+                  f"{counts['failed']} failed" + (f"; index {index}" if index else ""), flush=True)
+        if failed:
+            which = ", ".join(f"{r['index']}" + (f" (line {r['line']})" if r["line"] is not None else "")
+                              for r in failed[:10]) + (", ..." if len(failed) > 10 else "")
+            print(f"error: {len(failed)} of {len(records)} prompts failed: {which}; first error: "
+                  f"{failed[0]['error']}" + (f"; all in {index}" if index else ""), file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def _join(args):
+    """Under torchrun: join the process group (gloo on the CPU, NCCL on CUDA) and run on this rank's
+    device (``--device cuda``: cuda:LOCAL_RANK). Without torchrun: one process, ``--device`` as given."""
+    from datetime import timedelta
+
+    from engine.distributed import DistInfo, init_distributed, torchrun_env
+
+    if torchrun_env() is None:
+        return DistInfo()
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"under torchrun --device is cpu or cuda (rank r runs on cuda:LOCAL_RANK), "
+                         f"got {args.device!r}")
+    # A rank that is done waits for the slowest in the final gather, however long that takes; a rank that
+    # dies cannot leave the others waiting: torchrun ends them all.
+    info = init_distributed(args.device, timeout=timedelta(hours=24))
+    args.device = str(info.device)
+    # torchrun ends the other workers with SIGTERM when one fails: unwind like Ctrl-C, so that no
+    # temporary file is left behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return info
 
 
 def main(argv=None) -> int:
+    torchrun = "WORLD_SIZE" in os.environ
+    # Every rank finds the same bad input; rank 0 alone says so.
+    speak = not torchrun or os.environ.get("RANK", "0") == "0"
+    info, code = None, 0
     try:
         args = build_parser().parse_args(argv)
-        _, timings = run(args)
+        info = _join(args)
+        records = run(args, info)
+        code = _report(args, info, records, torchrun)
     except (ValueError, FileNotFoundError) as e:
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        if speak:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
-        print("error: interrupted; no partial file was left", file=sys.stderr)
-        return 130
-    print(_format_timings(timings), flush=True)
-    return 0
+        if speak:
+            print("error: interrupted; no partial file was left", file=sys.stderr)
+        code = 130
+    except Exception:  # noqa: BLE001 -- under torchrun: report it, then leave the group (below)
+        if not torchrun:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if info is not None:
+        from engine.distributed import finish
+
+        finish(info, code)  # leaves the process group; ends a torchrun worker at once (DESIGN 8)
+    return code
 
 
 if __name__ == "__main__":

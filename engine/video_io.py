@@ -1,19 +1,29 @@
-"""Writing videos (.mp4, .gif, .npy) and reading images, safely.
+"""Writing and reading videos (.mp4, .gif, .npy, and for reading any container ffmpeg opens), reading
+images, safely.
 
 Every write is atomic: the file is written under a temporary name in the target folder and renamed
 over the target only once complete, so an error or Ctrl-C never leaves a partial video behind.
 .mp4 (H.264) and .gif go through imageio-ffmpeg's bundled ffmpeg; .npy holds the frames as a uint8
 array (frames, H, W, 3). imageio-ffmpeg and imageio are imported only when used, so the GPU path
 (which writes .npy) does not need them.
+
+Reading (:func:`read_video`, :func:`probe_video`) is the one video reader of the project (the engine,
+the trainer's data sets and the tests use it): it returns one frame per frame stored in the file, never
+resampled to a frame rate (ffmpeg's default output timing repeats GIF frames, e.g. a 2-frame GIF at
+500 ms a frame would read as 100 frames at GIF's 1/100 s time base); the timing is kept apart as
+metadata (per-frame durations and the mean fps).
 """
 
 import importlib.util
 import os
-from typing import Sequence, Union
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.atomic import atomic_path
+from engine.atomic import atomic_path, deferred_interrupts
 
 VIDEO_FORMATS = (".mp4", ".gif", ".npy")
 
@@ -115,30 +125,173 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
             with open(tmp, "wb") as f:
                 np.save(f, np.stack([_to_uint8(frame) for frame in frames]))
         else:
-            _write_ffmpeg(tmp, frames, fps, ext)
+            with deferred_interrupts():  # ffmpeg ends before the temporary file can be removed
+                _write_ffmpeg(tmp, frames, fps, ext)
     return path
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> (H, W, 3) float32 in [0, 1]; grey is repeated to RGB, alpha dropped."""
-    if not os.path.isfile(path):
-        raise ValueError(f"image not found: {path!r}")
-    try:
-        import imageio.v3 as iio
+    """An image file -> (H, W, 3) float32 in [0, 1]; grey is repeated to RGB, alpha dropped, 8- and 16-bit
+    files scaled by their full range (:func:`engine.images.to_pixels`, the one place these rules live).
+    ValueError / TypeError for a missing or unreadable file or one of an unsupported kind."""
+    from engine.images import to_pixels
 
-        image = np.asarray(iio.imread(path))
-    except Exception as e:  # imageio raises many kinds for unreadable files
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read image {path!r}: {first}") from None
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"cannot read image {path!r}: expected an RGB image, got an array of shape {image.shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    image = image[..., :3]
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    return np.clip(image.astype(np.float32), 0.0, 1.0)
+    return to_pixels(path)[0].permute(1, 2, 0).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading videos
+
+# ffmpeg output options that keep the stored frames: no frame-rate conversion (the default would
+# duplicate or drop frames to reach a constant rate), and the first video stream that is not a cover
+# picture (``V``).
+_PASSTHROUGH = ["-map", "0:V:0", "-fps_mode", "passthrough"]
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file stores, read without decoding it (:func:`probe_video`).
+
+    ``num_frames``: stored frames (what :func:`read_video` returns, without ``max_frames``).
+    ``durations``: (num_frames,) float64 seconds each frame is shown, in display order, as ffmpeg's
+    demuxer reads the container's timestamps (GIF: the per-frame delays in 1/100 s; ffmpeg shows a delay
+    under 2/100 s as 1/10 s, as browsers do); None where the format stores no timing (.npy).
+    ``height``, ``width``: frame size in pixels (None when ffmpeg's copy probe does not report it).
+    """
+
+    num_frames: int
+    durations: Optional[np.ndarray]
+    height: Optional[int] = None
+    width: Optional[int] = None
+
+    @property
+    def fps(self) -> Optional[float]:
+        """Mean frame rate, frames / seconds shown (None without timing or with zero total time)."""
+        if self.durations is None or self.num_frames == 0:
+            return None
+        total = float(np.sum(self.durations))
+        return self.num_frames / total if total > 0 else None
+
+
+def _ffmpeg_reason(text: str) -> str:
+    """The first line of ffmpeg's error output, without its "[in#0 @ 0x...]" context prefix."""
+    for line in text.splitlines():
+        line = re.sub(r"^(\[[^\]]*\]\s*)+", "", line).strip()
+        if line:
+            return line
+    return "ffmpeg failed"
+
+
+def _check_readable(path: str) -> None:
+    if not os.path.exists(path):
+        raise ValueError(f"video not found: {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"video path is a folder: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read video {path!r}: the file is empty (0 bytes)")
+
+
+def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
+    try:
+        frames = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:  # numpy raises several kinds for a bad file
+        raise ValueError(f"cannot read video {path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"cannot read video {path!r}: expected uint8 frames (frames, H, W, 3), got "
+                         f"{frames.dtype} {tuple(frames.shape)}")
+    return frames
+
+
+def _timestamps(lines: List[str]) -> Tuple[Optional[np.ndarray], Optional[int], Optional[int]]:
+    """Per-frame durations (seconds, display order), height, width from ffmpeg's framecrc listing of the
+    stream's packets (one packet per stored frame; decode order, so sorted by presentation time)."""
+    num, den = 1, 1
+    width = height = None
+    pts, dur = [], []
+    nopts = -(2 ** 63)
+    for line in lines:
+        if line.startswith("#tb 0:"):
+            num, den = (int(x) for x in line.split(":", 1)[1].strip().split("/"))
+        elif line.startswith("#dimensions 0:"):
+            width, height = (int(x) for x in line.split(":", 1)[1].strip().split("x"))
+        elif line and not line.startswith("#"):
+            fields = [f.strip() for f in line.split(",")]
+            dts, p, d = int(fields[1]), int(fields[2]), int(fields[3])
+            pts.append(p if p != nopts else dts)
+            dur.append(d)
+    if not pts or nopts in pts:
+        return None, height, width
+    order = np.argsort(np.asarray(pts, np.int64), kind="stable")
+    t = np.asarray(pts, np.float64)[order]
+    last = float(np.asarray(dur, np.float64)[order][-1])
+    steps = np.diff(t)
+    if last <= 0:  # no stored duration for the last frame: the typical step
+        last = float(np.median(steps)) if len(steps) else 0.0
+    return np.append(steps, last) * num / den, height, width
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Count a video's stored frames and read their timing without decoding (ffmpeg copies the stream's
+    packets, one per frame). .npy: the array's frames, no timing. Raises ValueError naming the file
+    when it is missing, empty or not a video ffmpeg can open."""
+    _check_readable(path)
+    if path.lower().endswith(".npy"):
+        frames = _load_npy(path, mmap=True)
+        return VideoInfo(int(frames.shape[0]), None, int(frames.shape[1]), int(frames.shape[2]))
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", path,
+           "-map", "0:V:0", "-c", "copy", "-f", "framecrc", "-"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    lines = proc.stdout.splitlines()
+    count = sum(1 for line in lines if line and not line.startswith("#"))
+    if proc.returncode != 0 or count == 0:
+        reason = _ffmpeg_reason(proc.stderr) if proc.returncode != 0 else "no video frames"
+        raise ValueError(f"cannot read video {path!r}: {reason}")
+    durations, height, width = _timestamps(lines)
+    return VideoInfo(count, durations, height, width)
+
+
+def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
+    """Decode a video to uint8 frames (N, H, W, 3), one per frame stored in the file (never resampled to
+    a frame rate: see :func:`probe_video` for the timing); at most ``max_frames`` (the first ones).
+
+    .npy: the uint8 (frames, H, W, 3) array :func:`write_video` writes. Anything else goes through
+    imageio-ffmpeg (mp4, gif, webm, avi, mov, mkv, ...). Raises ValueError naming the file when it is
+    missing, empty or cannot be decoded."""
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    _check_readable(path)
+    if path.lower().endswith(".npy"):
+        frames = _load_npy(path, mmap=max_frames is not None)
+        return np.array(frames[:max_frames])
+    import imageio_ffmpeg
+
+    frames = []
+    try:
+        reader = imageio_ffmpeg.read_frames(path, output_params=list(_PASSTHROUGH))
+        try:
+            meta = next(reader)
+            width, height = meta["size"]
+            for raw in reader:
+                frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        finally:
+            reader.close()
+    except Exception:  # imageio-ffmpeg puts ffmpeg's whole log in its message: ask ffmpeg for the reason
+        reason = _decode_error(path)
+        raise ValueError(f"cannot read video {path!r}: {reason}") from None
+    if not frames:
+        raise ValueError(f"cannot read video {path!r}: no frames decoded")
+    return np.stack(frames)
+
+
+def _decode_error(path: str) -> str:
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", path,
+           *_PASSTHROUGH, "-f", "null", "-"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    return _ffmpeg_reason(proc.stderr) if proc.stderr.strip() else "decoding failed"

@@ -25,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--precision", default="float32", help="float32 or float16")
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (18..24, default 18)")
     onnx.add_argument("--network", action="append", help="only this network (repeatable)")
-    onnx.add_argument("--bucket", action="append", help="shape bucket FRAMESxHEIGHTxWIDTH (repeatable; "
-                                                        "default: the config's)")
+    onnx.add_argument("--bucket", action="append", help="shape bucket FRAMESxHEIGHTxWIDTH, one of the sizes the "
+                                                        "model serves (repeatable; default: all of them)")
     onnx.add_argument("--max-batch", type=int, default=None, help="videos per call the graphs serve (default 4)")
     onnx.add_argument("--external-data", default="auto", choices=("auto", "always", "never"),
                       help="weights in a separate .onnx.data file: past 2 GB (auto), always or never")

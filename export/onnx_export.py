@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 
 from engine.configs import CMDConfig
+from engine.geometry import format_sizes
 from engine.networks import (DEFAULT_MAX_BATCH, FORMAT_VERSION, MANIFEST, PRECISIONS, Network, ShapeBucket,
                              file_hash, networks_for, weights_hash, weights_hashes)
 from export.files import new_dir, write_json
@@ -219,12 +220,18 @@ def export_model(model, out_dir: str, text_encoder=None, precision="float32", op
     """Export the networks of ``model`` (a :class:`engine.models.CMDModel`) into ``out_dir``.
 
     ``names``: a subset of networks (default: all; the text encoder needs ``text_encoder``).
-    ``buckets``: shape buckets (default: the config's). ``model_spec``: how to load the model again
+    ``buckets``: shape buckets, a subset of the sizes the model serves (default: all of them). ``model_spec``: how to load the model again
     (recorded for ``python -m export check``). ``external_data``: force weights into (True) or out of
     (False) a separate file; default by size. Returns the manifest."""
     dtype = parse_precision(precision)
     check_opset(opset)
     cfg: CMDConfig = model.config
+    served = cfg.served_sizes
+    for bucket in buckets or ():
+        if bucket not in served:
+            raise ValueError(f"size {bucket} is not one model {cfg.name!r} serves ({format_sizes(served)}): graphs "
+                             "are built for served sizes only; declare a size in the config's 'sizes' once the model "
+                             "is evaluated there")
     nets = networks_for(cfg, buckets, max_batch, names)
     if text_encoder is None:
         if names is not None and "text_encoder" in names:

@@ -5,7 +5,8 @@ Every op takes ``impl="auto" | "triton" | "reference"``. ``auto`` picks Triton o
 Each op is a ``torch.library`` custom op (``cmd::...``, with a fake impl and autograd), so
 ``torch.compile`` and CUDA graphs see one op, while ONNX export traces the reference. The reference is
 the spec: the CPU path, ONNX export, tests and benchmarks all use it. This package imports only torch
-and triton; it knows nothing of models. ``python -m kernels.bench`` benchmarks the kernels.
+and triton; it knows nothing of models. ``python -m kernels.bench`` benchmarks the kernels;
+``python -m kernels.aot`` compiles and checks them for sm_80/sm_90 without a GPU (and fills a Triton cache).
 """
 
 from kernels._dispatch import force_impl

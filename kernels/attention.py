@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, autotune, can_launch, check_same_device, empty,
-                             grid_configs, interpret_block, launch_context, next_pow2)
+from kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, Launch, Target, autotune, can_launch, check_same_device,
+                             empty, grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_HEAD_DIM = 128
 
@@ -68,15 +68,64 @@ def _attn_keep(kw, warps):
     return (kw["BLOCK_M"] == 128) == (warps == 8)  # 4 warps per 64 query rows
 
 
+def _attn_cfg(m, n, stages):
+    return {"BLOCK_M": m, "BLOCK_N": n}, 8 if m == 128 else 4, stages
+
+
+# fp16/bf16: tensor-core tiles, K/V pipelined through shared memory (cp.async, num_stages buffers).
 _ATTN_CONFIGS = grid_configs({"BLOCK_M": [64, 128], "BLOCK_N": [32, 64, 128]}, num_warps=[4, 8],
                              num_stages=[2, 3, 4], keep=_attn_keep)
+_ATTN_FAST = pick(_ATTN_CONFIGS, _attn_cfg(128, 64, 3), _attn_cfg(128, 128, 2), _attn_cfg(64, 64, 3),
+                  _attn_cfg(128, 32, 3))
+# CMD_AUTOTUNE=off: the first of these that fits the target.
+_ATTN_OFF = pick(_ATTN_CONFIGS, _attn_cfg(128, 64, 3), _attn_cfg(64, 64, 2), _attn_cfg(64, 32, 2))
+# fp32 (IEEE dots on FMA units): only tiles that spill no register at head dims 64, 72 and 128 on sm_80
+# and sm_90 with Triton 3.6 and 3.9 (measured with kernels.aot; the tiles of the fp16/bf16 space with 4
+# warps per 64 rows all spill at d72; tests/kernels/test_aot.py holds it at the configs' shapes).
+_ATTN_FP32 = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2)
+              for m, n, w in ((64, 32, 8), (64, 16, 4), (32, 32, 4))]
+_ATTN_SPACE = {"full": _ATTN_CONFIGS, "fast": _ATTN_FAST, "off": _ATTN_OFF}
+_ATTN_FP32_SPACE = {"full": _ATTN_FP32, "fast": _ATTN_FP32[:2], "off": _ATTN_FP32}
 
 
-@autotune(_ATTN_CONFIGS, key=["N", "HEAD_DIM", "IS_FP32"])
+def _attn_space(args, mode):
+    return (_ATTN_FP32_SPACE if args["IS_FP32"] else _ATTN_SPACE)[mode]
+
+
+def _attn_smem(config, args, arch: int) -> int:
+    """Shared memory (bytes) Triton allocates for a config: the cp.async pipeline's K and V tiles
+    (BLOCK_N x padded head dim; ``num_stages`` buffers for sm_90's wgmma, one fewer for mma.sync and the
+    fp32 FMA dots), the Q tile, and for fp32 the P tile plus a little scratch. Fitted to the compiles of
+    ``python -m kernels.aot --unpruned`` (Triton 3.6 and 3.9, head dims 32-128): exact for fp16/bf16,
+    for fp32 at most 512 B above the allocation (tests/kernels/test_aot.py checks both)."""
+    fp32 = args["IS_FP32"]
+    el = 4 if fp32 else 2
+    d = args["D1"] + (args["D2"] if args["TAIL"] else 0)
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    buffers = config.num_stages if arch >= 90 and not fp32 else max(1, config.num_stages - 1)
+    return el * (2 * buffers * n * d + m * d + (m * n if fp32 else 0)) + (512 if fp32 else 0)
+
+
+def _attn_fits(config, args, target: Target) -> bool:
+    return _attn_smem(config, args, target.arch) <= target.max_shared_mem
+
+
+def _attn_align(a) -> int:
+    """Elements per 16 bytes when every batch, head and token stride of q, k, v and out is a multiple of
+    it (every row then starts 16-byte aligned), else 1. Triton only proves alignment of integers that
+    are multiples of 16, so at head dims 72 and 80 (strides 72 x heads ...) it would fall back to
+    scalar loads without this hint."""
+    vec = 16 // a["Q"].dtype.itemsize
+    strides = [a[f"{t}_s{axis}"] for t in "qkvo" for axis in "bhn"]
+    return vec if all(s % vec == 0 for s in strides) else 1
+
+
+@autotune(key=["N", "HEAD_DIM", "IS_FP32"], configs=_ATTN_CONFIGS + _ATTN_FP32, space=_attn_space, fits=_attn_fits)
 # EVEN_M / EVEN_N: loads and stores of that axis need no mask (N a multiple of the block, and no head
-# dims padded in the main part: head_dim < 16 pads D1 to 16).
+# dims padded in the main part: head_dim < 16 pads D1 to 16). ALIGN: see _attn_align.
 @triton.heuristics({"EVEN_M": lambda a: a["N"] % a["BLOCK_M"] == 0 and a["D1"] <= a["HEAD_DIM"],
-                    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["D1"] <= a["HEAD_DIM"]})
+                    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["D1"] <= a["HEAD_DIM"],
+                    "ALIGN": _attn_align})
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, qk_scale, N, HEADS,
@@ -84,7 +133,13 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, TAIL: tl.constexpr,
     UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    if ALIGN > 1:  # a value-preserving rewrite that lets the compiler prove 16-byte row alignment
+        q_sb, q_sh, q_sn = q_sb // ALIGN * ALIGN, q_sh // ALIGN * ALIGN, q_sn // ALIGN * ALIGN
+        k_sb, k_sh, k_sn = k_sb // ALIGN * ALIGN, k_sh // ALIGN * ALIGN, k_sn // ALIGN * ALIGN
+        v_sb, v_sh, v_sn = v_sb // ALIGN * ALIGN, v_sh // ALIGN * ALIGN, v_sn // ALIGN * ALIGN
+        o_sb, o_sh, o_sn = o_sb // ALIGN * ALIGN, o_sh // ALIGN * ALIGN, o_sn // ALIGN * ALIGN
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HEADS).to(tl.int64)
@@ -144,8 +199,13 @@ def _attention_fwd_kernel(
         if not EVEN_N:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # Safe max (as FlashAttention): a row whose scores so far are all -inf (a key block of -inf
+        # scores, from infinite inputs) has m_new = -inf, and exp2(-inf - -inf) would be NaN. Subtracting
+        # 0 there gives alpha = p = 0, and the row carries on exactly once a finite score comes. One
+        # select per row per key block.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, SUM)
         m_i = m_new
 
@@ -168,7 +228,9 @@ def _attention_fwd_kernel(
             else:
                 acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
 
-    inv_l = 1.0 / l_i
+    # l_i is 0 only where every score of the row is -inf: SDPA returns 0 there (its safe softmax), and
+    # acc is 0 (0 * v), so divide by 1 (FlashAttention's rule; a NaN acc stays NaN, as in SDPA).
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o_ptrs = O + b * o_sb + h * o_sh + offs_m[:, None] * o_sn
     out1 = (acc1 * inv_l[:, None]).to(O.dtype.element_ty)
     if EVEN_M:
@@ -190,24 +252,29 @@ def _head_split(d: int) -> Tuple[int, int, bool]:
     return d1, max(16, next_pow2(d - d1)), True
 
 
-def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Tuple[Launch, torch.Tensor]:
+    """The forward launch for q, k, v (B, heads, N, d) with unit last stride, and its output."""
     B, H, N, D = q.shape
     # Token-major output, as SDPA's flash backend returns it: the following transpose(1, 2) is free.
     out = empty((B, N, H, D), q.dtype, q.device).transpose(1, 2)
-    if out.numel() == 0:
-        return out
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     d1, d2, tail = _head_split(D)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     # Interpreter: a DiT-tiny sequence (up to 256 tokens) in one program per head.
     meta = {"BLOCK_M": interpret_block(N, 256, 16), "BLOCK_N": interpret_block(N, 256, 16)} if INTERPRETED else {}
-    with launch_context(q):
-        _attention_fwd_kernel[grid](
-            q, k, v, out, scale * LOG2E, N, H,
+    args = (q, k, v, out, scale * LOG2E, N, H,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=D, D1=d1, D2=d2, TAIL=tail,
-            UPCAST=INTERPRETED and q.dtype == torch.bfloat16, IS_FP32=q.dtype == torch.float32, **meta)
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    return Launch(_attention_fwd_kernel, grid, args, dict(
+        HEAD_DIM=D, D1=d1, D2=d2, TAIL=tail, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        IS_FP32=q.dtype == torch.float32, **meta)), out
+
+
+def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    launch, out = _attention_launch(q, k, v, scale)
+    if out.numel():
+        with launch_context(q):
+            launch.run()
     return out
 
 
@@ -246,7 +313,18 @@ _motion_attention_op.register_autograd(_attention_backward, setup_context=_atten
 def motion_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, impl: str = "auto"
 ) -> torch.Tensor:
-    """Attention over the token sequence: q, k, v (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+    """Attention over the token sequence: q, k, v (B, heads, N, head_dim) -> (B, heads, N, head_dim),
+    softmax(q k^T * scale) v with scale defaulting to head_dim ** -0.5 (non-causal, no mask), as
+    ``torch.nn.functional.scaled_dot_product_attention``, the reference. The Triton kernel takes fp32, fp16
+    and bf16 with head_dim <= 128; other dtypes run the reference. Gradients come from SDPA's backward.
+
+    Finite inputs give finite scores. Infinite inputs follow SDPA on every path: keys whose score is -inf
+    weigh 0 (runs of any length, anywhere along N); a row whose scores are all -inf gives 0 (SDPA's safe
+    softmax, not NaN); a +inf or NaN score makes its row NaN.
+
+    Raises ValueError for q, k, v that are not 4-D of one shape, head_dim > 128, a scale that is not
+    positive, or tensors on two devices; TypeError for mixed dtypes.
+    """
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
             f"motion_attention expects q, k, v of one shape (B, heads, N, head_dim), "
@@ -336,42 +414,55 @@ def _modln_bwd_kernel(
     tl.store(DSCALE_PART + part, d_scale, mask=c_ok)
 
 
-def _launch_modln_forward(x, shift, scale, eps):
+def _modln_forward_launch(x, shift, scale, eps) -> Tuple[Launch, torch.Tensor]:
     B, N, C = x.shape
     y = empty((B, N, C), x.dtype, x.device)
-    if y.numel() == 0:
-        return y
     block_c, block_r, warps = _rows_config(C)
-    with launch_context(x):
-        _modln_fwd_kernel[(triton.cdiv(B * N, block_r),)](
-            x, shift, scale, y, B * N, N, C, eps, *x.stride(), *shift.stride(), *scale.stride(),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    return Launch(_modln_fwd_kernel, (triton.cdiv(B * N, block_r),),
+                  (x, shift, scale, y, B * N, N, C, eps, *x.stride(), *shift.stride(), *scale.stride()),
+                  dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)), y
+
+
+def _launch_modln_forward(x, shift, scale, eps):
+    launch, y = _modln_forward_launch(x, shift, scale, eps)
+    if y.numel():
+        with launch_context(x):
+            launch.run()
     return y
 
 
-def _bwd_chunks(B: int, N: int, block_r: int, device: torch.device) -> int:
-    """Programs per sample in the backward: enough to fill the GPU (each reduces a run of rows in
-    registers and writes one partial d shift / d scale row); one in the interpreter."""
-    if INTERPRETED or device.type != "cuda":
+def _bwd_chunks(B: int, N: int, block_r: int, device: torch.device, num_sms: Optional[int] = None) -> int:
+    """Programs per sample in the backward: enough to fill the GPU's ``num_sms`` (default: the device's;
+    each program reduces a run of rows in registers and writes one partial d shift / d scale row); one
+    in the interpreter and off CUDA (unless ``num_sms`` is given: ``kernels.aot`` compiles for a target)."""
+    if INTERPRETED or (device.type != "cuda" and num_sms is None):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(triton.cdiv(N, block_r), triton.cdiv(4 * sms, max(B, 1))))
 
 
-def _launch_modln_backward(grad, x, shift, scale, eps):
+def _modln_backward_launch(grad, x, shift, scale, eps, num_sms: Optional[int] = None):
+    """(launch, dx, partial d shift / d scale sums (2, B, chunks, C) fp32)."""
     B, N, C = x.shape
     dx = empty((B, N, C), x.dtype, x.device)
     block_c, block_r, warps = _rows_config(C)
-    chunks = _bwd_chunks(B, N, block_r, x.device)
+    chunks = _bwd_chunks(B, N, block_r, x.device, num_sms)
     rows_per_prog = triton.cdiv(triton.cdiv(N, chunks), block_r) * block_r
     chunks = triton.cdiv(N, rows_per_prog) if N else 1
     parts = empty((2, B, chunks, C), torch.float32, x.device)
+    return Launch(_modln_bwd_kernel, (chunks, B),
+                  (x, scale, grad, dx, parts[0], parts[1], N, C, rows_per_prog, eps,
+                   *x.stride(), *scale.stride(), *grad.stride()),
+                  dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)), dx, parts
+
+
+def _launch_modln_backward(grad, x, shift, scale, eps):
+    launch, dx, parts = _modln_backward_launch(grad, x, shift, scale, eps)
     if dx.numel():
         with launch_context(x):
-            _modln_bwd_kernel[(chunks, B)](
-                x, scale, grad, dx, parts[0], parts[1], N, C, rows_per_prog, eps,
-                *x.stride(), *scale.stride(), *grad.stride(),
-                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+            launch.run()
+    else:  # no rows (N = 0): d shift and d scale are sums over nothing
+        parts.zero_()
     # Two separate reductions: outputs of a custom op must not alias one another.
     return dx, parts[0].sum(1).to(shift.dtype), parts[1].sum(1).to(scale.dtype)
 

@@ -226,6 +226,25 @@ def ceilings(device) -> Dict[str, float]:
     return {"copy_gbps": 2 * (1 << 29) * 2 / copy_ms / 1e6, "matmul_tflops": 2 * n ** 3 / mm_ms / 1e9}
 
 
+def read_ceilings(path: str) -> Dict[str, float]:
+    """Ceilings measured earlier (e.g. by the GPU lease's environment stage, with :func:`ceilings`): a JSON
+    file holding ``copy_gbps`` and ``matmul_tflops``, at its top level or under ``"ceilings"``. Raises
+    ValueError naming the file when it is missing, unreadable, or lacks a positive value."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--ceilings: cannot read {path!r}: {e}") from None
+    data = data.get("ceilings", data) if isinstance(data, dict) else {}
+    out = {}
+    for key in ("copy_gbps", "matmul_tflops"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"--ceilings: {path!r} has no positive {key!r} (got {value!r})")
+        out[key] = float(value)
+    return out
+
+
 def _compiled(fn):
     try:
         return torch.compile(fn)
@@ -394,6 +413,9 @@ def main(argv=None) -> int:
                         help="batch of the DiT ops (default: 2, one video with CFG)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) baselines")
     parser.add_argument("--json", default=None, help="output file (default benchmarks/results/kernels-<device>.json)")
+    parser.add_argument("--ceilings", default=None, metavar="JSON",
+                        help="take the ceilings (copy_gbps, matmul_tflops; top level or under 'ceilings') from this "
+                             "file, measured earlier on the same device, instead of measuring them here")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -412,13 +434,22 @@ def main(argv=None) -> int:
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         parser.error(str(e))
 
+    given_ceilings = None
+    if args.ceilings:
+        try:
+            given_ceilings = read_ceilings(args.ceilings)
+        except ValueError as e:
+            parser.error(str(e))
+
     device = torch.device("cuda" if cuda else "cpu")
     env = _environment(device)
     dtype = getattr(torch, args.dtype)
     rows: List[dict] = []
     print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, git {env['git_rev']}")
     if cuda:
-        ceil = ceilings(device)
+        ceil = given_ceilings or ceilings(device)
+        if given_ceilings:
+            print(f"ceilings from {args.ceilings} (measured earlier on this device)")
         print(f"ceilings: copy {ceil['copy_gbps']:.0f} GB/s, bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s")
         rows.append({"name": "ceilings", **ceil})
         for shapes in all_shapes:

@@ -2,7 +2,8 @@
 
     xbar[b, c, h, w] = sum_l softmax_l(logits[b, :, c, h, w])[l] * frames[b, l, c, h, w]
 
-The softmax is computed in fp32 whatever the input dtype; the result has the frames' dtype.
+The softmax is computed in fp32 whatever the input dtype; the result has the frames' dtype. -inf logits
+(masked frames) weigh 0; a pixel whose logits are all -inf is NaN, as torch.softmax (``content_frame``).
 
 Triton kernels: the forward reads each frame and logit once, a (BLOCK_L x BLOCK_P) tile of time x
 pixels at a time, with an online softmax across time blocks (any L); the backward recomputes the
@@ -21,8 +22,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, MAX, SUM, autotune, can_launch, check_same_device, empty,
-                             grid_configs, interpret_block, launch_context, next_pow2)
+from kernels._triton import (INTERPRETED, MAX, SUM, Launch, autotune, can_launch, check_same_device, empty,
+                             grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_BLOCK_L = 16  # time steps per tile; longer videos loop with an online softmax
 
@@ -61,10 +62,17 @@ def _pixel_offset(p, H, W, s_c, s_h, s_w, FLAT: tl.constexpr):
     return off
 
 
+def _cfg(block_p, warps, stages):
+    return {"BLOCK_P": block_p}, warps, stages
+
+
 _FWD_CONFIGS = grid_configs({"BLOCK_P": [128, 256, 512, 1024]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_keep)
+_FWD_SPACE = {"full": _FWD_CONFIGS,
+              "fast": pick(_FWD_CONFIGS, _cfg(512, 4, 1), _cfg(1024, 8, 1), _cfg(256, 4, 2), _cfg(512, 8, 2)),
+              "off": pick(_FWD_CONFIGS, _cfg(512, 4, 1))}
 
 
-@autotune(_FWD_CONFIGS, key=["L", "P", "BLOCK_L", "FLAT"])
+@autotune(key=["L", "P", "BLOCK_L", "FLAT"], configs=_FWD_CONFIGS, space=lambda args, mode: _FWD_SPACE[mode])
 @triton.jit
 def _content_frame_fwd_kernel(
     f_ptr, x_ptr, out_ptr,
@@ -90,8 +98,14 @@ def _content_frame_fwd_kernel(
         x = tl.where(lmask[:, None], x, float("-inf"))  # padded time steps weigh nothing
         f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, tl.reduce(x, 0, MAX))
-        alpha = tl.exp2(m - m_new)
-        e = tl.exp2(x - m_new[None, :])
+        # Safe max (FlashAttention's trick): where every logit so far is -inf (a masked run of frames),
+        # m_new is -inf and exp2(-inf - -inf) would be NaN. Subtracting 0 there instead gives
+        # alpha = e = exp2(-inf) = 0: the sums stay 0 until a finite logit comes, then continue exactly.
+        # One select per pixel per time block, not per element. All L logits -inf: 0 / 0 = NaN, as
+        # torch.softmax.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        e = tl.exp2(x - m_safe[None, :])
         s = s * alpha + tl.reduce(e, 0, SUM)
         acc = acc * alpha + tl.reduce(e * f, 0, SUM)
         m = m_new
@@ -100,9 +114,12 @@ def _content_frame_fwd_kernel(
 
 
 _BWD_CONFIGS = grid_configs({"BLOCK_P": [128, 256, 512]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_keep)
+_BWD_SPACE = {"full": _BWD_CONFIGS,
+              "fast": pick(_BWD_CONFIGS, _cfg(256, 4, 1), _cfg(512, 8, 1), _cfg(128, 2, 2)),
+              "off": pick(_BWD_CONFIGS, _cfg(256, 4, 1))}
 
 
-@autotune(_BWD_CONFIGS, key=["L", "P", "BLOCK_L", "FLAT"])
+@autotune(key=["L", "P", "BLOCK_L", "FLAT"], configs=_BWD_CONFIGS, space=lambda args, mode: _BWD_SPACE[mode])
 @triton.jit
 def _content_frame_bwd_kernel(
     f_ptr, x_ptr, g_ptr, df_ptr, dx_ptr,
@@ -131,6 +148,7 @@ def _content_frame_bwd_kernel(
         x = tl.load(x_base + l[:, None] * x_sl, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         x = tl.where(lmask[:, None], x, float("-inf"))
         f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
+        # One tile, one max: it is finite unless all L logits are -inf (then NaN, as torch.softmax).
         e = tl.exp2(x - tl.reduce(x, 0, MAX)[None, :])
         w = e / tl.reduce(e, 0, SUM)[None, :]
         out = tl.reduce(w * f, 0, SUM)
@@ -150,14 +168,16 @@ def _content_frame_bwd_kernel(
             x = tl.where(lmask[:, None], x, float("-inf"))
             f = tl.load(f_base + l[:, None] * f_sl, mask=mask, other=0.0).to(tl.float32)
             m_new = tl.maximum(m, tl.reduce(x, 0, MAX))
-            alpha = tl.exp2(m - m_new)
-            e = tl.exp2(x - m_new[None, :])
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the forward: -inf runs
+            alpha = tl.exp2(m - m_safe)
+            e = tl.exp2(x - m_safe[None, :])
             s = s * alpha + tl.reduce(e, 0, SUM)
             acc = acc * alpha + tl.reduce(e * f, 0, SUM)
             m = m_new
         out = acc / s
         inv_s = 1.0 / s
-        # Pass 2: the weights and both gradients.
+        # Pass 2: the weights and both gradients. m is the final max, finite unless all L logits are
+        # -inf (NaN then, as torch.softmax); a -inf logit gets weight exp2(-inf) = 0, so zero gradients.
         for l0 in range(0, L, BLOCK_L):
             l = l0 + tl.arange(0, BLOCK_L)
             lmask = l < L
@@ -191,33 +211,41 @@ def _meta(P: int) -> dict:
     return {"BLOCK_P": interpret_block(P, 4096), "num_warps": 4} if INTERPRETED else {}
 
 
-def _launch_forward(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _forward_launch(frames: torch.Tensor, logits: torch.Tensor) -> Tuple[Launch, torch.Tensor]:
     B, L, C, H, W = frames.shape
     P = C * H * W
     out = empty((B, C, H, W), frames.dtype, frames.device)
-    if out.numel() == 0:
-        return out
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
-    with launch_context(frames):
-        _content_frame_fwd_kernel[grid](
-            frames, logits, out, L, P, H, W, *frames.stride(), *logits.stride(),
-            FLAT=_flat(frames, logits), BLOCK_L=_block_l(L), **_meta(P))
+    return Launch(_content_frame_fwd_kernel, grid, (frames, logits, out, L, P, H, W, *frames.stride(), *logits.stride()),
+                  dict(FLAT=_flat(frames, logits), BLOCK_L=_block_l(L), **_meta(P))), out
+
+
+def _launch_forward(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    launch, out = _forward_launch(frames, logits)
+    if out.numel():
+        with launch_context(frames):
+            launch.run()
     return out
 
 
-def _launch_backward(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
+def _backward_launch(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
+    """(launch, d frames, d logits)."""
     B, L, C, H, W = frames.shape
     P = C * H * W
     d_frames = empty((B, L, C, H, W), frames.dtype, frames.device)
     d_logits = empty((B, L, C, H, W), logits.dtype, logits.device)
-    if d_frames.numel() == 0:
-        return d_frames, d_logits
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
-    with launch_context(frames):
-        _content_frame_bwd_kernel[grid](
-            frames, logits, grad, d_frames, d_logits, L, P, H, W,
-            *frames.stride(), *logits.stride(), *grad.stride(),
-            FLAT=_flat(frames, logits, grad), BLOCK_L=_block_l(L), **_meta(P))
+    return Launch(_content_frame_bwd_kernel, grid,
+                  (frames, logits, grad, d_frames, d_logits, L, P, H, W,
+                   *frames.stride(), *logits.stride(), *grad.stride()),
+                  dict(FLAT=_flat(frames, logits, grad), BLOCK_L=_block_l(L), **_meta(P))), d_frames, d_logits
+
+
+def _launch_backward(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor):
+    launch, d_frames, d_logits = _backward_launch(grad, frames, logits)
+    if d_frames.numel():
+        with launch_context(frames):
+            launch.run()
     return d_frames, d_logits
 
 
@@ -276,7 +304,25 @@ def _check(frames: torch.Tensor, logits: torch.Tensor) -> None:
 
 
 def content_frame(frames: torch.Tensor, logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Content frame of a video: (B, L, C, H, W) frames and importance logits -> (B, C, H, W)."""
+    """Content frame of a video (CMD Eq. 3): frames and importance logits, (B, L, C, H, W) each, to
+    (B, C, H, W) = sum over L of softmax_L(logits) * frames, the softmax in fp32, the result in the frames'
+    dtype. The Triton kernel takes fp32, fp16 and bf16; other dtypes (fp64) run the reference. Differentiable
+    in frames and logits.
+
+    Non-finite logits give what the reference (torch.softmax) gives, on every path and for any L:
+
+    - -inf logits (masked frames, in runs of any length anywhere along L) weigh exactly 0, so those frames
+      get zero gradient and so do their logits;
+    - a pixel whose L logits are all -inf comes out NaN (0 / 0), as do its gradients; other pixels are
+      unaffected. This is not raised as an error, since that would need a second read of the logits and
+      a host sync on every call (and no check can run inside an exported graph): keep at least one finite
+      logit per pixel;
+    - a +inf or NaN logit makes its pixel, and that pixel's gradients, NaN.
+
+    Frames are not checked: an inf or NaN frame carries into its pixel, even at weight 0 (0 * inf is NaN).
+
+    Raises ValueError for inputs that are not 5-D of one shape, for L = 0, or for tensors on two devices.
+    """
     _check(frames, logits)
     if use_triton(impl, frames, logits, op="content_frame"):
         return _content_frame_op(frames, logits)

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, SUM, autotune, can_launch, check_same_device, empty, grid_configs,
-                             interpret_block, launch_context, next_pow2)
+from kernels._triton import (INTERPRETED, SUM, Launch, autotune, can_launch, check_same_device, empty, grid_configs,
+                             interpret_block, launch_context, next_pow2, pick)
 
 
 def decoder_fusion_reference(
@@ -64,13 +64,21 @@ def decoder_fusion_backward_reference(g_cube, g_normed, content, time_height, ti
 # -------------------------------------------------------------------------------------- forward
 
 def _fwd_keep(kw, warps):
-    return kw["BLOCK_T"] >= warps // 2  # at least half a warp's rows per warp
+    # At least half a warp's rows per warp; BLOCK_T 32 on 2 warps spills registers (kernels.aot).
+    return kw["BLOCK_T"] >= warps // 2 and not (kw["BLOCK_T"] == 32 and warps == 2)
+
+
+def _fwd_cfg(block_t, warps, stages):
+    return {"BLOCK_T": block_t}, warps, stages
 
 
 _FWD_CONFIGS = grid_configs({"BLOCK_T": [2, 4, 8, 16, 32]}, num_warps=[2, 4, 8], num_stages=[1, 2], keep=_fwd_keep)
+_FWD_SPACE = {"full": _FWD_CONFIGS,
+              "fast": pick(_FWD_CONFIGS, _fwd_cfg(8, 4, 1), _fwd_cfg(16, 8, 1), _fwd_cfg(4, 2, 1), _fwd_cfg(8, 8, 2)),
+              "off": pick(_FWD_CONFIGS, _fwd_cfg(8, 4, 1))}
 
 
-@autotune(_FWD_CONFIGS, key=["T", "C"])
+@autotune(key=["T", "C"], configs=_FWD_CONFIGS, space=lambda args, mode: _FWD_SPACE[mode])
 @triton.jit
 def _decoder_fusion_fwd_kernel(
     CONTENT, TH, TW, WEIGHT, BIAS, CUBE, NORMED,
@@ -201,22 +209,28 @@ def _decoder_fusion_bwd_kernel(
 
 # ------------------------------------------------------------------------------------- launchers
 
-def _launch_forward(content, time_height, time_width, weight, bias, eps):
+def _forward_launch(content, time_height, time_width, weight, bias, eps):
+    """(launch, cube, normed)."""
     B, H, W, C = content.shape
     L = time_height.shape[1]
     dtype = torch.promote_types(torch.promote_types(content.dtype, time_height.dtype), time_width.dtype)
     cube = empty((B, L, H, W, C), dtype, content.device)
     normed = empty(cube.shape, cube.dtype, cube.device)
     T = B * L * H * W
-    if cube.numel() == 0:
-        return cube, normed
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)  # noqa: E731
     # Interpreter: up to 256K values per program (a small model's cube in one or two programs).
     meta = {"BLOCK_T": interpret_block(T, max(1, 262144 // next_pow2(C)))} if INTERPRETED else {}
-    with launch_context(content):
-        _decoder_fusion_fwd_kernel[grid](
-            content, time_height, time_width, weight, bias, cube, normed, T, L, H, W, C, eps,
-            *content.stride(), *time_height.stride(), *time_width.stride(), BLOCK_C=next_pow2(C), **meta)
+    return Launch(_decoder_fusion_fwd_kernel, grid,
+                  (content, time_height, time_width, weight, bias, cube, normed, T, L, H, W, C, eps,
+                   *content.stride(), *time_height.stride(), *time_width.stride()),
+                  dict(BLOCK_C=next_pow2(C), **meta)), cube, normed
+
+
+def _launch_forward(content, time_height, time_width, weight, bias, eps):
+    launch, cube, normed = _forward_launch(content, time_height, time_width, weight, bias, eps)
+    if cube.numel():
+        with launch_context(content):
+            launch.run()
     return cube, normed
 
 
@@ -236,7 +250,8 @@ def _bwd_tiles(L: int, H: int, W: int, C: int, interpreted: bool = INTERPRETED) 
     return block_l, block_h, block_w, block_c, 8 if block_h * block_w * block_c >= 8192 else 4
 
 
-def _launch_backward(g_cube, g_normed, content, time_height, time_width, weight, bias, eps):
+def _backward_launch(g_cube, g_normed, content, time_height, time_width, weight, bias, eps):
+    """(launch, [d content, time-height / time-width / weight / bias partial sums])."""
     B, H, W, C = content.shape
     L = time_height.shape[1]
     dev = content.device
@@ -247,17 +262,23 @@ def _launch_backward(g_cube, g_normed, content, time_height, time_width, weight,
     dtw_part = empty((B, n_h, L, W, C), torch.float32, dev)
     dw_part = empty((B * n_h * n_w, C), torch.float32, dev)
     db_part = empty((B * n_h * n_w, C), torch.float32, dev)
+    outs = [d_content, dth_part, dtw_part, dw_part, db_part]
+    return Launch(_decoder_fusion_bwd_kernel, (n_w, n_h, B),
+                  (content, time_height, time_width, weight, g_cube, g_normed, *outs, L, H, W, C, eps,
+                   *content.stride(), *time_height.stride(), *time_width.stride(), *g_cube.stride(),
+                   *g_normed.stride()),
+                  dict(BLOCK_L=block_l, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)), outs
+
+
+def _launch_backward(g_cube, g_normed, content, time_height, time_width, weight, bias, eps):
+    launch, (d_content, dth_part, dtw_part, dw_part, db_part) = _backward_launch(
+        g_cube, g_normed, content, time_height, time_width, weight, bias, eps)
     if g_cube.numel() == 0:
-        d_content.zero_()
-        for t in (dth_part, dtw_part, dw_part, db_part):
+        for t in (d_content, dth_part, dtw_part, dw_part, db_part):
             t.zero_()
     else:
         with launch_context(content):
-            _decoder_fusion_bwd_kernel[(n_w, n_h, B)](
-                content, time_height, time_width, weight, g_cube, g_normed,
-                d_content, dth_part, dtw_part, dw_part, db_part, L, H, W, C, eps,
-                *content.stride(), *time_height.stride(), *time_width.stride(), *g_cube.stride(), *g_normed.stride(),
-                BLOCK_L=block_l, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+            launch.run()
     return (d_content, dth_part.sum(1).to(time_height.dtype), dtw_part.sum(1).to(time_width.dtype),
             dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype))
 

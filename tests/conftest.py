@@ -1,4 +1,5 @@
-"""Test setup: offline hub, the Triton interpreter on machines without CUDA, and the gpu/tensorrt markers.
+"""Test setup: offline hub, the Triton interpreter on machines without CUDA (on a GPU: CMD_AUTOTUNE=off),
+and the gpu/tensorrt markers.
 
 TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it at decoration)."""
 
@@ -8,6 +9,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GPU tests launch each kernel at one known-good config instead of autotuning every new test shape.
+os.environ.setdefault("CMD_AUTOTUNE", "off")
 
 import torch  # noqa: E402
 

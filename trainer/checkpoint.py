@@ -6,21 +6,29 @@ A checkpoint is a folder ``<root>/step-<N>/``::
     model.safetensors       the trained network's weights
     ema.safetensors         its exponential moving average
     optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments and step counts)
-    rng.safetensors         RNG states (the trainer's generator, torch's global CPU/CUDA generators)
+    rng.safetensors         RNG states of every process ("<name>.<rank>"): the trainer's noise generator,
+                            torch's global CPU and CUDA generators, numpy's and Python's global generators
+                            (:func:`global_rng_states`), and the data loader's generator
     state.json              step, optimizer param groups, EMA update count, anything else the trainer adds
+                            (``data_batches``: loader batches each process had taken, for the data position)
 
-The folder is written under a temporary name and renamed into place in one step, so a crash during a
-save leaves the previous checkpoints untouched and no half-written ``step-*`` folder. The last ``keep``
-checkpoints are kept.
+The folder is written under a temporary name (every file fsynced) and renamed into place in one step, so
+a crash during a save leaves the previous checkpoints untouched and no half-written ``step-*`` folder (a
+hard kill may leave a ``.tmp-step-*`` folder beside them, which nothing reads). Saving a step that exists
+already (after a resume) moves the old folder aside first: a crash between the two renames leaves the
+checkpoints before it. The last ``keep`` checkpoints are kept.
 """
 
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -43,6 +51,56 @@ def _save_tensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def global_rng_states() -> Dict[str, torch.Tensor]:
+    """This process's global random states as tensors (safetensors holds tensors only):
+
+    ``torch_cpu`` (uint8, torch.get_rng_state), ``torch_cuda`` (uint8, the current device's; only with CUDA),
+    ``numpy`` (int64: position, has-gauss flag, the 624 MT19937 words), ``numpy_gauss`` (float64 (1,)),
+    ``python`` (int64: the 625 words of random.getstate) and ``python_gauss`` (float64 (2,): flag, value).
+    """
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    if version != 3:
+        raise RuntimeError(f"unknown Python random state version {version}")
+    states = {
+        "torch_cpu": torch.get_rng_state(),
+        "numpy": torch.tensor([pos, has_gauss, *keys.tolist()], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([gauss], dtype=torch.float64),
+        "python": torch.tensor(words, dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss_next is not None, gauss_next or 0.0], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_global_rng_states(states: Dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`global_rng_states` returned; keys that are absent are left as they are (a
+    checkpoint written before numpy/Python states were saved, CUDA states on a CPU machine)."""
+    if "torch_cpu" in states:
+        torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["torch_cuda"])
+    if "numpy" in states:
+        v = states["numpy"].tolist()
+        gauss = float(states["numpy_gauss"][0]) if "numpy_gauss" in states else 0.0
+        np.random.set_state(("MT19937", np.asarray(v[2:], dtype=np.uint32), int(v[0]), int(v[1]), gauss))
+    if "python" in states:
+        flag, value = states["python_gauss"].tolist() if "python_gauss" in states else (0.0, 0.0)
+        random.setstate((3, tuple(int(w) for w in states["python"].tolist()), value if flag else None))
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without touching the global random states (sample previews during training: a run
+    that writes samples draws the same training noise as one that does not)."""
+    saved = global_rng_states()
+    try:
+        yield
+    finally:
+        set_global_rng_states(saved)
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -104,6 +162,7 @@ def save_checkpoint(root: str, step: int, model_state: Dict[str, torch.Tensor], 
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         _save_tensors(rng, os.path.join(tmp, "rng.safetensors"))
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder 0700; checkpoints are ordinary outputs
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "optimizer": opt_meta, **extra}, f, indent=1)
             f.flush()

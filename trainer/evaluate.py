@@ -12,8 +12,14 @@ Metrics (``--metrics``, comma-separated; default: everything the inputs allow):
                 clips and generated clips of the same captions (the FVD protocol uses 2048 clips)
     clipsim     mean CLIP similarity between generated frames and their caption (--clip DIR, a local CLIP folder)
 
-Under torchrun every rank generates and measures its share of the prompts (round robin); rank 0 merges the
-results (feature statistics are summed, per-clip values gathered) and writes the JSON.
+``--size FxHxW`` evaluates at another clip size than the model's own (data rendered or read at that size,
+videos generated at it); the results record the size and whether the model serves it (``served``): a
+model's config declares a size (``sizes``) only once it was evaluated there.
+
+Under torchrun every rank generates and measures its share of the prompts: the batches of --batch-size one
+process would run, batch b on rank b mod N (``engine.distributed.shard_batches``, as ``engine.run`` deals
+them), so each clip is the one a single process generates. Rank 0 merges the results (feature statistics are
+summed, per-clip values gathered) and writes the JSON.
 """
 
 import argparse
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.atomic import atomic_path
-from trainer.distributed import DistInfo, finish, gather_objects, init_distributed
+from engine.distributed import DistInfo, finish, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
 METRICS = ("recon", "attributes", "fvd", "clipsim")
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-threshold", type=float, help="the cache's threshold (see engine.run)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                    help="CFG only on this fraction of each sampling loop")
+    p.add_argument("--size", help="clip size FRAMESxHEIGHTxWIDTH to evaluate at (default: the model's own); a size "
+                                  "the model does not serve yet is evaluated as a candidate for its config's sizes")
     p.add_argument("--i3d", help="I3D weights file for FVD (.pt state dict or .safetensors)")
     p.add_argument("--i3d-size", type=int, default=224, help="frame size the I3D sees (224 in the protocol)")
     p.add_argument("--clip", help="local CLIP folder for CLIPSIM")
@@ -170,6 +178,17 @@ def _items(args, cfg):
     return captions, None, lambda i: data[good[i]]["video"]
 
 
+def eval_size(model: str, size: Optional[str] = None):
+    """The clip size to evaluate a model spec at: ``size`` ("FxHxW"), else the model's own size. A
+    one-line ValueError if its networks cannot run it; it need not be a size the model serves yet
+    (evaluating a candidate is how a size gets declared)."""
+    from engine.default_model import resolve_model
+    from engine.geometry import ClipSize, check_fits
+
+    config = resolve_model(model).load_config()
+    return check_fits(config, ClipSize.parse(size)) if size else config.default_size
+
+
 def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     """Run the chosen metrics on this rank's share; every rank returns the merged results."""
     from engine.pipeline import CMDPipeline
@@ -178,7 +197,13 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     if args.num_clips < 2:
         raise ValueError(f"--num-clips must be at least 2, got {args.num_clips}")
     device = info.device
+    size = eval_size(args.model, args.size)  # before loading any weights
     pipe = CMDPipeline.from_pretrained(args.model, device=str(device), dtype=args.dtype)
+    served = size in pipe.config.served_sizes
+    if size != pipe.config.default_size:
+        # Data, generation and reconstruction at this size: the config's own size becomes it for this run
+        # (the networks do not depend on it; it is what check_request and the data read).
+        pipe.config = pipe.model.config = pipe.config.with_size(size)
     cfg = pipe.config
     cache = {k: v for k, v in (("cache", args.cache), ("cache_threshold", args.cache_threshold),
                                ("guidance_interval", args.guidance_interval)) if v is not None}
@@ -188,10 +213,13 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
         req = pipe.check_inputs(num_inference_steps=args.steps, motion_steps=args.motion_steps)
         plan_cache(cfg, req.scheduler, req.steps, req.motion_steps, backend=pipe.backend, **cache)
     captions, truths, real_video = _items(args, cfg)
-    mine = list(range(info.rank, len(captions), info.world_size))
+    # This rank's batches, flattened: generate() and the loops below cut them again at --batch-size, which
+    # gives back the same batches (only the last batch of all is short, and it is its rank's last).
+    mine = [i for batch in shard_batches(len(captions), args.batch_size, info) for i in batch]
     results: Dict[str, Any] = {"model": os.path.abspath(args.model), "data": args.data, "clips": len(captions),
-                               "split": args.split, "paraphrase": args.paraphrase,
-                               "world_size": info.world_size, **({"sampling_cache": cache} if cache else {})}
+                               "split": args.split, "paraphrase": args.paraphrase, "size": str(size),
+                               "served": served, "world_size": info.world_size,
+                               **({"sampling_cache": cache} if cache else {})}
     t0 = time.perf_counter()
 
     if "recon" in metrics:

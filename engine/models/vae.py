@@ -8,11 +8,14 @@ from typing import Any, Dict
 import torch
 from diffusers import AutoencoderKL
 
+from engine.logs import quiet_loading
+
 
 def build_vae(vae_kwargs: Dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL(**vae_kwargs)
 
 
+@quiet_loading("diffusers")
 def load_vae(path: str) -> AutoencoderKL:
     """The VAE of a local Stable Diffusion folder (``path/vae``) or a bare VAE folder."""
     if not os.path.isdir(path):

@@ -88,7 +88,7 @@ def test_bad_sampling_arguments_name_the_value(tiny_unet, kwargs, bad):
 def test_paper_scale_benchmark_runs_end_to_end_on_cpu(tmp_path):
     """The GPU benchmark's whole path on a CPU: a tiny 8x16x16 config, 1 step, eager, a narrow baseline."""
     cfg = load_config("default").to_dict()
-    cfg.update(name="smoke", num_frames=8, height=16, width=16)
+    cfg.update(name="smoke", num_frames=8, height=16, width=16, sizes=["8x16x16"])
     cfg["content_unet"]["sample_size"] = 16
     config = tmp_path / "smoke.json"
     config.write_text(json.dumps(cfg))

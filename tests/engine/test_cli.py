@@ -15,6 +15,7 @@ import torch
 
 import engine.default_model
 from engine.run import main
+from engine.video_io import read_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(os.path.dirname(__file__), "tiny_config.json")
@@ -63,7 +64,7 @@ def test_writes_npy_mp4_gif_and_reports(tmp_path, capsys, model_dir):
     code, out, err = _run(capsys, ["--prompt", "moving left", "--model", model_dir, "--image",
                                    str(tmp_path / "start.png"), "--frames", "3", "--out", gif, *FAST])
     assert code == 0, err
-    assert iio.imread(gif).shape == (3, 16, 16, 3)
+    assert read_video(gif).shape == (3, 16, 16, 3)
     assert sorted(os.listdir(tmp_path)) == ["a.npy", "b-0.mp4", "b-1.mp4", "c.gif", "start.png"]
 
 

@@ -39,7 +39,7 @@ def tiny_latent_config(buckets=((4, 32, 32), (2, 32, 32))) -> CMDConfig:
     d["vae"].update(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                     block_out_channels=[8, 8], layers_per_block=1, norm_num_groups=4, sample_size=32)
     d["text_encoder"] = dict(kind="random", max_length=8, hidden_size=32)
-    d["sampling"]["buckets"] = [b if isinstance(b, str) else list(b) for b in buckets]
+    d["sizes"] = [b if isinstance(b, str) else list(b) for b in buckets]  # the sizes it serves: its buckets
     return CMDConfig.from_dict(d)
 
 

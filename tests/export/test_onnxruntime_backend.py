@@ -130,3 +130,83 @@ def test_minilm_text_encoder_with_its_saved_tokenizer(default_model, tmp_path):
     torch.testing.assert_close(states, ref_states, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-4)
     assert torch.allclose(pooled.norm(dim=-1), torch.ones(3), atol=1e-5)  # MiniLM's embedding is L2-normalised
+
+
+def _count_network_runs(monkeypatch):
+    """Every onnxruntime network run (text encoder included), by network name."""
+    from engine.backends.onnxruntime import OrtNetwork
+
+    runs = []
+    real = OrtNetwork.__call__
+
+    def spy(self, *tensors):
+        runs.append(self.network.name)
+        return real(self, *tensors)
+
+    monkeypatch.setattr(OrtNetwork, "__call__", spy)
+    return runs
+
+
+def test_graph_limits_are_part_of_the_request_check(default_model, default_export, monkeypatch):
+    """A size the model serves but the graphs were not built for, or more videos per call than their
+    batch ranges hold, is refused with one line before any network runs (not after the content loop)."""
+    from engine.configs import CMDConfig
+
+    model, text_encoder, _ = default_model
+    wider = copy.copy(model)  # the same weights, a config that also serves 16x64x64
+    wider.config = CMDConfig.from_dict(dict(model.config.to_dict(), sizes=["16x32x32", "16x64x64"]))
+    pipe = CMDPipeline(wider, text_encoder, backend="onnxruntime", backend_options={"onnx_dir": default_export[0]})
+    max_batch = default_export[1]["max_batch"]
+    runs = _count_network_runs(monkeypatch)
+    call = dict(prompt="a red circle", num_inference_steps=1, motion_steps=1, generator=0, progress=False)
+    too_many = ["a red circle"] * (max_batch + 1)
+    cases = [
+        (dict(height=64, width=64), r"clip size 16x64x64 is outside the graphs in .*built for 16x32x32; export with "
+                                    r"--bucket 16x64x64"),
+        (dict(prompt=too_many), rf"text_encoder on batches of 1 to {2 * max_batch}, this request needs "
+                                rf"{2 * max_batch + 2} \({max_batch + 1} prompt\(s\) and their negative prompts\)"),
+        (dict(prompt=too_many, guidance_scale=1.0, motion_guidance_scale=1.0),  # no CFG: the decoder's batch
+         rf"ae_decoder on batches of 1 to {max_batch}, this request needs {max_batch + 1}"),
+        (dict(motion_variations=max_batch + 1), rf"motion_dit on batches of 1 to {2 * max_batch}, this request needs "
+                                                rf"{2 * max_batch + 2} .*x 2 for guidance"),
+        (dict(num_videos_per_prompt=max_batch + 1), rf"content_unet on batches of 1 to {2 * max_batch}, this request "
+                                                    rf"needs {2 * max_batch + 2} \(1 prompt\(s\) x {max_batch + 1} "
+                                                    r"video\(s\), x 2 for guidance\)"),
+    ]
+    for kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as info:
+            pipe(**dict(call, **kwargs))
+        assert "\n" not in str(info.value)
+        assert runs == [], (kwargs, runs)
+    # Within the limits it runs (the spy sees the networks), fewer frames included.
+    out = pipe(**dict(call, prompt=["a red circle"] * max_batch, num_frames=9))
+    assert out.frames.shape == (max_batch, 9, 32, 32, 3)
+    assert set(runs) == {"text_encoder", "content_unet", "motion_dit", "ae_decoder"}
+
+
+def test_cli_checks_the_graphs_before_any_work(default_model, default_export, tmp_path, monkeypatch, capsys):
+    """python -m engine.run --backend onnxruntime with more prompts per batch than the graphs hold: exit 2,
+    one line, no network run and no video; a batch size the graphs hold runs."""
+    from engine.networks import weights_hash
+    from engine.run import main as run_main
+    from export.onnx_export import load_model
+    from kernels import force_impl
+
+    spec, (onnx_dir, manifest) = default_model[2], default_export
+    if weights_hash(load_model(spec)[0]) not in manifest["model"]["weights_sha256"].values():
+        pytest.skip("the exported model's zero layers were given values: the CLI's fresh load is another model")
+    capsys.readouterr()  # the loading notices above
+    monkeypatch.setenv("CMD_ONNX_DIR", onnx_dir)
+    max_batch = manifest["max_batch"]
+    prompts = [f"a red circle moving {d}" for d in ("left", "right", "up", "down", "left")][: max_batch + 1]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    runs = _count_network_runs(monkeypatch)
+    argv = ["--prompts-file", str(tmp_path / "prompts.txt"), "--out-dir", str(tmp_path / "videos"), "--format", "npy",
+            "--model", spec, "--backend", "onnxruntime", "--steps", "1", "--motion-steps", "1", "--quiet"]
+    with force_impl("reference"):
+        assert run_main(argv + ["--batch-size", str(max_batch + 1)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: the graphs in") and f"{max_batch + 1} prompt(s)" in err and "\n" not in err, err
+        assert runs == [] and not os.path.exists(tmp_path / "videos")
+        assert run_main(argv + ["--batch-size", str(max_batch)]) == 0
+    assert sorted(os.listdir(tmp_path / "videos")) == [f"{i:03d}.npy" for i in range(len(prompts))] and runs

@@ -74,6 +74,41 @@ def test_plans_refused_on_another_gpu_or_version():
         check_plans_runnable(plans, "10.16.0", {"gpu": "NVIDIA H100", "compute_capability": "9.0"}, "p")
 
 
+def test_plan_limits_checked_from_the_manifest_without_tensorrt(default_model, default_export):
+    """The tensorrt backend's request check on a plan folder's manifest (no TensorRT, no GPU): the calls a
+    real pipeline would make are refused when a plan is missing, the size is outside the profiles or the
+    batch beyond them, each with one line; calls within them pass."""
+    from engine.backends.tensorrt import check_plan_calls, plan_networks
+    from engine.configs import CMDConfig
+    from engine.pipeline import CMDPipeline, check_request
+
+    model, text_encoder, _ = default_model
+    manifest = default_export[1]
+    built = ["content_unet", "motion_dit", "ae_decoder"]  # what the backend runs (the text encoder stays PyTorch)
+    plans = {"onnx_manifest": manifest, "networks": {n: {"plan": f"{n}.plan"} for n in built}}
+    assert sorted(plan_networks(plans)) == sorted(built)
+    wider = CMDConfig.from_dict(dict(model.config.to_dict(), sizes=["16x32x32", "16x64x64"]))
+    pipe = CMDPipeline(model, text_encoder)
+    max_batch = manifest["max_batch"]
+
+    def calls(prompts, **kwargs):
+        return pipe.network_calls(check_request(wider, **kwargs), prompts)
+
+    check_plan_calls(plans, calls(max_batch), "plans/default")
+    check_plan_calls(plans, calls(1, num_frames=3), "plans/default")  # fewer frames: the 16-frame profile
+    for call, pattern in ((calls(max_batch + 1), rf"content_unet on batches of 1 to {2 * max_batch}, this request "
+                                                 rf"needs {2 * max_batch + 2}"),
+                          (calls(1, motion_variations=max_batch + 1), "motion_dit on batches"),
+                          (calls(1, height=64, width=64), "16x64x64 is outside the plans in 'plans/default'.*16x32x32")):
+        with pytest.raises(ValueError, match=pattern) as info:
+            check_plan_calls(plans, call, "plans/default")
+        assert "\n" not in str(info.value)
+    del plans["networks"]["ae_decoder"]
+    with pytest.raises(ValueError, match="hold no ae_decoder network"):
+        check_plan_calls(plans, calls(1), "plans/default")
+    check_plan_calls(plans, pipe.network_calls(check_request(wider), 1, output_type="latent"), "plans/default")
+
+
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is importable here: the missing-TensorRT errors cannot happen")
 def test_missing_tensorrt_says_what_and_how(default_export, default_model, tmp_path):
     from engine.backends import get_backend
@@ -103,7 +138,7 @@ def test_build_plans_cache_and_run(tiny_latent, tiny_latent_export, tmp_path):
     from engine.backends.tensorrt import TensorRTBackend
     from export.tensorrt_build import build_plans
 
-    model, _ = tiny_latent
+    model, text_encoder = tiny_latent
     onnx_dir, out = tiny_latent_export[0], str(tmp_path / "plans")
     plans = build_plans(onnx_dir, out, precision="fp32", workspace_gb=1.0)
     assert set(plans["networks"]) == {"text_encoder", "content_unet", "motion_dit", "ae_decoder", "vae_decoder"}
@@ -132,5 +167,31 @@ def test_build_plans_cache_and_run(tiny_latent, tiny_latent_export, tmp_path):
                     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
                     torch.testing.assert_close(backend.decode(content, motion), cuda_model.autoencoder.decode(content, motion),
                                                atol=1e-4, rtol=1e-3)
+        # The pipeline checks the plans' profiles before any engine runs: more prompts than they hold fail
+        # with one line and no enqueue; a batch they hold runs.
+        from engine.backends.tensorrt import TrtNetwork
+        from engine.pipeline import CMDPipeline
+
+        runs = []
+        real = TrtNetwork.__call__
+
+        def spy(self, *tensors):
+            runs.append(self.network.name)
+            return real(self, *tensors)
+
+        TrtNetwork.__call__ = spy
+        try:
+            pipe = CMDPipeline(cuda_model, text_encoder.to("cuda"), backend="tensorrt",
+                               backend_options={"plan_dir": out})
+            max_batch = plans["onnx_manifest"]["max_batch"]
+            call = dict(num_inference_steps=1, motion_steps=1, generator=0, progress=False)
+            with pytest.raises(ValueError, match="on batches of 1 to") as info:
+                pipe(["a red circle"] * (max_batch + 1), **call)
+            assert "\n" not in str(info.value) and runs == []
+            out_frames = pipe(["a red circle"] * max_batch, **call).frames
+            assert out_frames.shape[0] == max_batch and "motion_dit" in runs
+        finally:
+            TrtNetwork.__call__ = real
     finally:
         model.to("cpu")
+        text_encoder.to("cpu")

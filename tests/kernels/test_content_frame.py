@@ -134,3 +134,118 @@ def test_meta_tensors_take_shapes_only():
     frames = torch.empty(2, 16, 4, 64, 128, device="meta")
     assert kernels.content_frame(frames, frames).shape == (2, 4, 64, 128)
     assert kernels.content_frame(frames, frames, impl="triton").shape == (2, 4, 64, 128)  # the fake impl
+
+
+# ------------------------------------------------------------ -inf logits (masked frames), inf and NaN
+#
+# The forward and the long-video backward run an online softmax over 16-frame time blocks; a block whose
+# logits are all -inf once made the running max -inf and exp2(-inf - -inf) NaN. Every run below lies in
+# a random half of the pixels (the other half has no -inf), so masked and unmasked pixels share a launch.
+
+NEG_INF = float("-inf")
+# (L, first masked frame, run length): the issue's case (the first block of 20 frames), a middle block,
+# the last partial block, two whole blocks, runs across block edges, one frame, all frames but one
+# (first or last), and a one-tile video (L <= 16: no online softmax) for comparison.
+RUNS = [(20, 0, 16), (37, 16, 16), (37, 32, 5), (33, 0, 32), (37, 5, 25), (20, 3, 1), (37, 0, 36),
+        (37, 1, 36), (16, 2, 13)]
+
+
+def masked(shape, dtype, device, seed, start, length):
+    """Random frames and logits with logits[:, start:start + length] = -inf at a random half of the
+    pixels: (frames, logits, mask of the -inf logits)."""
+    frames, logits = inputs(shape, dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    pixels = (torch.rand((shape[0], 1) + shape[2:], generator=g) < 0.5).to(device)
+    in_run = torch.zeros(shape[1], dtype=torch.bool, device=device)
+    in_run[start:start + length] = True
+    mask = pixels & in_run[None, :, None, None, None]
+    return frames, logits.masked_fill(mask, NEG_INF), mask
+
+
+def forward_and_grads(frames, logits, grad, impl):
+    """Output and (d frames, d logits) of content_frame (impl) or the fp64 reference (impl=None)."""
+    if impl is None:
+        frames, logits, grad = frames.double(), logits.double(), grad.double()
+    f, x = frames.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = kernels.content_frame(f, x, impl=impl) if impl else content_frame_reference(f, x)
+    out.backward(grad)
+    return out.detach(), f.grad, x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: "L%d_from%d_len%d" % r)
+def test_neg_inf_runs_match_the_reference(run, dtype, device, blocks):
+    L, start, length = run
+    shape = (2, L, 3, 5, 7)
+    frames, logits, mask = masked(shape, dtype, device, seed=L + 7 * start + length, start=start, length=length)
+    grad = torch.randn(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(start)).to(device, dtype)
+    out, d_frames, d_logits = forward_and_grads(frames, logits, grad, "triton")
+    ref, ref_frames, ref_logits = forward_and_grads(frames, logits, grad, None)
+    assert torch.isfinite(ref).all()  # the right value is finite: at least one finite logit per pixel
+    for got, want in ((out, ref), (d_frames, ref_frames), (d_logits, ref_logits)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) <= TOL[dtype]
+    # A -inf logit weighs exactly 0: its frame and its logit get exactly zero gradient.
+    assert (d_frames[mask] == 0).all() and (d_logits[mask] == 0).all()
+
+
+@pytest.mark.parametrize("L", [37, 20, 9])
+def test_random_neg_inf_runs_per_pixel(L, device, blocks):
+    # Every pixel its own run: random start and length (0 to L - 1 frames), so runs of every length at
+    # every position, aligned with the 16-frame blocks or not, in one launch.
+    shape = (2, L, 2, 6, 9)
+    frames, logits = inputs(shape, torch.float32, device, seed=L)
+    g = torch.Generator().manual_seed(L + 1)
+    length = torch.randint(0, L, (shape[0], 1) + shape[2:], generator=g)
+    start = (torch.rand(length.shape, generator=g) * (L - length + 1)).long().clamp_max(L - length)
+    t = torch.arange(L)[None, :, None, None, None]
+    mask = ((t >= start) & (t < start + length)).to(device)
+    assert mask.any(1).float().mean() > 0.8 and (mask.sum(1) == L - 1).any()
+    logits = logits.masked_fill(mask, NEG_INF)
+    grad = torch.randn(shape[:1] + shape[2:], generator=g).to(device)
+    got = forward_and_grads(frames, logits, grad, "triton")
+    want = forward_and_grads(frames, logits, grad, None)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) <= TOL[torch.float32]
+    assert (got[1][mask] == 0).all() and (got[2][mask] == 0).all()
+
+
+def assert_nan_where_reference_is(got, want, tol):
+    """NaN exactly where the fp64 reference is NaN, and the reference's value everywhere else."""
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.isfinite(got[~nan]).all() and rel_err(got[~nan], want[~nan]) <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L", [37, 16, 1])
+def test_all_logits_neg_inf_is_nan_as_the_reference(L, dtype, device, blocks):
+    # The rule (content_frame's docstring): a pixel whose L logits are all -inf is NaN, as torch.softmax
+    # makes it; the other pixels keep their values, and their gradients too.
+    shape = (2, L, 3, 5, 7)
+    frames, logits, mask = masked(shape, dtype, device, seed=40 + L, start=0, length=L)
+    grad = torch.randn(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(L)).to(device, dtype)
+    got = forward_and_grads(frames, logits, grad, "triton")
+    want = forward_and_grads(frames, logits, grad, None)
+    dead = mask[:, 0]  # (B, C, H, W) pixels without a finite logit
+    assert dead.any() and not dead.all()
+    assert torch.equal(torch.isnan(want[0]), dead)  # what torch.softmax gives
+    for a, b in zip(got, want):
+        assert_nan_where_reference_is(a, b, TOL[dtype])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("L", [37, 12])
+def test_inf_and_nan_logits_make_their_pixel_nan(value, L, device, blocks):
+    # A +inf or NaN logit (at one frame, in a later time block than a -inf run at other pixels): that
+    # pixel is NaN, as torch.softmax makes it; the other pixels, masked or not, are unaffected.
+    shape = (2, L, 3, 5, 7)
+    frames, logits, _ = masked(shape, torch.float32, device, seed=50 + L, start=0, length=min(L - 1, 16))
+    bad = torch.rand(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(L)).to(device) < 0.2
+    logits[:, L - 2].masked_fill_(bad, value)
+    grad = torch.randn(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(L + 1)).to(device)
+    got = forward_and_grads(frames, logits, grad, "triton")
+    want = forward_and_grads(frames, logits, grad, None)
+    assert torch.equal(torch.isnan(want[0]), bad)
+    for a, b in zip(got, want):
+        assert_nan_where_reference_is(a, b, TOL[torch.float32])

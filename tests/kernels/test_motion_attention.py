@@ -148,6 +148,78 @@ def test_attention_opcheck(device):
     torch.library.opcheck(_motion_attention_op, (q, k, v, 0.25))
 
 
+# ------------------------------------------------------------------ infinite inputs: -inf score runs
+#
+# The kernel's online softmax runs over key blocks (64 wide in the gpu_blocks geometry); a block of -inf
+# scores before any finite one made the running max -inf and exp2(-inf - -inf) NaN. There is no mask
+# argument, so -inf scores come only from infinite inputs: q[..., 0] > 0 and k[j, 0] = -inf give key j
+# the score -inf in every row.
+
+N_INF = 150  # key blocks [0, 64), [64, 128), [128, 150) + padding in the gpu_blocks geometry
+KEY_RUNS = [(0, 64), (64, 64), (128, 22), (0, 128), (10, 100), (77, 1), (0, 149), (1, 149)]
+
+
+def attention_safe_fp64(q, k, v, scale=None):
+    """fp64 attention with SDPA's rule for rows whose scores are all -inf: output 0, not NaN."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    dead = (s == float("-inf")).all(-1, keepdim=True)
+    return torch.where(dead, 0.0, torch.softmax(s, -1) @ v.double())
+
+
+def inf_key_inputs(shape, dtype, device, seed, start, length):
+    q, k, v = qkv(shape, torch.float32, device, seed=seed)
+    q[..., 0] = q[..., 0].abs() + 0.5
+    k[..., start:start + length, 0] = float("-inf")
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("run", KEY_RUNS, ids=lambda r: "from%d_len%d" % r)
+def test_attention_neg_inf_key_runs(run, dtype, device, blocks):
+    q, k, v = inf_key_inputs((1, 2, N_INF, 72), dtype, device, seed=sum(run), start=run[0], length=run[1])
+    out = kernels.motion_attention(q, k, v, impl="triton")
+    want = attention_safe_fp64(q, k, v)
+    assert torch.isfinite(want).all()
+    assert torch.isfinite(out).all() and rel_err(out, want) <= TOL[dtype]
+    sdpa = F.scaled_dot_product_attention(q, k, v)  # the reference op agrees
+    assert rel_err(sdpa, want) <= 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [150, 20])
+def test_attention_rows_of_all_neg_inf_scores_are_zero(n, dtype, device, blocks):
+    # Rows with q[i, 0] = +inf against keys whose k[:, 0] < 0 score -inf everywhere: SDPA gives 0
+    # there (its safe softmax), and so does the kernel (motion_attention's docstring); other rows,
+    # some of their key blocks -inf too, keep their values.
+    q, k, v = inf_key_inputs((2, 2, n, 40), torch.float32, device, seed=n, start=0, length=n // 2)
+    k[..., 0] = -k[..., 0].abs() - 0.5
+    rows = torch.rand(q.shape[:-1], generator=torch.Generator().manual_seed(n)).to(device) < 0.3
+    q[..., 0] = torch.where(rows, float("inf"), q[..., 0])
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = kernels.motion_attention(q, k, v, impl="triton")
+    want = attention_safe_fp64(q, k, v)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v)[rows], torch.zeros_like(out[rows]))
+    assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+    assert torch.isfinite(out).all() and rel_err(out[~rows], want[~rows]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_attention_inf_and_nan_scores_make_their_row_nan(value, device, blocks):
+    # A +inf score (q[i, 0] = +inf against a key with k[j, 0] > 0 in the last key block) or a NaN
+    # query: that row is NaN, as in SDPA; the other rows are unaffected.
+    q, k, v = inf_key_inputs((1, 2, N_INF, 40), torch.float32, device, seed=3, start=0, length=64)
+    k[..., 0] = -k[..., 0].abs() - 0.5
+    k[..., N_INF - 3, 0] = 1.0
+    rows = torch.rand(q.shape[:-1], generator=torch.Generator().manual_seed(4)).to(device) < 0.2
+    q[..., 0] = torch.where(rows, value, q[..., 0])
+    out = kernels.motion_attention(q, k, v, impl="triton")
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    assert torch.isnan(sdpa[rows]).all() and torch.isnan(out[rows]).all()
+    assert torch.isfinite(out[~rows]).all()
+    assert rel_err(out[~rows], attention_safe_fp64(q, k, v)[~rows]) <= TOL[torch.float32]
+
+
 # --------------------------------------------------------------------------- modulated LayerNorm
 
 def modln_inputs(b, n, c, dtype, device, seed=0):
@@ -217,3 +289,10 @@ def test_modulated_layernorm_bad_input(device):
     with pytest.raises(ValueError, match=r"\(2, 3, 8\), \(2, 7\)"):
         kernels.modulated_layernorm(x, torch.randn(2, 7, device=device), torch.randn(2, 7, device=device))
     assert math.isfinite(kernels.modulated_layernorm(x, x[:, 0], x[:, 1]).sum().item())
+
+
+def test_modulated_layernorm_backward_of_an_empty_sequence_is_zero(device):
+    # (outputs are NaN-poisoned: partial sums the launcher forgot to fill would read NaN)
+    x, shift, scale = (t.requires_grad_() for t in modln_inputs(2, 0, 8, torch.float32, device, seed=6))
+    kernels.modulated_layernorm(x, shift, scale, impl="triton").sum().backward()
+    assert torch.equal(shift.grad, torch.zeros_like(shift)) and torch.equal(scale.grad, torch.zeros_like(scale))

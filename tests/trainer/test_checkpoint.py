@@ -98,3 +98,44 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="state.json"):
         ckpt.load_checkpoint(str(tmp_path))
+
+
+def _draws():
+    """One draw from each global generator (CUDA's where present), cached Gaussians included (numpy's
+    legacy and Python's gauss keep a second value for the next call)."""
+    import random
+
+    import numpy as np
+
+    cuda = torch.rand(3, device="cuda").tolist() if torch.cuda.is_available() else None
+    return (torch.rand(3).tolist(), cuda, np.random.standard_normal(), np.random.random(), random.gauss(0, 1),
+            random.random(), random.getrandbits(64))
+
+
+def test_global_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    net, opt = make()
+    ema = EMA(net, 0.9)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)  # (torch.manual_seed seeds CUDA too)
+    np.random.standard_normal(), random.gauss(0, 1)  # leave a cached Gaussian in both
+    states = ckpt.global_rng_states()
+    path = ckpt.save_checkpoint(str(tmp_path), 1, net.state_dict(), ema.state_dict(), opt, states, {})
+    expected = _draws()
+    torch.manual_seed(seed + 1), np.random.seed(seed + 1), random.seed(seed + 1)
+    assert _draws() != expected
+    ckpt.set_global_rng_states(ckpt.load_checkpoint(path)["rng"])
+    assert _draws() == expected
+
+
+def test_preserved_rng_leaves_the_global_states_untouched():
+    torch.manual_seed(int(torch.randint(0, 1 << 30, ())))
+    before = ckpt.global_rng_states()
+    expected = _draws()
+    ckpt.set_global_rng_states(before)
+    with ckpt.preserved_rng():
+        _draws(), _draws()
+    assert _draws() == expected

@@ -51,5 +51,9 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     # Rank 0 wrote the checkpoint (with both ranks' RNG states) and the model folder.
     rng = load_file(out / "checkpoints" / "autoencoder" / "step-00000003" / "rng.safetensors")
     assert {"generator.0", "generator.1"} <= set(rng)
+    # Each rank's own global and loader states (a resumed rank 1 must not get rank 0's).
+    for name in ("torch_cpu", "numpy", "python", "loader"):
+        assert {f"{name}.0", f"{name}.1"} <= set(rng), name
+    assert not torch.equal(rng["loader.0"], rng["loader.1"]), "ranks' loader generators are seeded apart"
     assert not torch.equal(rng["generator.0"], rng["generator.1"]), "ranks must draw different noise"
     assert (out / "model" / "cmd_config.json").is_file()

@@ -101,3 +101,33 @@ def test_bad_evaluation_input_is_one_line(tmp_path, model_folder, capsys, extra,
     assert main(["--model", str(model_folder), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_evaluation_at_a_given_size(tmp_path, model_folder, monkeypatch, capsys):
+    """--size: clips rendered and videos generated at that size (a size is declared in a config only once
+    evaluated there); the results name the size and whether the model serves it already."""
+    import trainer.evaluate as evaluate_module
+
+    shapes = []
+    real = evaluate_module.generate
+
+    def spy(pipe, *args, **kwargs):
+        videos = real(pipe, *args, **kwargs)
+        shapes.append(tuple(videos.shape))
+        return videos
+
+    monkeypatch.setattr(evaluate_module, "generate", spy)
+    out = tmp_path / "eval.json"
+    common = ["--model", str(model_folder), "--metrics", "recon,attributes", "--num-clips", "2", "--steps", "1",
+              "--motion-steps", "1", "--out", str(out)]
+    assert main(common + ["--size", "2x16x32"]) == 0
+    results = json.loads(out.read_text())
+    assert (results["size"], results["served"]) == ("2x16x32", False)
+    assert shapes == [(2, 2, 3, 16, 32)] and 0 < results["recon_psnr"] < 60
+    assert main(common) == 0  # default: the model's own size, which it serves
+    results = json.loads(out.read_text())
+    assert (results["size"], results["served"]) == ("4x16x16", True) and shapes[-1] == (2, 4, 3, 16, 16)
+    capsys.readouterr()
+    assert main(common + ["--size", "4x18x16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4x18x16" in err[0]

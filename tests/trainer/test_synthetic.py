@@ -133,6 +133,15 @@ def test_bad_arguments_raise():
         SyntheticVideos(num_clips=3)[3]
 
 
+def test_filters_that_leave_no_clip_raise():
+    """Like a video folder with no usable video: an empty synthetic set is an error at once, never a
+    data set that cannot give a batch."""
+    with pytest.raises(ValueError, match="no combination"):
+        SyntheticVideos(split="heldout", motions=DIAGONAL_MOTIONS)
+    with pytest.raises(ValueError, match="num_clips=0"):
+        SyntheticVideos(num_clips=0)
+
+
 # ---------------------------------------------------------------------------
 # Rendering and items
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from trainer.train import main
 def _tiny_config(path):
     cfg = load_config("default")
     cfg.num_frames, cfg.height, cfg.width = 4, 16, 16
+    cfg.sizes = ["4x16x16"]  # the sizes it serves: its own
     a = cfg.autoencoder
     a.hidden_size, a.encoder_depth, a.decoder_depth, a.num_heads = 32, 1, 1, 2
     cfg.save(str(path))

@@ -22,7 +22,7 @@ def tiny_config(path):
     """4 frames of 16x16, every network a few thousand parameters (runs under the Triton interpreter)."""
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "engine", "configs", "default.json")) as f:
         d = json.load(f)
-    d.update(name="tiny-test", num_frames=4, height=16, width=16)
+    d.update(name="tiny-test", num_frames=4, height=16, width=16, sizes=["4x16x16"])
     d["autoencoder"].update(patch_size=2, hidden_size=32, encoder_depth=1, decoder_depth=1, num_heads=2)
     d["motion_dit"].update(depth=1, hidden_size=64, num_heads=2, content_patch_size=4)
     d["content_unet"].update(sample_size=16, block_out_channels=[32, 32], norm_num_groups=8, attention_head_dim=4,

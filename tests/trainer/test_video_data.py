@@ -1,14 +1,19 @@
-"""Video folders for training: captions CSV and UCF-101 layouts, windows/crops, corrupt and too-short
-videos skipped and counted (never fatal), and latent mode's per-video VAE latent cache."""
+"""Video folders for training: captions CSV and UCF-101 layouts, windows/crops of stored frames, corrupt,
+missing and too-short videos left out before training and counted (an error naming the folder and the
+counts when none is usable, never a wait), and latent mode's per-video VAE latent cache."""
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from trainer.data.videos import class_caption, open_video_folder, read_video, resize_crop
+from engine.video_io import write_video as write_any
+from trainer.data.videos import NoUsableClips, class_caption, open_video_folder, read_video, resize_crop
 from trainer.train import main
 from test_train_stages import tiny_config  # noqa: E402  (tests/trainer is on sys.path under pytest)
 
@@ -127,8 +132,167 @@ def test_training_on_a_folder_skips_and_counts_bad_videos(tmp_path, csv_folder):
     assert code == 0
     records = [json.loads(line) for line in open(out / "logs" / "autoencoder.jsonl")]
     done = records[-1]
-    assert done["event"] == "done" and done["skipped_clips"] >= 1
-    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    # The bad videos are left out before training and counted by reason (in the start and done records),
+    # so every batch keeps its size; no clip fails at load time.
+    counts = {"root": str(csv_folder), "found": 6, "usable": 3,
+              "skipped": {"missing": 1, "unreadable": 1, "too short": 1}}
+    assert records[0]["event"] == "start" and records[0]["data"] == counts
+    assert done["event"] == "done" and done["data"] == counts and done["skipped_clips"] == 0
+    steps = [r for r in records if "loss" in r]
+    assert [r["batch_clips"] for r in steps] == [2, 2, 2]
+    assert all(np.isfinite(r["loss"]) for r in steps)
+
+
+def _gif(path, levels, duration_ms):
+    """A GIF (Pillow) whose frame i is a flat grey of ``levels[i]`` (distinct: Pillow merges equal neighbours)."""
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((H, W, 3), level, np.uint8)) for level in levels]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+
+
+def test_clips_are_windows_of_stored_frames(tmp_path):
+    """GIFs and mp4s at several delays and rates: a window is 16 consecutive stored frames, never a frame
+    repeated to fill a rate; files with fewer stored frames are too short, left out and counted."""
+    rng = np.random.default_rng()
+    _gif(tmp_path / "still.gif", [40, 200], 500)  # 2 frames at 500 ms: ffmpeg's default timing made it 100
+    long_levels = 10 * np.arange(20) + int(rng.integers(0, 50))
+    _gif(tmp_path / "slow.gif", long_levels, [int(d) for d in rng.integers(2, 40, 20) * 10])  # varied delays
+    _gif(tmp_path / "tripled.gif", 12 * np.arange(8), 130)  # 130 ms: came back as 3 frames each
+    write_any(str(tmp_path / "one.gif"), np.full((1, H, W, 3), 90, np.uint8), fps=8)  # our own 1-frame GIF
+    write_video(tmp_path / "fast.mp4", 12)  # 30 fps below (write_video here writes 8 fps): 12 stored frames
+    write_video(tmp_path / "long.mp4", 18)
+    rows = ["still.gif,a", "slow.gif,b", "tripled.gif,c", "one.gif,d", "fast.mp4,e", "long.mp4,f"]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    clips = open_video_folder(str(tmp_path), num_frames=16, height=16, width=16, seed=int(rng.integers(1000)))
+    usable, counts = clips.usable()
+    assert counts.to_dict() == {"root": str(tmp_path), "found": 6, "usable": 2,
+                                "skipped": {"missing": 0, "unreadable": 0, "too short": 4}}
+    assert [c for _, c in usable.entries] == ["b", "f"]
+    assert "4 too short" in counts.summary() and "16 stored frames" in counts.summary()
+    for epoch in range(3):
+        usable.set_epoch(epoch)
+        gif = usable[0]["video"]
+        levels = ((gif[:, :, H // 2, W // 2].mean(dim=1) + 1) * 127.5).round()
+        start = int(np.argmin(np.abs(long_levels - levels[0].item())))
+        np.testing.assert_allclose(levels.numpy(), long_levels[start:start + 16], atol=1.5)
+        mp4 = usable[1]["video"]
+        steps = ((mp4[1:, :, -1, 8] - mp4[:-1, :, -1, 8]).mean(dim=1) * 127.5).numpy()
+        np.testing.assert_allclose(steps, 12.0, atol=4)  # consecutive stored frames: level steps of 12
+    # Without the check, the too-short ones give None (dropped and counted by the trainer's collate).
+    assert [clips[i] is None for i in range(len(clips))] == [True, False, True, True, True, False]
+
+
+def _train(data, out, config, *extra):
+    return main(["--stage", "autoencoder", "--config", config, "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--workers", "0", "--log-every", "1", "--sample-every", "0", "--no-progress",
+                 "--threads", "1", *extra])
+
+
+def _one_line_error(capsys, start):
+    """The error line (the last of stderr; before it at most the note on the videos left out)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and all(line.startswith("note: ") for line in lines[:-1]), lines
+    assert time.perf_counter() - start < 60, "an error about the data must come before any training"
+    return lines[-1]
+
+
+def test_zero_byte_video_is_an_error_not_a_wait(tmp_path):
+    """The reported case, through the CLI: the only video is a zero-byte mp4. It ran forever without a
+    word; now one line naming the folder and the counts, exit code 2, in seconds."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "clip.mp4").write_bytes(b"")
+    (data / "captions.csv").write_text("path,caption\nclip.mp4,a red circle moving right\n")
+    config = tiny_config(tmp_path / "tiny.json")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", "--stage", "autoencoder", "--config", config,
+                           "--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "1", "--no-progress",
+                           "--threads", "1"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: no usable clips in {str(data)!r}: found 1 video, 0 usable; skipped 1 unreadable")
+    assert "clip.mp4" in err and "empty" in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_filter_that_leaves_no_clip_is_an_error(tmp_path, csv_folder, capsys):
+    """--frame-stride 4 needs 13 stored frames for 4-frame clips; the folder's longest video has 12."""
+    config = tiny_config(tmp_path / "tiny.json")
+    start = time.perf_counter()
+    assert _train(csv_folder, tmp_path / "run", config, "--frame-stride", "4") == 2
+    err = _one_line_error(capsys, start)
+    assert f"no usable clips in {str(csv_folder)!r}: found 6 videos, 0 usable; skipped 1 missing, 1 unreadable, " \
+           "4 too short (a window is 13 stored frames" in err
+
+
+def test_ucf101_split_of_missing_videos_is_an_error(tmp_path, capsys):
+    videos = tmp_path / "UCF-101" / "YoYo"
+    videos.mkdir(parents=True)
+    write_video(videos / "v_YoYo_g01_c01.avi", 6, codec="mpeg4")
+    lists = tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "trainlist01.txt").write_text("YoYo/v_YoYo_g02_c01.avi 1\nYoYo/v_YoYo_g03_c01.avi 1\n")
+    config = tiny_config(tmp_path / "tiny.json")
+    start = time.perf_counter()
+    assert _train(tmp_path, tmp_path / "run", config) == 2
+    err = _one_line_error(capsys, start)
+    assert f"no usable clips in {str(tmp_path)!r}: found 2 videos, 0 usable; skipped 2 missing" in err
+
+
+def test_fewer_usable_clips_than_a_batch_is_an_error(tmp_path, csv_folder, capsys):
+    config = tiny_config(tmp_path / "tiny.json")
+    start = time.perf_counter()
+    assert _train(csv_folder, tmp_path / "run", config, "--batch-size", "4") == 2
+    err = _one_line_error(capsys, start)
+    assert "fewer than one batch of 4" in err and "found 6 videos, 3 usable" in err
+
+
+def test_clips_that_fail_after_the_check_end_the_run(tmp_path, csv_folder, capsys, monkeypatch):
+    """Videos that pass the probe but never decode (a damaged stream): a whole epoch of empty batches
+    ends the run with an error instead of taking batches forever."""
+    import trainer.data.videos as videos
+
+    def broken(path, max_frames=None):
+        raise ValueError(f"cannot read video {path!r}: damaged stream")
+
+    monkeypatch.setattr(videos, "read_video", broken)
+    config = tiny_config(tmp_path / "tiny.json")
+    start = time.perf_counter()
+    assert _train(csv_folder, tmp_path / "run", config, "--batch-size", "1") == 2
+    err = _one_line_error(capsys, start)
+    assert f"no clip loaded in {str(csv_folder)!r} in the last 6 batches of 1" in err  # two epochs' worth
+
+
+def test_resume_after_batches_that_loaded_nothing(tmp_path, csv_folder, monkeypatch):
+    """Two of the three usable videos fail to decode at load time, so steps take more than one batch: a
+    resumed run continues from the saved data position, with the losses of an uninterrupted run."""
+    import trainer.data.videos as videos
+
+    real = videos.read_video
+
+    def flaky(path, max_frames=None):
+        if os.path.basename(path) in ("b.mp4", "c.mp4"):
+            raise ValueError(f"cannot read video {path!r}: damaged stream")
+        return real(path, max_frames)
+
+    monkeypatch.setattr(videos, "read_video", flaky)
+    config = tiny_config(tmp_path / "tiny.json")
+    full, part = tmp_path / "full", tmp_path / "part"
+    every = ("--batch-size", "1", "--log-every", "1", "--checkpoint-every")
+    assert _train(csv_folder, full, config, "--steps", "5", *every, "5") == 0
+    assert _train(csv_folder, part, config, "--steps", "2", *every, "2") == 0
+    saved = json.load(open(part / "checkpoints" / "autoencoder" / "step-00000002" / "state.json"))
+    assert saved["data_batches"][0] > 2, "the interruption should come after an empty batch"
+    assert _train(csv_folder, part, config, "--steps", "5", *every, "5", "--resume") == 0
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(out / "logs" / "autoencoder.jsonl")) if "loss" in r}
+
+    a, b = losses(full), losses(part)
+    assert [b[step] for step in (3, 4, 5)] == [a[step] for step in (3, 4, 5)]
 
 
 # ---------------------------------------------------------------------------------------- latent mode
@@ -158,7 +322,7 @@ def latent_config(path, vae_kwargs):
 
 def test_latent_cache_serves_vae_windows(tmp_path, csv_folder):
     from engine.models.vae import encode_frames, load_vae
-    from trainer.data.latents import LatentCache, LatentClips, fill_latent_cache
+    from trainer.data.latents import LatentCache, LatentClips, cached_clips, fill_latent_cache
 
     vae = load_vae(tiny_vae_folder(tmp_path))
     clips = open_video_folder(str(csv_folder), 4, 16, 16, seed=0)
@@ -166,12 +330,19 @@ def test_latent_cache_serves_vae_windows(tmp_path, csv_folder):
     assert fill_latent_cache(clips, cache) == (4, 2)  # a, b, c, short encoded; broken and missing fail
     assert fill_latent_cache(clips, cache) == (0, 2)  # the good ones are cached now
     latents = LatentClips(clips, cache)
+    usable, counts = clips.usable()
+    assert len(cached_clips(usable, cache, counts)) == 3 and counts.usable == 3
     item, pixels = latents[0], clips[0]
     assert item["latents"].shape == (4, 4, 16, 16) and item["caption"] == pixels["caption"]
     # The same window as the pixel data set picks, encoded by the VAE (fp16 storage).
     expected = encode_frames(vae, pixels["video"][None])[0]
     assert torch.allclose(item["latents"], expected, atol=2e-2 * expected.abs().max().item())
     assert latents[2] is None and latents[4] is None  # broken; too short for a window
+    # Nothing cached (every encode failed): an error naming the folder and the counts.
+    empty = LatentCache(str(tmp_path / "empty"), vae, 16, 16)
+    usable, counts = clips.usable()
+    with pytest.raises(NoUsableClips, match=r"found 6 videos, 0 usable; skipped 1 missing, 4 unreadable"):
+        cached_clips(usable, empty, counts)
 
 
 def test_latent_mode_training_with_cache_and_pretrained_unet(tmp_path, csv_folder):
@@ -189,7 +360,8 @@ def test_latent_mode_training_with_cache_and_pretrained_unet(tmp_path, csv_folde
               "--log-every", "1", "--sample-every", "0", "--no-progress", "--threads", "1",
               "--latent-cache", str(tmp_path / "latents")]
     assert main(["--stage", "autoencoder", "--steps", "2", "--vae", sd, *common]) == 0
-    assert len([f for f in os.listdir(tmp_path / "latents") if f.endswith(".safetensors")]) == 4
+    # a, b and c: the too-short video is left out before encoding (it can give no window)
+    assert len([f for f in os.listdir(tmp_path / "latents") if f.endswith(".safetensors")]) == 3
     # Fine-tuning the UNet of a local SD folder: the content stage starts from its weights.
     torch.manual_seed(1)
     unet = UNet2DConditionModel(**load_config(config).content_unet)

@@ -8,7 +8,9 @@ file; stale files are harmless.
 
 :func:`fill_latent_cache` encodes what is missing (each rank its share under torchrun);
 :class:`LatentClips` then serves random windows of cached latents, ``{"latents": (L, c, h, w), "caption"}``,
-with no VAE in the data loader. Videos that cannot be decoded or are too short are skipped and counted.
+with no VAE in the data loader. Videos that cannot be decoded are left out of the cache and counted
+(:func:`cached_clips`); a cached video shorter than one window gives ``None`` (dropped and counted by the
+trainer's collate).
 """
 
 import hashlib
@@ -23,7 +25,7 @@ from torch.utils.data import Dataset
 
 from engine.atomic import atomic_path
 from engine.models.vae import encode_frames
-from trainer.data.videos import VideoClips, read_video, resize_crop
+from trainer.data.videos import ClipCounts, NoUsableClips, VideoClips, read_video, resize_crop
 
 
 def vae_fingerprint(vae) -> str:
@@ -95,6 +97,18 @@ def fill_latent_cache(clips: VideoClips, cache: LatentCache, rank: int = 0, worl
     if bar is not None:
         bar.close()
     return done, failed
+
+
+def cached_clips(clips: VideoClips, cache: LatentCache, counts: ClipCounts) -> VideoClips:
+    """The videos of ``clips`` that are in the cache (after :func:`fill_latent_cache` on every rank); the
+    others are added to ``counts`` as "unreadable". Raises :class:`NoUsableClips` when none is cached."""
+    keep = [entry for entry in clips.entries if cache.has(entry[0])]
+    missed = len(clips) - len(keep)
+    if missed:
+        counts.add("unreadable", f"{missed} of the probed videos could not be decoded for the latent cache", missed)
+    if not keep:
+        raise NoUsableClips(f"no usable clips in {counts.root!r}: {counts.summary()}")
+    return clips.subset(keep)
 
 
 class LatentClips(Dataset):

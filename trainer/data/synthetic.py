@@ -373,7 +373,9 @@ class SyntheticVideos(Dataset):
         motions: Sequence[str] = MOTIONS,
     ):
         _check_split(split)
-        split_combos(split, motions)  # validates motions early
+        split_combos(split, motions)  # validates motions early; a filter that leaves no combination raises
+        if num_clips < 1:
+            raise ValueError(f"a synthetic data set needs at least one clip, got num_clips={num_clips}")
         self.num_clips = num_clips
         self.num_frames = num_frames
         self.height = height

@@ -4,10 +4,15 @@ Both give items like the synthetic set: {"video": (L, 3, H, W) float in [-1, 1],
 is a random window of ``num_frames`` frames (every ``frame_stride``-th frame) of one video, resized so that
 it covers (H, W) and cropped to it (centre crop, or a random crop with ``random_crop``). The window and crop
 of item i depend only on (seed, epoch, i), so a resumed run sees the same clips as an uninterrupted one.
+Frames are the frames stored in the file (:func:`engine.video_io.read_video`: never resampled to a frame
+rate, so a 2-frame GIF is 2 frames, too short for a 16-frame window, whatever its per-frame delays).
 
-A video that cannot be decoded, or is shorter than one window, gives ``None``: the trainer's collate drops
-it and counts it (``skipped_clips`` in the log); it is never fatal. Decoding uses imageio-ffmpeg (its own
-ffmpeg binary, no system install needed).
+Before training, :meth:`VideoClips.check` probes every video without decoding it (ffmpeg counts the stored
+frames) and :meth:`VideoClips.usable` keeps the usable ones, counting the others by reason ("missing",
+"unreadable", "too short" for one window); with none left it raises :class:`NoUsableClips`, a ValueError
+naming the folder and the counts. A video that passes the probe but then fails to decode gives ``None``
+from ``__getitem__``: the trainer's collate drops it and counts it (``skipped_clips`` in the log).
+Decoding uses imageio-ffmpeg (its own ffmpeg binary, no system install needed).
 
 Layouts (:func:`open_video_folder` tells them apart):
 
@@ -22,35 +27,19 @@ import csv
 import math
 import os
 import re
-from typing import List, Optional, Sequence, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from engine.video_io import probe_video, read_video  # noqa: F401  (read_video: the one reader, re-exported)
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v")
 CAPTIONS_FILE = "captions.csv"
-
-
-def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
-    """Decode a video to uint8 frames (N, H, W, 3); at most ``max_frames``. Raises on unreadable files."""
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(path)
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        frames = []
-        for raw in reader:
-            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-    finally:
-        reader.close()
-    if not frames:
-        raise ValueError(f"no frames decoded from {path!r}")
-    return np.stack(frames)
 
 
 def resize_crop(frames: torch.Tensor, height: int, width: int, top: float = 0.5, left: float = 0.5) -> torch.Tensor:
@@ -65,13 +54,72 @@ def resize_crop(frames: torch.Tensor, height: int, width: int, top: float = 0.5,
     return frames[..., y:y + height, x:x + width]
 
 
+SKIP_REASONS = ("missing", "unreadable", "too short")
+
+
+def clip_problem(path: str, span: int) -> Tuple[Optional[str], str]:
+    """(reason, detail): why ``path`` cannot give a window of ``span`` stored frames ("missing",
+    "unreadable", "too short"), or (None, "") when it can. Probes without decoding (ffmpeg's packet count)."""
+    try:
+        info = probe_video(path)
+    except ValueError as e:
+        return ("missing" if not os.path.exists(path) else "unreadable"), str(e)
+    if info.num_frames < span:
+        return "too short", f"{path!r} has {info.num_frames} frames"
+    return None, ""
+
+
+class NoUsableClips(ValueError):
+    """No video of a data set can give a clip (the message names the folder and the counts by reason)."""
+
+
+@dataclass
+class ClipCounts:
+    """What :meth:`VideoClips.usable` found: ``found`` videos listed, ``skipped`` per reason, an example
+    (the first problem's detail) per reason, and the window length ``span`` in stored frames."""
+
+    root: str
+    found: int
+    span: int
+    skipped: Dict[str, int] = field(default_factory=dict)
+    examples: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> int:
+        return self.found - sum(self.skipped.values())
+
+    def add(self, reason: str, detail: str, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.examples.setdefault(reason, detail)
+
+    def summary(self) -> str:
+        """One line: "found 6 videos, 3 usable; skipped 1 missing, 1 unreadable, 1 too short (a window is
+        7 stored frames; e.g. 'x.mp4' has 2 frames)"."""
+        noun = "video" if self.found == 1 else "videos"
+        text = f"found {self.found} {noun}, {self.usable} usable"
+        parts = [f"{self.skipped[r]} {r}" for r in self.skipped if self.skipped[r]]
+        if parts:
+            text += "; skipped " + ", ".join(parts)
+            notes = [f"a window is {self.span} stored frames"] if self.skipped.get("too short") else []
+            first = next(r for r in self.skipped if self.skipped[r])
+            notes.append(f"e.g. {self.examples[first]}")
+            text += " (" + "; ".join(notes) + ")"
+        return text
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"root": self.root, "found": self.found, "usable": self.usable, "skipped": dict(self.skipped)}
+
+
 class VideoClips(Dataset):
-    """Captioned videos -> random fixed-length clips (see the module doc)."""
+    """Captioned videos -> random fixed-length clips (see the module doc).
+
+    ``entries``: (path, caption) pairs; ``root``: the folder they came from (for messages)."""
 
     def __init__(self, entries: Sequence[Tuple[str, str]], num_frames: int = 16, height: int = 32, width: int = 32,
-                 frame_stride: int = 1, random_crop: bool = False, seed: int = 0, max_frames: int = 1024):
+                 frame_stride: int = 1, random_crop: bool = False, seed: int = 0, max_frames: int = 1024,
+                 root: Optional[str] = None):
         if not entries:
-            raise ValueError("no videos to train on")
+            raise ValueError(f"no videos to train on{f' in {root!r}' if root else ''}")
         if num_frames < 1 or height < 1 or width < 1 or frame_stride < 1:
             raise ValueError(f"bad clip geometry: frames {num_frames}, size {height}x{width}, stride {frame_stride}")
         self.entries = list(entries)
@@ -81,6 +129,15 @@ class VideoClips(Dataset):
         self.seed = seed
         self.epoch = 0
         self.max_frames = max_frames  # decode at most this many frames of a long video
+        self.root = root or os.path.dirname(os.path.abspath(self.entries[0][0]))
+        if self.span > max_frames:
+            raise ValueError(f"a window of {num_frames} frames at stride {frame_stride} spans {self.span} frames, "
+                             f"more than the {max_frames} decoded per video")
+
+    @property
+    def span(self) -> int:
+        """Stored frames one window covers: (num_frames - 1) * frame_stride + 1."""
+        return (self.num_frames - 1) * self.frame_stride + 1
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -88,9 +145,41 @@ class VideoClips(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def check(self, indices: Optional[Iterable[int]] = None, threads: Optional[int] = None
+              ) -> Dict[int, Tuple[Optional[str], str]]:
+        """index -> :func:`clip_problem` of the videos at ``indices`` (default: all), probed in ``threads``
+        threads (each runs one short ffmpeg process; about 35 ms a video on one core)."""
+        indices = list(range(len(self)) if indices is None else indices)
+        threads = threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            found = pool.map(lambda i: clip_problem(self.entries[i][0], self.span), indices)
+            return dict(zip(indices, found))
+
+    def usable(self, problems: Optional[Mapping[int, Tuple[Optional[str], str]]] = None
+               ) -> Tuple["VideoClips", ClipCounts]:
+        """(the data set of the usable videos, the counts). ``problems``: :meth:`check`'s result for every
+        index (computed here when not given). Raises :class:`NoUsableClips` when no video is usable."""
+        problems = self.check() if problems is None else problems
+        counts = ClipCounts(self.root, len(self), self.span, {r: 0 for r in SKIP_REASONS})
+        keep = []
+        for i in range(len(self)):
+            reason, detail = problems[i]
+            if reason is None:
+                keep.append(self.entries[i])
+            else:
+                counts.add(reason, detail)
+        if not keep:
+            raise NoUsableClips(f"no usable clips in {self.root!r}: {counts.summary()}")
+        return self.subset(keep), counts
+
+    def subset(self, entries: Sequence[Tuple[str, str]]) -> "VideoClips":
+        """The same clip geometry, seed and root over other entries."""
+        return VideoClips(entries, self.num_frames, self.height, self.width, self.frame_stride, self.random_crop,
+                          self.seed, self.max_frames, self.root)
+
     def __getitem__(self, index: int):
         path, caption = self.entries[index]
-        span = (self.num_frames - 1) * self.frame_stride + 1
+        span = self.span
         try:
             frames = read_video(path, self.max_frames)
         except Exception:  # corrupt, truncated or not a video: skipped, never fatal
@@ -176,4 +265,4 @@ def open_video_folder(root: str, num_frames: int, height: int, width: int, seed:
         entries = read_ucf101(root, split, fold)
     else:
         raise ValueError(f"{root!r} has no {CAPTIONS_FILE} and is not a UCF-101 folder (class folders of .avi)")
-    return VideoClips(entries, num_frames, height, width, frame_stride, random_crop, seed)
+    return VideoClips(entries, num_frames, height, width, frame_stride, random_crop, seed, root=root)

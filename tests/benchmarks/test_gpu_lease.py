@@ -1,0 +1,89 @@
+"""benchmarks/gpu_lease.sh end to end on this CPU (--dry-run): every stage runs with tiny configs and
+interpreted kernels and leaves its result, so the script that runs on a rare GPU lease cannot break unseen."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_lease.sh"
+STAGES = ["setup", "env", "kernel_tests", "paper_scale", "kernel_bench", "engine_tests", "extra_scaling",
+          "extra_compile"]
+
+
+def lease(*args, env=None, timeout=3300):
+    full = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    full.update(LEASE_PYTHON=sys.executable, **(env or {}))
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_dry_run_runs_every_stage_and_summarises(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    # extra_compile (inductor on the CPU takes far longer) gets 3 s: the cut must be recorded, not fatal.
+    proc = lease("--dry-run", str(out), env={"LEASE_WORK": str(work), "LEASE_LIMIT_extra_compile": "3"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # What comes back from a device call: at most 8 files; these four.
+    assert sorted(p.name for p in out.iterdir()) == ["lease.json", "lease.log", "raw.tar.gz", "summary.md"]
+    report = json.loads((out / "lease.json").read_text())
+    assert report["mode"] == "dry-run"
+    stages = {s["name"]: s for s in report["stages"]}
+    assert [s["name"] for s in report["stages"]] == STAGES
+    assert {n: s["status"] for n, s in stages.items()} == dict.fromkeys(STAGES[:-1], "ok") | {"extra_compile": "timed out"}
+    assert stages["extra_compile"]["rc"] == 124 and stages["extra_compile"]["limit_s"] == 3
+
+    setup = stages["setup"]["result"]
+    assert setup["requirements"]["ok"] is True and "diffusers" in setup["requirements"]["distributions"]
+    assert setup["cache_fits"] is None and "dry run" in setup["cache_check"]
+    env = stages["env"]["result"]
+    assert env["device_type"] == "cpu" and env["ceilings"]["copy_gbps"] > 0 and env["ceilings"]["matmul_tflops"] > 0
+    assert env["triton_interpret"] == "1" and env["triton_cache_dir"] == str(work / "triton-cache")
+    tests = stages["kernel_tests"]["result"]
+    assert tests["source"] == "junit" and tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0
+    assert stages["kernel_tests"]["autotune"] == "off" and stages["engine_tests"]["autotune"] == "off"
+    assert any("pytest" in c and "--junitxml" in c for c in stages["kernel_tests"]["commands"])
+    paper = stages["paper_scale"]["result"]
+    assert [(r["backend"], r["batch"]) for r in paper["runs"]] == [("eager", 1)]  # cudagraph needs CUDA
+    assert paper["scaling"] == [] and paper["baseline"]["runs"][0]["latency_s"] > 0  # --no-scaling; baseline on
+    assert paper["settings"]["steps"] == 1 and paper["config"]["name"] == "tiny-test"
+    bench = stages["kernel_bench"]["result"]
+    checks = [r for r in bench["rows"] if "ok" in r]
+    assert checks and all(r["ok"] for r in checks)
+    engine = stages["engine_tests"]["result"]
+    assert engine["skipped"] > 0 and engine["passed"] == engine["failed"] == 0  # gpu-only: skipped on a CPU
+    extra = stages["extra_scaling"]["result"]
+    assert [r["frames"] for r in extra["scaling"]] == [8] and extra["runs"][0]["batch"] == 2
+    assert stages["extra_compile"]["result"] is None
+
+    summary = (out / "summary.md").read_text()
+    assert "| stage | figure | measured | target | met |" in summary
+    for name in STAGES:
+        assert f"| {name} | stage |" in summary
+    assert "TIMED OUT" in summary and "n/a: targets are for a GPU" in summary
+    row = next(r for r in report["rows"] if r["stage"] == "kernel_tests" and r["figure"] != "stage")
+    assert row["met"] is True and f"{tests['passed']} passed" in row["measured"]
+    log = (out / "lease.log").read_text()
+    assert all(f"===== {name}:" in log for name in STAGES)
+    with tarfile.open(out / "raw.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"results/paper_scale.json", "results/kernel_bench.json", "results/kernel_tests.xml", "results/env.json",
+            "logs/extra_compile.log", "stages.tsv"} <= names
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "expected OUT, --dry-run OUT or --prepare"),
+    (["--dry-run"], "usage: bash benchmarks/gpu_lease.sh --dry-run OUT"),
+    (["--prepare", "extra"], "--prepare takes no other argument"),
+    (["--bogus"], "got '--bogus'"),
+])
+def test_bad_usage_is_one_error_line_and_exit_2(args, message, tmp_path):
+    proc = lease(*args, env={"LEASE_WORK": str(tmp_path / "work")}, timeout=60)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "work").exists()  # nothing ran
