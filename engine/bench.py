@@ -1,8 +1,9 @@
-"""python -m engine.bench latency|memory|flops: how fast, how big, how much work.
+"""python -m engine.bench latency|memory|flops|cache: how fast, how big, how much work.
 
     python -m engine.bench latency [--model random:default] [--backends eager,compile,cudagraph] [--json]
     python -m engine.bench memory  [same options]
     python -m engine.bench flops   [--config NAME] [--steps N] [--accounting paper|full] [--json]
+    python -m engine.bench cache   --model default [--settings none,static,dynamic:0.1,...] [--json]
 
 ``latency`` runs the backends side by side in one process on one model: each gets ``--warmup``
 untimed calls (compilation and CUDA-graph capture happen there), then ``--iters`` timed calls;
@@ -13,7 +14,10 @@ and amplifies float noise (compile vs eager on ``random:default``: 1e-4 apart af
 entirely after 25); judge it on trained weights or with ``--steps 2``.
 ``memory`` reports each backend's peak CUDA memory of one call after warm-up, or the process's peak
 RSS on a CPU (which only grows: read it per backend in its own run for absolute numbers). ``flops``
-is :mod:`engine.flops` (meta-device FLOP counts for any config).
+is :mod:`engine.flops` (meta-device FLOP counts for any config). ``cache`` compares step-caching
+settings (:mod:`engine.cache`) side by side on the same prompts and seeds (see :func:`bench_cache`):
+denoiser evaluations, wall time per video, PSNR/SSIM against the uncached videos, and the FLOPs the
+same evaluation counts would cost at paper scale (``--flops-config``).
 
 ``--model``: ``random:<config>`` (the default, ``random:default``; random weights and a random text
 encoder, enough for timing any config, e.g. ``random:ucf101-64`` on a GPU), ``default`` or a model
@@ -31,6 +35,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 STAGES = ("text", "content", "motion", "decode", "vae")
+# Pipeline keyword arguments that check_request validates.
+REQUEST_KEYS = ("num_frames", "height", "width", "num_inference_steps", "motion_steps", "guidance_scale",
+                "motion_guidance_scale", "scheduler")
+DEFAULT_CACHE_SETTINGS = ("none,static,static:0.3,dynamic:0.05,dynamic:0.1,dynamic:0.2,none@0.2-0.8,"
+                          "static@0.2-0.8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -173,6 +182,152 @@ def bench_memory(pipe, names: List[str], call: dict, warmup: int) -> Dict[str, d
     return results
 
 
+def parse_cache_setting(text: str) -> dict:
+    """``MODE[:THRESHOLD][@START-END]`` -> pipeline keyword arguments. MODE: none, static or dynamic;
+    e.g. ``static``, ``dynamic:0.1``, ``none@0.2-0.8`` (a guidance interval alone), ``static:0.3@0-0.5``.
+    Values are checked as the pipeline checks them (a one-line ValueError)."""
+    from engine.cache import CACHE_MODES, check_guidance_interval, check_threshold
+
+    spec, _, interval = text.strip().partition("@")
+    mode, _, threshold = spec.partition(":")
+    if mode not in ("none",) + CACHE_MODES:
+        raise ValueError(f"cache setting {text!r}: mode must be none, static or dynamic")
+    kwargs = {} if mode == "none" else {"cache": mode}
+    try:
+        if threshold:
+            if mode == "none":
+                raise ValueError("a threshold needs static or dynamic")
+            kwargs["cache_threshold"] = check_threshold(float(threshold))
+        if interval:
+            start, sep, end = interval.partition("-")
+            if not sep:
+                raise ValueError("an interval is START-END, e.g. 0.2-0.8")
+            kwargs["guidance_interval"] = check_guidance_interval((float(start), float(end)))
+    except ValueError as e:
+        raise ValueError(f"cache setting {text!r}: {e}") from None
+    return kwargs
+
+
+def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int = 0, batch_size: int = 8,
+                score=None, seeds: Optional[List[int]] = None, **call) -> Dict[str, dict]:
+    """Step-caching settings side by side: ``settings`` maps a name to pipeline keyword arguments
+    (``cache``, ``cache_threshold``, ``guidance_interval``); the first is the reference (normally no cache).
+
+    Prompt k is seeded ``seeds[k]`` (default ``seed + k``) in every setting; each batch of ``batch_size``
+    prompts runs every setting in turn (so load drifts on a shared machine hit all settings alike). Per
+    setting: denoiser sample evaluations per video (``content``, ``motion``, their first-block-only rows
+    and ``full_total``), the ratio of full evaluations to the reference's, wall seconds per video (the
+    pipeline call, all stages: the mean, and the median over batches, which a stall of the machine during
+    one batch does not move) and the speed-up of the median, mean per-video PSNR (dB, inf if identical)
+    and SSIM of the frames against the reference's, and ``score(videos)``'s result where given
+    (``videos``: (N, L, 3, H, W) in [-1, 1], e.g. attribute accuracy from the trainer, which the engine
+    cannot import).
+    ``call``: more pipeline keyword arguments (steps, guidance, ...)."""
+    import time
+
+    import torch
+
+    from engine.quality import psnr as video_psnr, ssim as video_ssim
+
+    from engine.cache import plan_cache
+
+    if not settings:
+        raise ValueError("no cache settings to compare")
+    req = pipe.check_inputs(**{k: call[k] for k in REQUEST_KEYS if k in call})
+    for kwargs in settings.values():  # every setting checked before any work
+        plan_cache(pipe.config, req.scheduler, req.steps, req.motion_steps, backend=pipe.backend, **kwargs)
+    seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    names = list(settings)
+    videos = {n: [] for n in names}
+    seconds = {n: [] for n in names}  # per batch: seconds per video
+    stages = {n: {} for n in names}
+    counts = {n: {} for n in names}
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        gens = lambda: [torch.Generator().manual_seed(s) for s in seeds[start:start + len(chunk)]]  # noqa: E731
+        for name in names:
+            t0 = time.perf_counter()
+            out = pipe(chunk, generator=gens(), output_type="pt", progress=False, **call, **settings[name])
+            seconds[name].append((time.perf_counter() - t0) / len(chunk))
+            videos[name].append(out.frames.float().cpu())
+            for key, value in out.evaluations.items():
+                counts[name][key] = counts[name].get(key, 0) + value
+            for key, value in out.timings.items():
+                stages[name][key] = stages[name].get(key, 0.0) + value
+    n = len(prompts)
+    reference = torch.cat(videos[names[0]])
+    results = {}
+    for name in names:
+        frames = torch.cat(videos[name])
+        per_video = {k: v / n for k, v in counts[name].items()}
+        per_video["full_total"] = per_video.get("content", 0) + per_video.get("motion", 0)
+        p = video_psnr(frames, reference, data_range=1.0)
+        p[(frames == reference).flatten(1).all(1)] = math.inf  # identical videos (psnr() caps at 200 dB)
+        results[name] = {"kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in settings[name].items()},
+                         "evaluations_per_video": per_video,
+                         "seconds_per_video": sum(s * len(b) for s, b in zip(seconds[name], videos[name])) / n,
+                         "seconds_per_video_median": statistics.median(seconds[name]),
+                         "stages_s_per_video": {k: v / n for k, v in stages[name].items()},
+                         "psnr_db": float(p.mean()), "psnr_db_min": float(p.min()),
+                         "ssim": float(video_ssim(frames, reference, data_range=1.0).mean())}
+        if score is not None:
+            results[name]["score"] = score(frames * 2 - 1)
+    base = results[names[0]]
+    for r in results.values():
+        full = r["evaluations_per_video"]["full_total"]
+        r["fewer_evaluations"] = base["evaluations_per_video"]["full_total"] / full if full else None
+        r["speedup"] = base["seconds_per_video_median"] / r["seconds_per_video_median"]
+    return results
+
+
+def cache_flops(config, results: Dict[str, dict]) -> dict:
+    """TFLOPs per video (full accounting: 2 per multiply-add, attention included) at ``config``'s scale
+    for each setting's measured evaluations per video: full rows x one network evaluation, first-block
+    rows x the first block (the DiT's output head too), plus one AE decode. The schedules were measured
+    on another model: this is what the same evaluation counts cost at that scale."""
+    import torch
+
+    from engine import flops
+    from engine.cache import DiTParts, UNetParts
+    from engine.configs import load_config
+    from engine.models import CMDModel
+
+    cfg = config if not isinstance(config, str) else load_config(config)
+    costs = flops.measure(cfg)
+    model = CMDModel.from_config(cfg, device="meta")
+    meta = {"device": "meta"}
+    t = torch.zeros(1, **meta)
+    content = torch.empty(1, cfg.channels, cfg.latent_height, cfg.latent_width, **meta)
+    motion = torch.empty(1, *cfg.motion_shape(), **meta)
+    states = torch.empty(1, cfg.text_encoder.max_length, cfg.text_encoder.hidden_size, **meta)
+    pooled = torch.empty(1, cfg.text_encoder.hidden_size, **meta)
+    unet, dit = UNetParts(model.content_unet), DiTParts(model.motion_dit)
+
+    def dit_first_block():
+        x1, _, c = dit.head(motion, t, content, pooled)
+        return dit.final(x1, c, tuple(motion.shape))
+
+    heads = {"content": flops.count_evaluation(model.content_unet, lambda: unet.head(content, t, states)),
+             "motion": flops.count_evaluation(model.motion_dit, dit_first_block)}
+    tera = lambda c: (c.flops + c.attention_flops) / 1e12  # noqa: E731
+    per_eval = {"content": tera(costs["content_unet"]), "motion": tera(costs["motion_dit"])}
+    decoder = tera(costs["ae_decoder"])
+    out = {"config": cfg.name, "accounting": "full", "tflops_per_evaluation": dict(per_eval),
+           "tflops_per_first_block": {k: tera(v) for k, v in heads.items()}, "ae_decoder_tflops": decoder,
+           "settings": {}}
+    for name, r in results.items():
+        ev = r["evaluations_per_video"]
+        total = decoder + sum(ev.get(s, 0) * per_eval[s] + ev.get(f"{s}_first_block", 0) * tera(heads[s])
+                              for s in ("content", "motion"))
+        out["settings"][name] = {"tflops_per_video": total}
+    base = next(iter(out["settings"].values()))["tflops_per_video"]
+    for entry in out["settings"].values():
+        entry["flops_saved"] = 1 - entry["tflops_per_video"] / base
+    return out
+
+
 def _jsonable(obj):
     """JSON has no inf/nan: write them as null (PSNR of identical outputs is inf)."""
     if isinstance(obj, dict):
@@ -201,8 +356,90 @@ def _table(kind: str, results: Dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def _cache_table(results: Dict[str, dict], flops: Optional[dict]) -> str:
+    head = (f"{'setting':<22}{'UNet evals':>11}{'DiT evals':>10}{'1st-block':>10}{'fewer':>8}{'s/video':>9}"
+            f"{'speed-up':>9}{'PSNR dB':>9}{'SSIM':>7}" + (f"{'TFLOPs':>10}" if flops else ""))
+    rows = [head]
+    for name, r in results.items():
+        ev = r["evaluations_per_video"]
+        first = ev.get("content_first_block", 0) + ev.get("motion_first_block", 0)
+        cells = (f"{name:<22}{ev.get('content', 0):>11.1f}{ev.get('motion', 0):>10.1f}{first:>10.1f}"
+                 f"{r['fewer_evaluations']:>7.2f}x{r['seconds_per_video_median']:>9.3f}{r['speedup']:>8.2f}x"
+                 f"{r['psnr_db']:>9.1f}{r['ssim']:>7.3f}")
+        if flops:
+            cells += f"{flops['settings'][name]['tflops_per_video']:>10.2f}"
+        rows.append(cells)
+    return "\n".join(rows)
+
+
+def main_cache(argv: List[str]) -> int:
+    """``python -m engine.bench cache``: :func:`bench_cache` from the command line."""
+    parser = _Parser(prog="python -m engine.bench cache", description=bench_cache.__doc__.split("\n\n")[0])
+    add_run_args(parser)
+    parser.add_argument("--settings", default=DEFAULT_CACHE_SETTINGS,
+                        help="comma-separated MODE[:THRESHOLD][@START-END] (the first is the reference; default "
+                        f"{DEFAULT_CACHE_SETTINGS})")
+    parser.add_argument("--prompts-file", help="prompts, one a line (default: --prompt, --num-prompts times)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="with --prompt: how many videos (seeds) of it")
+    parser.add_argument("--flops-config", default=None, help="also count the FLOPs of each setting's evaluations "
+                        "at this config's scale (e.g. sd21-512x1024)")
+    parser.add_argument("--backend", default="eager", help="the backend every setting runs on (default eager)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON, the last line of stdout")
+    try:
+        args = parser.parse_args(argv)
+        spec, device, dtype, kwargs = resolve_run(args)
+        settings = {}
+        for text in args.settings.split(","):
+            if text.strip():
+                settings[text.strip()] = parse_cache_setting(text)
+        if not settings:
+            raise ValueError("--settings lists no setting")
+        if args.prompts_file:
+            from engine.run import _read_prompts
+
+            prompts = _read_prompts(args.prompts_file)
+        else:
+            if args.num_prompts < 1:
+                raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+            prompts = [args.prompt] * args.num_prompts
+        from engine.backends import get_backend
+        from engine.cache import plan_cache
+        from engine.pipeline import CMDPipeline, check_request
+
+        config = spec.load_config()
+        req = check_request(config, **kwargs)
+        if "," in args.backend:
+            raise ValueError(f"--backend takes one backend, got {args.backend!r}")
+        backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
+        for setting in settings.values():  # a setting the model cannot run fails here, before any work
+            plan_cache(config, req.scheduler, req.steps, req.motion_steps, backend=get_backend(backend), **setting)
+        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
+        results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
+        flops = cache_flops(args.flops_config, results) if args.flops_config else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    report = {"kind": "cache", "model": args.model, "backend": backend, "environment": _environment(device, dtype),
+              "shape": {"videos": len(prompts), "batch": args.batch, "frames": req.num_frames, "height": req.height,
+                        "width": req.width, "steps": req.steps, "motion_steps": req.motion_steps,
+                        "scheduler": req.scheduler, "guidance": req.guidance, "motion_guidance": req.motion_guidance},
+              "settings": results, "flops": flops}
+    print(f"cache: {args.model} on {report['environment'].get('gpu', str(device))} ({report['environment']['dtype']}), "
+          f"{len(prompts)} videos in batches of {args.batch}, {req.num_frames}x{req.height}x{req.width}, "
+          f"steps {req.steps}/{req.motion_steps} {req.scheduler}")
+    print(_cache_table(results, flops))
+    if args.json:
+        print(json.dumps(_jsonable(report)))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cache"]:
+        return main_cache(argv[1:])
     if argv[:1] == ["flops"]:
         try:
             from engine import flops

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.backends import Backend, get_backend
+from engine.cache import DynamicStep, Evaluations, OutputHistory, StagePlan, guide, plan_cache
 from engine.configs import CMDConfig
 from engine.default_model import ModelSpec, resolve_model
 from engine.geometry import ClipGeometry, resolve_size, size_step
@@ -41,6 +42,9 @@ class CMDPipelineOutput:
     ("pt"), or None ("latent"). ``content`` (B, C, H, W) and ``motion`` (B, D, L, H'+W') are the
     generated latents (content in [-1, 1] pixels in pixel mode). ``timings``: seconds per stage
     (text, content, motion, decode, vae) and total. ``prompts``: the prompt of each video.
+    ``evaluations``: denoiser sample evaluations of the call (a CFG pair is two; a batch of B videos B
+    times one video's): ``content`` / ``motion`` ran the whole network, ``content_first_block`` /
+    ``motion_first_block`` only its first block (``cache="dynamic"``'s skipped rows).
     Batch order: prompt, then video of that prompt, then motion variation."""
 
     frames: Any
@@ -48,6 +52,7 @@ class CMDPipelineOutput:
     motion: torch.Tensor
     timings: Dict[str, float] = field(default_factory=dict)
     prompts: List[str] = field(default_factory=list)
+    evaluations: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -350,20 +355,38 @@ class CMDPipeline:
                             timestep_spacing=spacing)
 
     def _loop(self, stage: str, denoise: Callable, x: torch.Tensor, steps: int, guidance: float,
-              scheduler: str, callback, progress: bool) -> torch.Tensor:
-        """One denoising loop; ``denoise(batch, t)`` runs the backend on the (CFG) batch."""
+              scheduler: str, callback, progress: bool, plan: Optional[StagePlan] = None,
+              dynamic: Optional[DynamicStep] = None, evaluations: Optional[Evaluations] = None) -> torch.Tensor:
+        """One denoising loop; ``denoise(batch, t)`` runs the backend on the (CFG) batch. ``plan``
+        (:mod:`engine.cache`): per step, whether the network runs or the step reuses, and whether the CFG
+        batch runs; it is fixed before the loop, so the loop never asks the device. ``dynamic``: a
+        :class:`~engine.cache.DynamicStep` that replaces ``denoise`` (per-video first-block decisions)."""
         sampler = self._sampler(scheduler, steps, stage)
-        cfg = guidance > 1.0  # diffusers' convention: guidance <= 1 runs the conditional branch only
+        plan = plan or StagePlan.full(len(sampler))
+        if plan.steps != len(sampler):
+            raise ValueError(f"the {stage} cache plan has {plan.steps} steps, the {scheduler} loop {len(sampler)}")
+        history = None if all(plan.compute) else OutputHistory(plan.reuse)
+        evaluations = evaluations if evaluations is not None else Evaluations()
         bar = _Progress(len(sampler), stage, progress, self.device)
         try:
             for i in range(len(sampler)):
                 with nvtx_range(f"{stage} step {i}"):
                     t = sampler.timestep(i)
-                    batch = torch.cat([x, x]) if cfg else x
-                    out = denoise(batch.to(self.dtype), t.repeat(batch.shape[0])).float()
-                    if cfg:
-                        cond, uncond = out.chunk(2)
-                        out = uncond + guidance * (cond - uncond)
+                    # diffusers' convention: guidance <= 1 runs the conditional branch only
+                    cfg = guidance > 1.0 and plan.cfg[i]
+                    if plan.compute[i]:
+                        batch = torch.cat([x, x]) if cfg else x
+                        if dynamic is not None:
+                            out = dynamic(i, batch.to(self.dtype), t.repeat(batch.shape[0]))
+                        else:
+                            out = denoise(batch.to(self.dtype), t.repeat(batch.shape[0])).float()
+                            out = guide(out, x.shape[0], cfg, guidance)
+                            evaluations.full += batch.shape[0]
+                            evaluations.calls += 1
+                        if history is not None:
+                            history.store(i, out)
+                    else:
+                        out = history.predict(i)
                     x = sampler.step(i, out, x)
                 if callback is not None:
                     update = callback(self, i, t, {"stage": stage, "latents": x, "num_steps": len(sampler)})
@@ -377,21 +400,30 @@ class CMDPipeline:
     @torch.no_grad()
     def generate_content(self, states: torch.Tensor, negative_states: Optional[torch.Tensor], noise: torch.Tensor,
                          steps: int, guidance: float, scheduler: str = "ddim", callback=None,
-                         progress: bool = False) -> torch.Tensor:
-        """Content UNet loop: noise (B, C, h, w) -> content frames, CFG with the negative prompt states."""
+                         progress: bool = False, cache: Optional[StagePlan] = None,
+                         evaluations: Optional[Evaluations] = None) -> torch.Tensor:
+        """Content UNet loop: noise (B, C, h, w) -> content frames, CFG with the negative prompt states.
+        ``cache``: the loop's :class:`~engine.cache.StagePlan` (reuse steps, guidance interval, dynamic
+        threshold; None: every step, CFG everywhere); ``evaluations`` counts the network's work."""
         cond = torch.cat([states, negative_states]) if guidance > 1.0 else states
 
-        def denoise(batch, t):
-            return self.backend.unet_step(batch, t, cond)
+        def denoise(batch, t):  # a batch of B (CFG off at this step) takes the conditional half of cond
+            return self.backend.unet_step(batch, t, cond[: batch.shape[0]])
 
-        return self._loop("content", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress)
+        dynamic = None
+        if cache is not None and cache.dynamic:
+            step = DynamicStep("unet", self.backend.network_parts("unet"), cache, noise.shape[0], guidance, evaluations)
+            dynamic = lambda i, batch, t: step(i, batch, t, cond[: batch.shape[0]])  # noqa: E731
+        return self._loop("content", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress,
+                          cache, dynamic, evaluations)
 
     @torch.no_grad()
     def generate_motion(self, content: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor, steps: int,
-                        guidance: float, scheduler: str = "ddim", callback=None, progress: bool = False) -> torch.Tensor:
+                        guidance: float, scheduler: str = "ddim", callback=None, progress: bool = False,
+                        cache: Optional[StagePlan] = None, evaluations: Optional[Evaluations] = None) -> torch.Tensor:
         """Motion DiT loop: noise (B, D, L, H'+W') -> motion latents for content frames (B, C, h, w) and
         pooled text (B, d). CFG on the text only: the unconditional half gets the learned null text,
-        both halves see the same content frame."""
+        both halves see the same content frame. ``cache``, ``evaluations``: as :meth:`generate_content`."""
         content = content.to(self.dtype)
         if guidance > 1.0:
             null = self.model.motion_dit.null_text.to(self.dtype)[None].expand(pooled.shape[0], -1)
@@ -399,10 +431,16 @@ class CMDPipeline:
         else:
             text, frames = pooled, content
 
-        def denoise(batch, t):
-            return self.backend.dit_step(batch, t, frames, text)
+        def denoise(batch, t):  # a batch of B (CFG off at this step) takes the conditional half
+            n = batch.shape[0]
+            return self.backend.dit_step(batch, t, frames[:n], text[:n])
 
-        return self._loop("motion", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress)
+        dynamic = None
+        if cache is not None and cache.dynamic:
+            step = DynamicStep("dit", self.backend.network_parts("dit"), cache, noise.shape[0], guidance, evaluations)
+            dynamic = lambda i, batch, t: step(i, batch, t, frames[: len(batch)], text[: len(batch)])  # noqa: E731
+        return self._loop("motion", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress,
+                          cache, dynamic, evaluations)
 
     @torch.no_grad()
     def decode_latents(self, content: torch.Tensor, motion: torch.Tensor, timer: Optional[StageTimer] = None):
@@ -466,7 +504,9 @@ class CMDPipeline:
                  guidance_scale: Optional[float] = None, motion_guidance_scale: Optional[float] = None,
                  scheduler: Optional[str] = None, num_videos_per_prompt: int = 1, generator: Generator = None,
                  image=None, motion_variations: int = 1, output_type: str = "np",
-                 callback_on_step_end: Optional[Callable] = None, progress: bool = True) -> CMDPipelineOutput:
+                 callback_on_step_end: Optional[Callable] = None, progress: bool = True,
+                 cache: Optional[str] = None, cache_threshold: Optional[float] = None,
+                 guidance_interval: Optional[Sequence[float]] = None) -> CMDPipelineOutput:
         """Generate ``len(prompt) * num_videos_per_prompt * motion_variations`` videos.
 
         Defaults come from ``model.config`` (its own size) and its ``sampling``. ``num_frames``, ``height``,
@@ -475,7 +515,14 @@ class CMDPipeline:
         content frame (the content model does not run). ``motion_variations``: motions per content
         frame (the content model runs once for all of them). ``callback_on_step_end(pipe, step,
         timestep, kwargs)`` runs after each step of both loops with ``kwargs = {"stage", "latents",
-        "num_steps"}``; a returned dict with "latents" replaces them."""
+        "num_steps"}``; a returned dict with "latents" replaces them.
+
+        Fewer denoiser evaluations (:mod:`engine.cache`): ``cache="static"`` follows the model's calibrated
+        reuse schedule (any backend), ``cache="dynamic"`` skips a video's step when its first-block output
+        changed less than ``cache_threshold`` (eager and compile backends); ``cache_threshold`` with
+        "static" derives the schedule at that threshold. ``guidance_interval=(start, end)``: CFG only on
+        the steps starting in that fraction of each loop, the conditional half alone elsewhere.
+        ``output.evaluations`` counts what ran."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
         prompts = _prompt_list("prompt", prompt)
@@ -484,6 +531,8 @@ class CMDPipeline:
                                 guidance_scale=guidance_scale, motion_guidance_scale=motion_guidance_scale,
                                 scheduler=scheduler, num_videos_per_prompt=num_videos_per_prompt,
                                 motion_variations=motion_variations)
+        cache_plan = plan_cache(self.config, req.scheduler, req.steps, req.motion_steps, cache, cache_threshold,
+                                guidance_interval, self.backend, content=image is None)
         pixels = self.image_pixels(image, req.height, req.width, len(prompts)) if image is not None else None
         gens = _generators(generator, len(prompts))
         need_negative = image is None and req.guidance > 1.0
@@ -498,6 +547,7 @@ class CMDPipeline:
         content_noise, motion_noise = torch.cat(content_noise), torch.cat(motion_noise)
 
         timer = StageTimer(self.device)
+        counts = {"content": Evaluations(), "motion": Evaluations()}
         with timer.stage("text"):
             states, pooled, negative = self.encode_prompt(prompts, negatives)
             states, pooled = states.repeat_interleave(v, 0), pooled.repeat_interleave(v, 0)
@@ -507,11 +557,12 @@ class CMDPipeline:
                 content = self.encode_image(pixels).repeat_interleave(v, 0)
             else:
                 content = self.generate_content(states, negative, content_noise, req.steps, req.guidance,
-                                                 req.scheduler, callback_on_step_end, progress)
+                                                 req.scheduler, callback_on_step_end, progress, cache_plan.content,
+                                                 counts["content"])
         with timer.stage("motion"):
             motion = self.generate_motion(content.repeat_interleave(m, 0), pooled.repeat_interleave(m, 0),
                                           motion_noise, req.motion_steps, req.motion_guidance, req.scheduler,
-                                          callback_on_step_end, progress)
+                                          callback_on_step_end, progress, cache_plan.motion, counts["motion"])
         content = content.repeat_interleave(m, 0)
         frames = None
         if output_type != "latent":
@@ -519,4 +570,8 @@ class CMDPipeline:
             video = ((video + 1) / 2).clamp(0, 1)
             frames = video if output_type == "pt" else video.permute(0, 1, 3, 4, 2).cpu().numpy()
         names = [p for p in prompts for _ in range(v * m)]
-        return CMDPipelineOutput(frames, content, motion, timer.result(), names)
+        evaluations = {}
+        for stage, count in counts.items():
+            evaluations[stage] = count.full
+            evaluations[f"{stage}_first_block"] = count.first_block
+        return CMDPipelineOutput(frames, content, motion, timer.result(), names, evaluations)

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
     gen.add_argument("--motion-variations", type=int, default=1, help="motions per content frame")
     gen.add_argument("--fps", type=float, default=None)
+    gen.add_argument("--cache", choices=("static", "dynamic"), default=None,
+                     help="fewer denoiser evaluations: the model's calibrated reuse schedule (static, any backend) "
+                     "or first-block change decisions (dynamic, eager/compile)")
+    gen.add_argument("--cache-threshold", type=float, default=None,
+                     help="static: derive the schedule at this threshold; dynamic: skip below this relative change")
+    gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"), default=None,
+                     help="CFG only on the steps in this fraction of each loop, e.g. 0.2 0.8")
     eng = p.add_argument_group("engine")
     eng.add_argument("--model", default=None, help="'default' (shipped weights), a model folder, or random:<config>")
     eng.add_argument("--backend", default="eager", help="eager, compile, cudagraph, onnxruntime or tensorrt")
@@ -147,6 +154,10 @@ def _plan(args):
                             num_inference_steps=steps, motion_steps=motion_steps, guidance_scale=args.guidance,
                             motion_guidance_scale=args.motion_guidance, scheduler=args.scheduler,
                             num_videos_per_prompt=args.num_videos, motion_variations=args.motion_variations)
+    from engine.cache import plan_cache
+
+    plan_cache(config, request.scheduler, request.steps, request.motion_steps, args.cache, args.cache_threshold,
+               args.guidance_interval, backend, content=args.image is None)
     image = None
     if args.image is not None:
         from engine.video_io import read_image
@@ -235,7 +246,9 @@ def run(args, info=None) -> List[dict]:
                       num_inference_steps=req.steps, motion_steps=req.motion_steps, guidance_scale=req.guidance,
                       motion_guidance_scale=req.motion_guidance, scheduler=req.scheduler,
                       num_videos_per_prompt=req.num_videos, generator=group[0].seed, image=plan["image"],
-                      motion_variations=req.motion_variations, progress=not args.quiet and info.is_main)
+                      motion_variations=req.motion_variations, progress=not args.quiet and info.is_main,
+                      cache=args.cache, cache_threshold=args.cache_threshold,
+                      guidance_interval=args.guidance_interval)
         return result.frames, result.timings
 
     def write(path, frames):

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--motion-guidance", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", choices=("static", "dynamic"), help="sample with step caching (engine.cache)")
+    p.add_argument("--cache-threshold", type=float, help="the cache's threshold (see engine.run)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+                   help="CFG only on this fraction of each sampling loop")
     p.add_argument("--size", help="clip size FRAMESxHEIGHTxWIDTH to evaluate at (default: the model's own); a size "
                                   "the model does not serve yet is evaluated as a candidate for its config's sizes")
     p.add_argument("--i3d", help="I3D weights file for FVD (.pt state dict or .safetensors)")
@@ -201,13 +205,21 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
         # (the networks do not depend on it; it is what check_request and the data read).
         pipe.config = pipe.model.config = pipe.config.with_size(size)
     cfg = pipe.config
+    cache = {k: v for k, v in (("cache", args.cache), ("cache_threshold", args.cache_threshold),
+                               ("guidance_interval", args.guidance_interval)) if v is not None}
+    if cache:  # checked before any work
+        from engine.cache import plan_cache
+
+        req = pipe.check_inputs(num_inference_steps=args.steps, motion_steps=args.motion_steps)
+        plan_cache(cfg, req.scheduler, req.steps, req.motion_steps, backend=pipe.backend, **cache)
     captions, truths, real_video = _items(args, cfg)
     # This rank's batches, flattened: generate() and the loops below cut them again at --batch-size, which
     # gives back the same batches (only the last batch of all is short, and it is its rank's last).
     mine = [i for batch in shard_batches(len(captions), args.batch_size, info) for i in batch]
     results: Dict[str, Any] = {"model": os.path.abspath(args.model), "data": args.data, "clips": len(captions),
                                "split": args.split, "paraphrase": args.paraphrase, "size": str(size),
-                               "served": served, "world_size": info.world_size}
+                               "served": served, "world_size": info.world_size,
+                               **({"sampling_cache": cache} if cache else {})}
     t0 = time.perf_counter()
 
     if "recon" in metrics:
@@ -233,7 +245,9 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     if need_generation:
         kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("motion_steps", args.motion_steps),
                                     ("guidance_scale", args.guidance),
-                                    ("motion_guidance_scale", args.motion_guidance)) if v is not None}
+                                    ("motion_guidance_scale", args.motion_guidance), ("cache", args.cache),
+                                    ("cache_threshold", args.cache_threshold),
+                                    ("guidance_interval", args.guidance_interval)) if v is not None}
         fake = generate(pipe, [captions[i] for i in mine], mine, args.seed, args.batch_size, **kwargs)
 
     if "attributes" in metrics:

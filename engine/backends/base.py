@@ -22,6 +22,12 @@ Before a request runs, the pipeline hands ``check_calls`` the size and batch of 
 will make, so that a backend with fixed limits (exported graphs' shape buckets and batch profiles) refuses
 it before any work. Backends register by name with :func:`engine.backends.register_backend`, and ``device_scheduler``
 tells the pipeline to run the scheduler as device tables (no host syncs) instead of diffusers' step.
+
+Step caching (:mod:`engine.cache`): ``cache_modes`` lists the modes a backend runs. "static" needs
+nothing of it (the pipeline calls the networks on fewer steps, and with a batch of B instead of 2B where
+the guidance interval turns CFG off: the batch axis of every backend is dynamic); "dynamic" needs
+``network_parts(kind)``, the networks in pieces, so the eager backends (eager, compile) have it and the
+graph backends (cudagraph, onnxruntime, tensorrt) do not.
 """
 
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -39,6 +45,8 @@ class Backend:
     name = "base"
     # True: the pipeline runs the scheduler arithmetic as device tables (engine.schedulers.DeviceSampler).
     device_scheduler = False
+    # engine.cache modes this backend runs; "dynamic" needs network_parts.
+    cache_modes = ("static",)
 
     def __init__(self, model: "CMDModel", device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         self.model = model
@@ -55,6 +63,11 @@ class Backend:
 
     def decode(self, content: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def network_parts(self, kind: str):
+        """``kind`` "unet" or "dit": the network in pieces (:class:`engine.cache.UNetParts`,
+        :class:`engine.cache.DiTParts`) for ``cache="dynamic"``; backends that run whole graphs have none."""
+        raise ValueError(f"backend {self.name!r} runs whole networks: cache='dynamic' needs eager or compile")
 
     def check_calls(self, calls: Sequence["NetworkCall"]) -> None:
         """Refuse, before anything runs, a request whose network calls (:class:`engine.networks.NetworkCall`:

@@ -24,10 +24,16 @@ class CompiledBackend(EagerBackend):
         self.reset()
 
     def reset(self) -> None:
+        self._parts = {}
         opts = dict(mode=self.mode, dynamic=False)
         self._unet = torch.compile(self.model.content_unet, **opts)
         self._dit = torch.compile(self.model.motion_dit, **opts)
         self._decode = torch.compile(self.model.autoencoder.decode, **opts) if self.compile_decoder else None
+
+    def _wrap_part(self):
+        # Dynamic caching runs the rest of a network on the videos that need it: the batch varies, so
+        # inductor may make it a dynamic axis (after its first recompile) instead of one graph per size.
+        return lambda fn: torch.compile(fn, mode=self.mode, dynamic=None)
 
     def unet_step(self, sample, timestep, states):
         return self._unet(sample, timestep, encoder_hidden_states=states, return_dict=False)[0]

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from engine.backends import register_backend
+from engine.backends.base import Backend
 from engine.backends.eager import EagerBackend
 
 
@@ -38,6 +39,8 @@ class CUDAGraphBackend(EagerBackend):
     without it every batch size is its own bucket."""
 
     device_scheduler = True
+    cache_modes = ("static",)  # whole captured graphs: the static schedule picks which to replay
+    network_parts = Backend.network_parts  # no pieces: the dynamic mode decides on the host
 
     def __init__(self, model, device=None, dtype=None, warmup_iters: int = 3,
                  batch_buckets: Optional[Sequence[int]] = None):

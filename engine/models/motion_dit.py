@@ -82,10 +82,11 @@ class MotionDiT(ModelMixin, ConfigMixin):
             text = torch.where(drop_text[:, None], null, text.to(null.dtype))
         return self.t_embedder(timestep) + self.text_proj(text.to(null.dtype))
 
-    def forward(self, motion: torch.Tensor, timestep: torch.Tensor, content: torch.Tensor,
-                text: Optional[torch.Tensor] = None, drop_text: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Noise prediction for z_t. motion (B, D, L, H'+W'), timestep (B,) or scalar, content (B, C, H, W),
-        text (B, text_dim) pooled text or None -> (B, D, L, H'+W')."""
+    def embed(self, motion: torch.Tensor, timestep: torch.Tensor, content: torch.Tensor,
+              text: Optional[torch.Tensor] = None, drop_text: Optional[torch.Tensor] = None):
+        """The blocks' input: tokens x (B, N_z + N_c, d) = [patch-embedded z ; patch-embedded content frame]
+        with their sin-cos positions, the condition c (B, d), and the z token grid (zh, zw) that
+        :meth:`unembed` needs. ``forward`` = embed, every block, unembed."""
         cfg = self.config
         p, pc = cfg.patch_size, cfg.content_patch_size
         if motion.dim() != 4 or motion.shape[1] != cfg.motion_channels or motion.shape[2] % p or motion.shape[3] % p:
@@ -103,8 +104,21 @@ class MotionDiT(ModelMixin, ConfigMixin):
         k = k + sincos_2d(kh, kw, d, k.device, k.dtype)
         x = torch.cat([z.reshape(b, zh * zw, d), k.reshape(b, kh * kw, d)], dim=1)
         c = self.condition(timestep, text, drop_text).to(x.dtype)
-        for block in self.blocks:
-            x = block(x, c)
+        return x, c, (zh, zw)
+
+    def unembed(self, x: torch.Tensor, c: torch.Tensor, grid) -> torch.Tensor:
+        """The output head on the blocks' output: final adaLN, linear, unpatchify of the z tokens only
+        -> (B, D, L, H'+W')."""
+        zh, zw = grid
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
         x = self.final_linear(kernels.modulated_layernorm(x[:, : zh * zw], shift, scale))
-        return unpatchify(x.reshape(b, zh, zw, -1), p, cfg.motion_channels)
+        return unpatchify(x.reshape(x.shape[0], zh, zw, -1), self.config.patch_size, self.config.motion_channels)
+
+    def forward(self, motion: torch.Tensor, timestep: torch.Tensor, content: torch.Tensor,
+                text: Optional[torch.Tensor] = None, drop_text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Noise prediction for z_t. motion (B, D, L, H'+W'), timestep (B,) or scalar, content (B, C, H, W),
+        text (B, text_dim) pooled text or None -> (B, D, L, H'+W')."""
+        x, c, grid = self.embed(motion, timestep, content, text, drop_text)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unembed(x, c, grid)

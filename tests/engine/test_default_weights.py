@@ -72,6 +72,27 @@ def test_readme_command_writes_the_prompted_video(tmp_path):
     assert (got["colour"], got["motion"]) == ("red", "right"), got
 
 
+def test_default_model_static_cache_schedule_keeps_the_prompts(default_pipe):
+    """The committed schedule (cmd_config.json, sampling.cache): >= 1.8x fewer full denoiser evaluations,
+    the held-out prompts still followed, the video close to the uncached one."""
+    from engine.quality import psnr
+
+    items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=True)
+    captions = [caption for caption, _ in items]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(NUM_CLIPS)]  # noqa: E731
+    ref = default_pipe(captions, generator=gens(), output_type="pt", progress=False)
+    out = default_pipe(captions, generator=gens(), output_type="pt", progress=False, cache="static")
+    full = lambda o: o.evaluations["content"] + o.evaluations["motion"]  # noqa: E731
+    assert full(ref) == NUM_CLIPS * 2 * 2 * 25
+    assert full(ref) / full(out) >= 1.8, out.evaluations
+    videos = out.frames * 2 - 1
+    rows = [attribute_row(video, spec) for video, (_, spec) in zip(videos, items)]
+    assert np.mean([row["colour"] for row in rows]) >= MIN_COLOUR_ACCURACY
+    assert np.mean([row["motion"] for row in rows]) >= MIN_MOTION_ACCURACY
+    mean_psnr = float(psnr(out.frames, ref.frames, data_range=1.0).mean())
+    assert mean_psnr >= 24.0, mean_psnr
+
+
 class _EagerWithDeviceTables(EagerBackend):
     """The eager networks with the scheduler as device tables (what cudagraph and TensorRT run), on the CPU."""
 
