@@ -177,10 +177,10 @@ def read_cache_log(path: Path) -> List[dict]:
 
 
 def our_kernel_names(root: Path = ROOT) -> List[str]:
-    """The Triton kernels of ``kernels/``: module-level functions decorated with ``triton.jit`` (read from the
-    source, so this works without importing torch or triton)."""
+    """The Triton kernels of ``kernels/`` (the op modules in ``kernels/ops/``): module-level functions decorated
+    with ``triton.jit`` (read from the source, so this works without importing torch or triton)."""
     names = []
-    for path in sorted((root / "kernels").glob("*.py")):
+    for path in sorted((root / "kernels").rglob("*.py")):  # kernels/ops/<op>.py
         try:
             tree = ast.parse(path.read_text())
         except (OSError, SyntaxError):
