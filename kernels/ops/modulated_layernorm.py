@@ -21,7 +21,7 @@ from kernels._dispatch import use_triton
 from kernels._triton import INTERPRETED, SUM, Launch, check_same_device, empty, launch_context, next_pow2
 
 
-# ------------------------------------------------------------------------------------- references
+# -------------------------------------------------------------------------------------- reference
 
 def modulated_layernorm_reference(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
@@ -30,18 +30,6 @@ def modulated_layernorm_reference(
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     out = normed * (1 + scale.float()[:, None, :]) + shift.float()[:, None, :]
     return out.to(x.dtype)
-
-
-def modulated_layernorm_backward_reference(grad, x, shift, scale, eps):
-    """Closed-form gradients in fp32: (d x, d shift, d scale) in the inputs' dtypes."""
-    xf = x.float()
-    mean = xf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = (xf - mean) * rstd
-    g = grad.float()
-    dxhat = g * (1 + scale.float()[:, None, :])
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return dx.to(x.dtype), g.sum(1).to(shift.dtype), (g * xhat).sum(1).to(scale.dtype)
 
 
 # ---------------------------------------------------------------------------------------- kernels
