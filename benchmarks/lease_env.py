@@ -10,7 +10,6 @@ such, which say nothing about a GPU.
 """
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -20,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from engine.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,15 +146,6 @@ def requirements(dists: List[str]) -> dict:
     return {"ok": ok, "distributions": out}
 
 
-def _write_json(path: str, payload: dict) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lease_env", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -165,7 +157,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "env":
         env = environment()
-        _write_json(args.json, env)
+        write_json(args.json, env, indent=1)
         c = env["ceilings"]
         print(f"{env['device']}; driver {env['driver']}; torch {env['torch']} (CUDA {env['cuda']}), Triton "
               f"{env['triton']}, Python {env['python']}; copy {c['copy_gbps']:.0f} GB/s, matmul "
@@ -173,7 +165,7 @@ def main(argv=None) -> int:
         return 0
     report = requirements(args.dists)
     if args.json:
-        _write_json(args.json, report)
+        write_json(args.json, report, indent=1)
     for dist, d in report["distributions"].items():
         missing = [row["requirement"] for row in d["requirements"] if not row["met"]]
         print(f"{dist} {d['installed']}: " + ("not installed" if d["installed"] is None else

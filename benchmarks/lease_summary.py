@@ -27,7 +27,6 @@ import argparse
 import ast
 import io
 import json
-import os
 import re
 import sys
 import tarfile
@@ -40,6 +39,7 @@ if __package__ in (None, ""):  # run as a file: the repository root holds the be
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.targets import KERNEL_TARGETS, PAPER_TARGETS, check_paper, meets  # noqa: E402
+from engine.atomic import write_bytes, write_json, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_FILES = ("summary.md", "lease.json", "lease.log", "raw.tar.gz")
@@ -177,10 +177,10 @@ def read_cache_log(path: Path) -> List[dict]:
 
 
 def our_kernel_names(root: Path = ROOT) -> List[str]:
-    """The Triton kernels of ``kernels/``: module-level functions decorated with ``triton.jit`` (read from the
-    source, so this works without importing torch or triton)."""
+    """The Triton kernels of ``kernels/`` (the op modules in ``kernels/ops/``): module-level functions decorated
+    with ``triton.jit`` (read from the source, so this works without importing torch or triton)."""
     names = []
-    for path in sorted((root / "kernels").glob("*.py")):
+    for path in sorted((root / "kernels").rglob("*.py")):  # kernels/ops/<op>.py
         try:
             tree = ast.parse(path.read_text())
         except (OSError, SyntaxError):
@@ -491,13 +491,6 @@ def format_summary(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ writing
 
-def _write(path: Path, data: bytes) -> None:
-    """Replace ``path`` whole: write beside it, then rename (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _tail(path: Path, limit: int) -> str:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -529,10 +522,10 @@ def collect(work: Path, out: Path, dry_run: bool = False, command: str = "bash b
         for extra in ("stages.tsv", "cache.log"):
             if (work / extra).is_file():
                 tar.add(work / extra, arcname=extra)
-    _write(out / "raw.tar.gz", buf.getvalue())
-    _write(out / "lease.log", "".join(logs).encode())
-    _write(out / "lease.json", (json.dumps(report, indent=1, default=str) + "\n").encode())
-    _write(out / "summary.md", format_summary(report).encode())
+    write_bytes(str(out / "raw.tar.gz"), buf.getvalue())
+    write_text(str(out / "lease.log"), "".join(logs))
+    write_text(str(out / "lease.json"), json.dumps(report, indent=1, default=str) + "\n")
+    write_text(str(out / "summary.md"), format_summary(report))
     return report
 
 
@@ -548,8 +541,7 @@ def note(path: Path, pairs: List[str]) -> None:
             data[key] = json.loads(value)
         except ValueError:
             data[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, (json.dumps(data, indent=1) + "\n").encode())
+    write_json(str(path), data, indent=1)
 
 
 def main(argv=None) -> int:

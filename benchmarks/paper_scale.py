@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from benchmarks.targets import check_paper  # noqa: E402
-from engine.atomic import atomic_path  # noqa: E402
+from engine.atomic import atomic_path, write_json, write_text  # noqa: E402
 from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sample_baseline  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.geometry import ClipSize, check_fits  # noqa: E402
@@ -211,12 +211,6 @@ def _sig(x: float, digits: int = 4) -> float:
 
 def _params(module: Optional[torch.nn.Module]) -> Optional[int]:
     return None if module is None else sum(p.numel() for p in module.parameters())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(str(path)) as tmp, open(tmp, "wb") as f:
-        f.write(data)
 
 
 # ------------------------------------------------------------------------------------------- CMD
@@ -452,10 +446,9 @@ def plot(report: dict, path: Path) -> Optional[str]:
         right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(str(path), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return str(path)
 
 
@@ -593,8 +586,8 @@ def main(argv=None) -> int:
     png = plot(report, out / f"{stem}.png")
     report["files"]["plot"] = png
     table = format_tables(report)
-    _write_atomic(out / f"{stem}.md", table.encode())
-    _write_atomic(out / f"{stem}.json", (json.dumps(report, indent=1) + "\n").encode())
+    write_text(str(out / f"{stem}.md"), table)
+    write_json(str(out / f"{stem}.json"), report, indent=1)
     print(table)
     print(json.dumps({"json": report["files"]["json"], "best_backend": report["best_backend"],
                       "speedup": report["speedup"], "targets": report["targets"]}))

@@ -1,29 +1,126 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Crash-safe writes, for every package: a reader sees the old file (or folder) or the new one, never half
+of either, and a failure (an exception, Ctrl-C) leaves the old content and no temporary file behind.
 
+How: write under a temporary name beside the target (same filesystem), then one ``os.replace`` / rename.
+``durable=True`` also makes the result survive a power loss or kernel crash: every written file is fsynced
+before the rename, and the parent folder after it (the rename itself lives in the folder's entries).
+Folders (:func:`atomic_dir`: checkpoints, model and export folders, costly to make again) are durable by
+default; files are not (videos, reports: a fsync per file would slow a long run for little).
+"""
+
+import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Any, Iterator, List
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's or folder's data and metadata to the disk. Folders: skipped where the platform
+    cannot open them (the rename stays atomic, only not durable there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: str) -> None:
+    """fsync every file below ``folder``, then each folder, deepest first (files written by any library)."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+        fsync_path(root)
 
 
 @contextmanager
-def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+def atomic_path(path: str, suffix: str = "", durable: bool = False) -> Iterator[str]:
     """Yield a temporary path beside ``path`` to write; on success it is renamed over ``path``
     (world-readable, like any output), on any failure (Ctrl-C included) removed. ``suffix`` keeps an
-    extension for writers that choose the format from the name. The folder must exist."""
+    extension for writers that choose the format from the name. ``durable``: fsync the file, then the
+    folder. The folder must exist."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    if durable:
+        fsync_path(folder)
+
+
+def write_bytes(path: str, data: bytes, durable: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_path`), making its folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, durable=durable) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str, text: str, durable: bool = False) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
+    write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def write_json(path: str, data: Any, indent: int = 2, durable: bool = False) -> None:
+    """Replace ``path`` with ``data`` as JSON (``indent``, a final newline) atomically. Raises TypeError
+    for data JSON cannot hold, before anything is written."""
+    write_text(path, json.dumps(data, indent=indent) + "\n", durable=durable)
+
+
+@contextmanager
+def atomic_dir(path: str, durable: bool = True) -> Iterator[str]:
+    """Yield a new temporary folder ``.tmp-<name>-*`` beside ``path`` to fill; on success it replaces ``path``
+    (an existing folder is first moved aside under ``.old-<name>-*``, then removed; only a hard kill between
+    the two renames leaves no ``path``, with the old folder still there); on any failure it is deleted and
+    ``path`` is as before. ``durable``: every file and folder written is fsynced before the rename, the
+    parent folder after it.
+
+    Raises ValueError, before any work, when ``path`` exists and is not a folder."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output path exists and is not a folder: {path!r}")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    old = aside = None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; this one becomes an ordinary output
+        yield tmp
+        if durable:
+            _fsync_tree(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
+            aside = os.path.join(old, name)
+            os.rename(path, aside)
+        os.rename(tmp, path)
+    except BaseException:
+        if aside is not None and os.path.isdir(aside) and not os.path.exists(path):
+            os.rename(aside, path)  # the new folder did not go in: the old one goes back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if durable:
+        fsync_path(parent)
 
 
 @contextmanager

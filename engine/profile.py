@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-from engine.atomic import atomic_path
+from engine.atomic import atomic_path, write_text
 from engine.bench import STAGES, _Parser, add_run_args, call_kwargs, resolve_run
 
 
@@ -35,11 +35,6 @@ def _stage_table(timings) -> str:
             rows.append(f"{stage:<10}{timings[stage] * 1e3:>12.2f}{timings[stage] / total:>9.1%}")
     rows.append(f"{'total':<10}{total * 1e3:>12.2f}{1:>9.0%}")
     return "\n".join(rows)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
 
 
 def main(argv=None) -> int:
@@ -88,7 +83,7 @@ def main(argv=None) -> int:
                 prof.export_chrome_trace(tmp)
             sort = "self_device_time_total" if cuda else "self_cpu_time_total"
             ops = prof.key_averages().table(sort_by=sort, row_limit=args.row_limit)
-            _atomic_text(os.path.join(args.out_dir, "ops.txt"), ops)
+            write_text(os.path.join(args.out_dir, "ops.txt"), ops)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -87,7 +87,7 @@ def _cmd_check(args) -> int:
         rows += check_export(folder, model, text_encoder, names=args.network)
     print(format_table(rows))
     if args.json:
-        from export.files import write_json
+        from engine.atomic import write_json
 
         write_json(args.json, rows_to_json(rows))
     failed = [r for r in rows if r.status == "FAIL"]

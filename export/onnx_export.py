@@ -26,11 +26,11 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from engine.atomic import atomic_dir, write_json
 from engine.configs import CMDConfig
 from engine.geometry import format_sizes
 from engine.networks import (DEFAULT_MAX_BATCH, FORMAT_VERSION, MANIFEST, PRECISIONS, Network, ShapeBucket,
                              file_hash, networks_for, weights_hash, weights_hashes)
-from export.files import new_dir, write_json
 
 DEFAULT_OPSET = 18
 # torch 2.13's exporter writes opset-18 forms (Split with num_outputs) into opset-17 graphs, which the
@@ -251,7 +251,7 @@ def export_model(model, out_dir: str, text_encoder=None, precision="float32", op
         "versions": _versions(),
         "networks": {},
     }
-    with new_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         if text_encoder is not None and any(n.name == "text_encoder" for n in nets):
             manifest["text_encoder"] = _tokenizer_entry(text_encoder, tmp)
         for net in nets:

@@ -21,9 +21,9 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from engine.atomic import write_bytes, write_json
 from engine.backends.tensorrt import PLANS_MANIFEST, gpu_identity, import_tensorrt
 from engine.networks import Network, networks_from_manifest, read_manifest
-from export.files import write_bytes, write_json
 from export.trt_compat import check_model
 
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -1,4 +1,9 @@
-"""Choosing between the Triton kernel and the PyTorch reference of an op."""
+"""The one rule choosing between an op's Triton kernel and its PyTorch reference.
+
+Every public op calls :func:`use_triton` once, before any work, and then runs either its custom op
+(whose body always launches the kernel) or its reference; nothing else decides. ``force_impl`` changes
+what ``impl="auto"`` means for a block (A/B checks of whole models).
+"""
 
 import contextlib
 import os
@@ -16,7 +21,8 @@ _forced: Optional[str] = None  # what impl="auto" means inside ``force_impl``
 @contextlib.contextmanager
 def force_impl(impl: str) -> Iterator[None]:
     """Within the block, ops called with ``impl="auto"`` (as the models call them) resolve as ``impl``:
-    A/B checks of a whole model (kernels against references), debugging. Not thread-local."""
+    A/B checks of a whole model (kernels against references), debugging. Not thread-local. Raises
+    ``ValueError`` for an ``impl`` not in ``IMPLS``."""
     global _forced
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -38,10 +44,21 @@ def exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
-def use_triton(impl: str, *tensors: torch.Tensor, op: str, available: bool = True) -> bool:
-    """Resolve ``impl`` for these inputs. ``auto``: Triton on CUDA or under the interpreter, when the
-    op has a Triton kernel (``available``) for these dtypes; meta tensors take the reference (shapes and
-    FLOP counts come out of its plain ops). ``triton`` insists and raises if the kernel cannot run here."""
+def launchable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can run on these (non-meta) tensors' devices: all on CUDA, or any device
+    while the kernels run in the interpreter (:func:`interpreting`)."""
+    return all(t.is_cuda for t in tensors) or interpreting()
+
+
+def use_triton(impl: str, *tensors: torch.Tensor, op: str) -> bool:
+    """Resolve ``impl`` for an op's input tensors: True to run the Triton kernel, False for the reference.
+
+    ``"reference"``, or any call while exporting: the reference. ``"auto"`` (or what ``force_impl`` set):
+    the kernel when every tensor is fp32/fp16/bf16 and :func:`launchable`, else the reference (fp64 checks,
+    CPU without the interpreter); meta tensors take the reference, whose plain ops give shapes and FLOP
+    counts. ``"triton"`` insists: meta tensors go to the custom op's fake impl, and it raises
+    ``TypeError`` for other dtypes, ``ValueError`` for tensors it cannot launch on. ``ValueError`` for an
+    ``impl`` not in ``IMPLS``. ``op`` names the op in the errors."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto" and _forced is not None:
@@ -50,17 +67,13 @@ def use_triton(impl: str, *tensors: torch.Tensor, op: str, available: bool = Tru
         return False
     on_meta = any(t.device.type == "meta" for t in tensors)
     dtypes_ok = all(t.dtype in FLOAT_DTYPES for t in tensors)
-    if impl == "triton":
-        if not available:
-            raise NotImplementedError(f"{op}: no Triton kernel yet; use impl='reference'")
-        if not dtypes_ok:
-            bad = sorted({str(t.dtype) for t in tensors if t.dtype not in FLOAT_DTYPES})
-            raise TypeError(f"{op}: the Triton kernel takes float32, float16 or bfloat16, got {bad}")
-        if not (on_meta or all(t.is_cuda for t in tensors) or interpreting()):
-            devices = sorted({str(t.device) for t in tensors})
-            raise ValueError(f"{op}: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1 set before "
-                             f"importing kernels, got tensors on {devices}")
-        return True
-    if not available or on_meta or not dtypes_ok:  # e.g. float64 checks run the reference
-        return False
-    return all(t.is_cuda for t in tensors) or interpreting()
+    if impl == "auto":
+        return dtypes_ok and not on_meta and launchable(*tensors)
+    if not dtypes_ok:
+        bad = sorted({str(t.dtype) for t in tensors if t.dtype not in FLOAT_DTYPES})
+        raise TypeError(f"{op}: the Triton kernel takes float32, float16 or bfloat16, got {bad}")
+    if not (on_meta or launchable(*tensors)):
+        devices = sorted({str(t.device) for t in tensors})
+        raise ValueError(f"{op}: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1 set before "
+                         f"importing kernels, got tensors on {devices}")
+    return True

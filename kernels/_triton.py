@@ -225,14 +225,6 @@ def grid_configs(space: Dict[str, Iterable[int]], num_warps: Iterable[int], num_
     return out
 
 
-def can_launch(*tensors: torch.Tensor) -> bool:
-    """Whether our kernels can run on these tensors: CUDA tensors with compiled kernels, or any real
-    (non-meta) tensors when the kernels were built for the interpreter."""
-    if any(t.device.type == "meta" for t in tensors):
-        return False
-    return INTERPRETED or all(t.is_cuda for t in tensors)
-
-
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

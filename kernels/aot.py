@@ -86,11 +86,8 @@ def _meta(*shape, dtype):
 def cases(config: str) -> List[Case]:
     """The launch sites of every kernel at the shapes of ``config`` (a name in engine/configs or a JSON
     path). Raises ``ValueError`` for an unknown config."""
-    import importlib
-
     from kernels.bench import config_shapes
-    # (``kernels.content_frame`` the attribute is the op, which shadows its module)
-    at, cf, fu = (importlib.import_module(f"kernels.{m}") for m in ("attention", "content_frame", "fusion"))
+    from kernels.ops import content_frame as cf, decoder_fusion as fu, modulated_layernorm as ln, motion_attention as at
 
     s = config_shapes(config)
     name = s.config
@@ -122,12 +119,12 @@ def cases(config: str) -> List[Case]:
         Case("content_frame_bwd", name, cf_shape, False,
              lambda dt, t: cf._backward_launch(_meta(b, c, h, w, dtype=dt), *frames(dt))[0]),
         Case("motion_attention_fwd", name, at_shape, True,
-             lambda dt, t: at._attention_launch(*qkv(dt), d ** -0.5)[0]),
+             lambda dt, t: at._forward_launch(*qkv(dt), d ** -0.5)[0]),
         Case("modulated_layernorm_fwd", name, ln_shape, True,
-             lambda dt, t: at._modln_forward_launch(*modln(dt), 1e-6)[0]),
+             lambda dt, t: ln._forward_launch(*modln(dt), 1e-6)[0]),
         Case("modulated_layernorm_bwd", name, ln_shape, False,
-             lambda dt, t: at._modln_backward_launch(_meta(mb, mn, mc, dtype=dt), *modln(dt), 1e-6,
-                                                     num_sms=t.num_sms)[0]),
+             lambda dt, t: ln._backward_launch(_meta(mb, mn, mc, dtype=dt), *modln(dt), 1e-6,
+                                                  num_sms=t.num_sms)[0]),
         Case("decoder_fusion_fwd", name, fu_shape, True, lambda dt, t: fu._forward_launch(*planes(dt), 1e-5)[0]),
         Case("decoder_fusion_bwd", name, fu_shape, False,
              lambda dt, t: fu._backward_launch(_meta(fb, fl, fh, fw, fc, dtype=dt), _meta(fb, fl, fh, fw, fc, dtype=dt),

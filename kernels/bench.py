@@ -27,13 +27,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels.testing import (TOL, attention_fp64, attention_inputs, content_frame_inputs, decoder_fusion_inputs,
+                             modulated_layernorm_inputs, rel_err, within_tolerance)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "engine", "configs")
 CONFIGS = ("default", "ucf101-64", "sd21-512x1024")
 # (depth, hidden, heads) per DiT size: a copy of engine.configs.DIT_SIZES (kernels may not import
 # engine); tests/kernels/test_kernels_in_models.py checks that the two agree.
 DIT_SIZES = {"tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @dataclass
@@ -67,42 +69,7 @@ def config_shapes(name: str, ae_batch: Optional[int] = None, dit_batch: int = 2)
                   (dit_batch, heads, tokens, hidden // heads), (dit_batch, tokens, hidden))
 
 
-# ------------------------------------------------------------------------------------------ inputs
-
-def _content_frame_inputs(shape, dtype, device):
-    g = torch.Generator().manual_seed(0)
-    frames = torch.rand(shape, generator=g) * 2 - 1
-    logits = torch.randn(shape, generator=g) * 3
-    return frames.to(device, dtype), logits.to(device, dtype)
-
-
-def _fusion_inputs(shape, dtype, device):
-    b, l, h, w, c = shape
-    g = torch.Generator().manual_seed(1)
-    planes = [torch.randn(s, generator=g).to(device, dtype) for s in ((b, h, w, c), (b, l, h, c), (b, l, w, c))]
-    weight, bias = 1 + 0.5 * torch.randn(c, generator=g), torch.randn(c, generator=g)
-    return planes + [weight.to(device, dtype), bias.to(device, dtype)]
-
-
-def _attention_inputs(shape, dtype, device):
-    # As the DiT makes them: views of one (B, N, 3, heads, d) projection.
-    b, heads, n, d = shape
-    qkv = torch.randn(b, n, 3, heads, d, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-    return tuple(qkv.permute(2, 0, 3, 1, 4))
-
-
-def _modln_inputs(shape, dtype, device):
-    b, n, c = shape
-    g = torch.Generator().manual_seed(3)
-    mod = torch.randn(b, 6 * c, generator=g).to(device, dtype)
-    return (torch.randn(shape, generator=g) * 2 + 0.5).to(device, dtype), mod[:, :c], mod[:, c:2 * c]
-
-
 # ------------------------------------------------------------------------------------- correctness
-
-def _rel(out, ref) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
 
 def _grads(fn, inputs, grads):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -117,9 +84,9 @@ def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames
     """Relative Frobenius error of each kernel (forward, and backward where it has one) against an fp64
     reference at these shapes; in bf16 also PyTorch's own error, which the kernel must stay within 2x of."""
     import kernels
-    from kernels.attention import modulated_layernorm_reference
-    from kernels.content_frame import content_frame_reference
-    from kernels.fusion import decoder_fusion_reference
+    from kernels.ops.content_frame import content_frame_reference
+    from kernels.ops.decoder_fusion import decoder_fusion_reference
+    from kernels.ops.modulated_layernorm import modulated_layernorm_reference
 
     def cap(shape, frames_axis=None):
         s = list(shape)
@@ -129,18 +96,15 @@ def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames
             s[frames_axis] = min(s[frames_axis], frames_cap)
         return tuple(s)
 
-    def attention_fp64(q, k, v):
-        return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1) @ v
-
     # (name, shape, inputs, op, fp64 reference, PyTorch's own op in the low dtype, has a backward)
     cases = [
-        ("content_frame", cap(shapes.content_frame), _content_frame_inputs, kernels.content_frame,
+        ("content_frame", cap(shapes.content_frame), content_frame_inputs, kernels.content_frame,
          content_frame_reference, content_frame_reference, True),
-        ("decoder_fusion", cap(shapes.decoder_fusion, 1), _fusion_inputs, kernels.decoder_fusion,
+        ("decoder_fusion", cap(shapes.decoder_fusion, 1), decoder_fusion_inputs, kernels.decoder_fusion,
          decoder_fusion_reference, decoder_fusion_reference, True),
-        ("motion_attention", cap(shapes.attention), _attention_inputs, kernels.motion_attention,
+        ("motion_attention", cap(shapes.attention), attention_inputs, kernels.motion_attention,
          attention_fp64, F.scaled_dot_product_attention, False),
-        ("modulated_layernorm", cap(shapes.modulated_layernorm), _modln_inputs, kernels.modulated_layernorm,
+        ("modulated_layernorm", cap(shapes.modulated_layernorm), modulated_layernorm_inputs, kernels.modulated_layernorm,
          modulated_layernorm_reference, modulated_layernorm_reference, True),
     ]
     rows = []
@@ -151,8 +115,8 @@ def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames
         refs = ref_fn(*(t.double() for t in inputs))
         eager = eager_fn(*inputs)
         outs, refs, eager = [x if isinstance(x, tuple) else (x,) for x in (outs, refs, eager)]
-        errs = [_rel(o, r) for o, r in zip(outs, refs)]
-        torch_errs = [_rel(e, r) for e, r in zip(eager, refs)]
+        errs = [rel_err(o, r) for o, r in zip(outs, refs)]
+        torch_errs = [rel_err(e, r) for e, r in zip(eager, refs)]
         rows.append(_check_row(name, shapes.config, shape, dtype, "forward", errs, torch_errs))
         if has_bwd:
             g = torch.Generator().manual_seed(4)
@@ -161,14 +125,14 @@ def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames
             want = _grads(ref_fn, [t.double() for t in inputs], [x.double() for x in gs])
             torch_got = _grads(eager_fn, inputs, gs)
             rows.append(_check_row(name, shapes.config, shape, dtype, "backward",
-                                   [_rel(a, b) for a, b in zip(got, want)],
-                                   [_rel(a, b) for a, b in zip(torch_got, want)]))
+                                   [rel_err(a, b) for a, b in zip(got, want)],
+                                   [rel_err(a, b) for a, b in zip(torch_got, want)]))
     return rows
 
 
 def _check_row(name, config, shape, dtype, pass_, errs, torch_errs) -> dict:
     err, torch_err = max(errs), max(torch_errs)
-    ok = err <= TOL[dtype] and (dtype != torch.bfloat16 or err <= 2 * torch_err + 1e-6)
+    ok = within_tolerance(err, dtype, torch_err)
     return {"name": name, "pass": pass_, "config": config, "shape": list(shape), "dtype": str(dtype).split(".")[-1],
             "rel_err": err, "torch_rel_err": torch_err, "tol": TOL[dtype], "ok": ok}
 
@@ -279,9 +243,9 @@ def _row(name, config, shape, dtype, ms, ceil, *, nbytes=None, flops=None, basel
 
 def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = True) -> List[dict]:
     import kernels
-    from kernels.attention import modulated_layernorm_reference
-    from kernels.content_frame import content_frame_reference
-    from kernels.fusion import decoder_fusion_reference
+    from kernels.ops.content_frame import content_frame_reference
+    from kernels.ops.decoder_fusion import decoder_fusion_reference
+    from kernels.ops.modulated_layernorm import modulated_layernorm_reference
 
     size = torch.tensor([], dtype=dtype).element_size()
     rows = []
@@ -301,24 +265,24 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
 
     # content_frame: read frames + logits once, write one frame.
     s = shapes.content_frame
-    inputs = _content_frame_inputs(s, dtype, device)
+    inputs = content_frame_inputs(s, dtype, device)
     numel = torch.Size(s).numel()
     timed("content_frame", s, lambda f, x: kernels.content_frame(f, x, impl="triton"), content_frame_reference,
           inputs, nbytes=(2 * numel + numel // s[1]) * size)
     # Backward: read frames, logits, grad; write both gradients.
     grad = torch.randn(s[:1] + s[2:], device=device, dtype=dtype)
-    from kernels.content_frame import _launch_backward, content_frame_backward_reference
+    from kernels.ops.content_frame import _launch_backward, content_frame_backward_reference
     timed("content_frame_backward", s, lambda f, x: _launch_backward(grad, f, x),
           lambda f, x: content_frame_backward_reference(grad, f, x), inputs, nbytes=(4 * numel + numel // s[1]) * size)
 
     # decoder_fusion: write the cube and its normalised copy; the planes are small.
     s = shapes.decoder_fusion
-    inputs = _fusion_inputs(s, dtype, device)
+    inputs = decoder_fusion_inputs(s, dtype, device)
     cube = torch.Size(s).numel()
     planes = sum(t.numel() for t in inputs)
     timed("decoder_fusion", s, lambda *a: kernels.decoder_fusion(*a, impl="triton"), decoder_fusion_reference,
           inputs, nbytes=(2 * cube + planes) * size)
-    from kernels.fusion import _launch_backward as fusion_backward, decoder_fusion_backward_reference
+    from kernels.ops.decoder_fusion import _launch_backward as fusion_backward, decoder_fusion_backward_reference
     g_cube, g_normed = (torch.randn(s, device=device, dtype=dtype) for _ in range(2))
     timed("decoder_fusion_backward", s, lambda *a: fusion_backward(g_cube, g_normed, *a, 1e-5),
           lambda *a: decoder_fusion_backward_reference(g_cube, g_normed, *a, 1e-5), inputs,
@@ -326,7 +290,7 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
 
     # motion attention: against every SDPA backend.
     s = shapes.attention
-    q, k, v = _attention_inputs(s, dtype, device)
+    q, k, v = attention_inputs(s, dtype, device)
     b, heads, n, d = s
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -350,7 +314,7 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
 
     # modulated LayerNorm: read x, write y.
     s = shapes.modulated_layernorm
-    inputs = _modln_inputs(s, dtype, device)
+    inputs = modulated_layernorm_inputs(s, dtype, device)
     timed("modulated_layernorm", s, lambda *a: kernels.modulated_layernorm(*a, impl="triton"),
           modulated_layernorm_reference, inputs, nbytes=2 * torch.Size(s).numel() * size)
 

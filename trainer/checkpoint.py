@@ -12,11 +12,12 @@ A checkpoint is a folder ``<root>/step-<N>/``::
     state.json              step, optimizer param groups, EMA update count, anything else the trainer adds
                             (``data_batches``: loader batches each process had taken, for the data position)
 
-The folder is written under a temporary name (every file fsynced) and renamed into place in one step, so
-a crash during a save leaves the previous checkpoints untouched and no half-written ``step-*`` folder (a
-hard kill may leave a ``.tmp-step-*`` folder beside them, which nothing reads). Saving a step that exists
-already (after a resume) moves the old folder aside first: a crash between the two renames leaves the
-checkpoints before it. The last ``keep`` checkpoints are kept.
+The folder is written with ``engine.atomic.atomic_dir``: under a temporary name, every file fsynced, renamed
+into place in one step, then the root folder fsynced; so a crash during a save leaves the previous
+checkpoints untouched and no half-written ``step-*`` folder (a hard kill may leave a ``.tmp-step-*`` folder
+beside them, which nothing reads). Saving a step that exists already (after a resume) moves the old folder
+aside first: a hard kill between the two renames leaves the checkpoints before it. The last ``keep``
+checkpoints are kept.
 """
 
 import json
@@ -24,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -32,25 +32,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.atomic import atomic_dir, write_json
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(tensors: Dict[str, torch.Tensor], path: str) -> None:
     # safetensors wants contiguous CPU tensors that share no memory.
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def global_rng_states() -> Dict[str, torch.Tensor]:
@@ -155,29 +144,13 @@ def save_checkpoint(root: str, step: int, model_state: Dict[str, torch.Tensor], 
         raise ValueError(f"keep must be at least 1, got {keep}")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
-    tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root)
-    try:
+    with atomic_dir(final) as tmp:  # the same step saved again (after a resume) replaces the old folder
         _save_tensors(model_state, os.path.join(tmp, "model.safetensors"))
         _save_tensors(ema_state, os.path.join(tmp, "ema.safetensors"))
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         _save_tensors(rng, os.path.join(tmp, "rng.safetensors"))
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder 0700; checkpoints are ordinary outputs
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "optimizer": opt_meta, **extra}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):  # the same step saved again (after a resume): replace it
-            old = tempfile.mkdtemp(prefix=".old-", dir=root)
-            os.rename(final, os.path.join(old, "ckpt"))
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, "state.json"), {"step": step, "optimizer": opt_meta, **extra}, indent=1)
     for _, path in list_checkpoints(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final

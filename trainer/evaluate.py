@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.atomic import atomic_path
+from engine.atomic import write_json
 from engine.distributed import DistInfo, finish, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
@@ -283,13 +283,6 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     return results
 
 
-def write_json(results: Dict[str, Any], path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     info = DistInfo()
@@ -301,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             summary = {k: v for k, v in results.items() if k != "attribute_rows"}
             print(json.dumps(summary, indent=1))
             if args.out:
-                write_json(results, args.out)
+                write_json(args.out, results, indent=1)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2

@@ -12,14 +12,13 @@ The text encoder is not stored: the config names it (MiniLM from its package, or
 """
 
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from engine.atomic import atomic_dir
 from engine.configs import CMDConfig, load_config
 from engine.logs import quiet_loading
 from engine.models.autoencoder import CMDAutoencoder
@@ -70,27 +69,14 @@ class CMDModel(nn.Module):
                        build_vae(cfg.vae) if cfg.space == "latent" else None)
 
     def save_pretrained(self, path: str) -> None:
-        """Write the folder atomically: into a temporary sibling, then one rename."""
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-cmd-", dir=parent)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a model folder is readable like any output
-        try:
+        """Write the folder atomically and durably (``engine.atomic.atomic_dir``): a failure leaves any
+        folder at ``path`` as it was. Raises ValueError when ``path`` is a file."""
+        with atomic_dir(path) as tmp:
             self.config.save(os.path.join(tmp, CONFIG_FILE))
             for name in NETWORKS:
                 net = getattr(self, name)
                 if net is not None:
                     net.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=".old-cmd-", dir=parent)
-                os.rename(path, os.path.join(old, "model"))
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     @quiet_loading("diffusers")

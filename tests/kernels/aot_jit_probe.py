@@ -70,14 +70,12 @@ def main() -> None:
     driver.set_active(StandInDriver())
 
     # Every op on its Triton launcher, whatever the tensors' device; the launch stops before the GPU.
-    import importlib
-    attention, content_frame, fusion = (importlib.import_module(f"kernels.{m}")
-                                        for m in ("attention", "content_frame", "fusion"))
-    for module in (attention, content_frame, fusion):
-        module.use_triton = lambda impl, *tensors, op, available=True: True
-        module.can_launch = lambda *tensors: True
-    real_chunks = attention._bwd_chunks  # the backward fills the target's SMs, as on the GPU
-    attention._bwd_chunks = lambda B, N, block_r, device, num_sms=None: real_chunks(B, N, block_r, device, H100.num_sms)
+    from kernels import _dispatch
+    from kernels.ops import modulated_layernorm
+    _dispatch.launchable = lambda *tensors: True  # the one device rule of every op's dispatch
+    real_chunks = modulated_layernorm._bwd_chunks  # the backward fills the target's SMs, as on the GPU
+    modulated_layernorm._bwd_chunks = lambda B, N, block_r, device, num_sms=None: real_chunks(B, N, block_r, device,
+                                                                                            H100.num_sms)
     real_run = _triton.Launch.run
     tuned = {}  # the first launch of each autotuned kernel
 

@@ -7,7 +7,6 @@ probe then reads through the engine's real launch path (tests/kernels/aot_jit_pr
 
 import base64
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import os
@@ -22,10 +21,9 @@ import triton
 
 from kernels import aot
 from kernels._triton import AUTOTUNE_MODES, KNOWN_TARGETS, Target, autotune_mode, config_key
+from kernels.ops import content_frame, decoder_fusion as fusion, motion_attention as attention
 
 ROOT = Path(__file__).resolve().parents[2]
-attention, content_frame, fusion = (importlib.import_module(f"kernels.{m}")
-                                    for m in ("attention", "content_frame", "fusion"))
 
 
 def _compiled_env() -> dict:

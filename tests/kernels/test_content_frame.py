@@ -3,19 +3,17 @@
 Runs natively on a GPU and in the Triton interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1).
 Outputs are NaN-poisoned before each launch, so an element the kernel fails to write shows up."""
 
-import importlib
-
 import pytest
 import torch
 
 import kernels
 from kernels import _triton
 from kernels._dispatch import use_triton
-from kernels.content_frame import _content_frame_backward_op, _content_frame_op, content_frame_reference
+from kernels.ops import content_frame as module
+from kernels.ops.content_frame import _content_frame_backward_op, _content_frame_op, content_frame_reference
+from kernels.testing import TOL, rel_err
+from kernels.testing import content_frame_inputs as inputs
 
-module = importlib.import_module("kernels.content_frame")  # kernels.content_frame the attribute is the op
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 # (B, L, C, H, W): a small model's clip, one frame, long videos (online softmax across time blocks),
 # sizes that are not multiples of any block.
@@ -34,17 +32,6 @@ def blocks(request, monkeypatch):
     if request.param == "gpu_blocks" and _triton.INTERPRETED:
         monkeypatch.setattr(module, "_meta", lambda P: {"BLOCK_P": 128, "num_warps": 4})
     return request.param
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def inputs(shape, dtype, device, seed=0, logit_scale=3.0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    frames = torch.rand(shape, generator=g) * 2 - 1
-    logits = torch.randn(shape, generator=g) * logit_scale
-    return frames.to(device, dtype), logits.to(device, dtype)
 
 
 def test_auto_dispatches_to_the_kernel_here(device):

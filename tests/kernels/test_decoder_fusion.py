@@ -4,18 +4,17 @@ Runs natively on a GPU and in the Triton interpreter on a CPU. Outputs and gradi
 NaN-poisoned before each launch."""
 
 import functools
-import importlib
 
 import pytest
 import torch
 
 import kernels
 from kernels import _triton
-from kernels.fusion import _bwd_tiles, _decoder_fusion_backward_op, _decoder_fusion_op, decoder_fusion_reference
+from kernels.ops import decoder_fusion as fusion
+from kernels.ops.decoder_fusion import (_bwd_tiles, _decoder_fusion_backward_op, _decoder_fusion_op,
+                                        decoder_fusion_reference)
+from kernels.testing import TOL, decoder_fusion_inputs, rel_err
 
-fusion = importlib.import_module("kernels.fusion")  # the module (kernels.fusion the attribute is fine too)
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 # (B, L, H, W, C): a small decoder, one frame, odd sizes, a non-power-of-two width, and C = 384
 # (the ucf101/sd21 width) with H, W larger than one backward tile (partial sums across tiles).
@@ -38,20 +37,8 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def planes(shape, dtype, device, seed=0):
-    b, l, h, w, c = shape
-    g = torch.Generator().manual_seed(seed)
-    content = torch.randn(b, h, w, c, generator=g)
-    time_height = torch.randn(b, l, h, c, generator=g)
-    time_width = torch.randn(b, l, w, c, generator=g)
-    weight = 1 + 0.5 * torch.randn(c, generator=g)
-    bias = torch.randn(c, generator=g)
-    return ([t.to(device, dtype) for t in (content, time_height, time_width)]
-            + [weight.to(device), bias.to(device)])  # LayerNorm parameters stay fp32, as in an autocast model
+# LayerNorm parameters stay fp32, as in an autocast model.
+planes = functools.partial(decoder_fusion_inputs, param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

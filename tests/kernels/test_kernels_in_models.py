@@ -3,22 +3,14 @@ Triton kernel equal the same networks on the PyTorch references.
 
 The networks call ``kernels.*`` with ``impl="auto"``; ``kernels.force_impl`` pins what auto means."""
 
-import importlib
-
 import pytest
 import torch
 
 import kernels
 from engine.configs import load_config
 from engine.models.bundle import build_autoencoder, build_motion_dit
-
-# The modules (``kernels.content_frame`` as an attribute is the op, which shadows its module).
-attention, content_frame, fusion = (importlib.import_module(f"kernels.{m}")
-                                    for m in ("attention", "content_frame", "fusion"))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+from kernels.ops import content_frame, decoder_fusion, modulated_layernorm, motion_attention
+from kernels.testing import rel_err
 
 
 @pytest.fixture
@@ -26,9 +18,9 @@ def launches(monkeypatch):
     """Counts kernel launches, so a silent fallback to the reference fails the test."""
     counts = {}
     for module, name in [(content_frame, "_launch_forward"), (content_frame, "_launch_backward"),
-                         (attention, "_launch_attention"), (attention, "_launch_modln_forward"),
-                         (attention, "_launch_modln_backward"), (fusion, "_launch_forward"),
-                         (fusion, "_launch_backward")]:
+                         (motion_attention, "_launch_forward"), (modulated_layernorm, "_launch_forward"),
+                         (modulated_layernorm, "_launch_backward"), (decoder_fusion, "_launch_forward"),
+                         (decoder_fusion, "_launch_backward")]:
         real = getattr(module, name)
         key = f"{module.__name__.split('.')[-1]}.{name}"
 
@@ -75,8 +67,8 @@ def test_autoencoder_triton_equals_reference(device, launches):
     params = [p for p in ae.parameters() if p.requires_grad]
     out_k, grads_k = _run(lambda: ae(video), "triton", params)
     out_r, grads_r = _run(lambda: ae(video), "reference", params)
-    assert launches["content_frame._launch_forward"] == 1 and launches["fusion._launch_forward"] == 1
-    assert launches["content_frame._launch_backward"] == 1 and launches["fusion._launch_backward"] == 1
+    assert launches["content_frame._launch_forward"] == 1 and launches["decoder_fusion._launch_forward"] == 1
+    assert launches["content_frame._launch_backward"] == 1 and launches["decoder_fusion._launch_backward"] == 1
     assert rel_err(out_k, out_r) <= 1e-5
     # All parameter gradients as one vector: some (e.g. the key bias, which softmax ignores) are
     # zero up to rounding, and relative to themselves they would compare noise with noise.
@@ -96,9 +88,9 @@ def test_motion_dit_triton_equals_reference(device, launches):
     out_k, grads_k = _run(lambda: dit(z, t, content, text), "triton", params)
     out_r, grads_r = _run(lambda: dit(z, t, content, text), "reference", params)
     depth = dit.config.depth
-    assert launches["attention._launch_attention"] == depth
-    assert launches["attention._launch_modln_forward"] == 2 * depth + 1
-    assert launches["attention._launch_modln_backward"] == 2 * depth + 1
+    assert launches["motion_attention._launch_forward"] == depth
+    assert launches["modulated_layernorm._launch_forward"] == 2 * depth + 1
+    assert launches["modulated_layernorm._launch_backward"] == 2 * depth + 1
     assert rel_err(out_k, out_r) <= 1e-5
     # All parameter gradients as one vector: some (e.g. the key bias, which softmax ignores) are
     # zero up to rounding, and relative to themselves they would compare noise with noise.

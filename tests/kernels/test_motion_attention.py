@@ -4,7 +4,6 @@ Runs natively on a GPU and in the Triton interpreter on a CPU. Outputs are NaN-p
 launch. bf16 runs on the GPU only (the interpreter's bf16 arithmetic is wrong)."""
 
 import functools
-import importlib
 import math
 
 import pytest
@@ -13,12 +12,12 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import _triton
-from kernels.attention import (_head_split, _rows_config, _modulated_layernorm_backward_op, _modulated_layernorm_op,
-                               _motion_attention_op, modulated_layernorm_reference)
+from kernels.ops import modulated_layernorm as layernorm, motion_attention as attention
+from kernels.ops.modulated_layernorm import (_modulated_layernorm_backward_op, _modulated_layernorm_op, _rows_config,
+                                            modulated_layernorm_reference)
+from kernels.ops.motion_attention import _head_split, _motion_attention_op
+from kernels.testing import TOL, attention_fp64, attention_inputs, modulated_layernorm_inputs, rel_err
 
-attention = importlib.import_module("kernels.attention")
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
@@ -33,23 +32,11 @@ def blocks(request, monkeypatch):
     a masked last one; 8-row LayerNorm tiles) so the interpreter runs a GPU's launch geometry."""
     if request.param == "gpu_blocks" and _triton.INTERPRETED:
         monkeypatch.setattr(attention, "interpret_block", lambda n, cap, floor=1: 64)
-        monkeypatch.setattr(attention, "_rows_config", functools.partial(_rows_config, interpreted=False))
+        monkeypatch.setattr(layernorm, "_rows_config", functools.partial(_rows_config, interpreted=False))
     return request.param
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def attention_fp64(q, k, v, scale=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    return torch.softmax(s, -1) @ v.double()
-
-
-def qkv(shape, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
+qkv = functools.partial(attention_inputs, seed=0, packed=False)  # three contiguous tensors
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -223,11 +210,8 @@ def test_attention_inf_and_nan_scores_make_their_row_nan(value, device, blocks):
 # --------------------------------------------------------------------------- modulated LayerNorm
 
 def modln_inputs(b, n, c, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, c, generator=g) * 2 + 0.5
     # shift/scale as the DiT makes them: chunks of one (B, 6C) projection, so strided views.
-    mod = torch.randn(b, 6 * c, generator=g).to(device, dtype)
-    return x.to(device, dtype), mod[:, :c], mod[:, c:2 * c]
+    return modulated_layernorm_inputs((b, n, c), dtype, device, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -269,9 +253,7 @@ def test_modulated_layernorm_opcheck(device):
 def test_modulated_layernorm_backward_uses_many_programs_deterministically(device, monkeypatch):
     # Long sequences split over several programs per sample; their partial sums are added by torch.
     # (On a GPU the split follows the SM count; force one here so the interpreter runs it too.)
-    import kernels.attention as attention
-
-    monkeypatch.setattr(attention, "_bwd_chunks", lambda *args: 3)
+    monkeypatch.setattr(layernorm, "_bwd_chunks", lambda *args: 3)
     x, shift, scale = modln_inputs(2, 600, 64, torch.float32, device, seed=5)
     grads = []
     for _ in range(2):

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, SUM, Launch, autotune, can_launch, check_same_device, empty, grid_configs,
+from kernels._triton import (INTERPRETED, SUM, Launch, autotune, check_same_device, empty, grid_configs,
                              interpret_block, launch_context, next_pow2, pick)
 
 
@@ -290,9 +290,6 @@ def _decoder_fusion_op(
     content: torch.Tensor, time_height: torch.Tensor, time_width: torch.Tensor,
     weight: torch.Tensor, bias: torch.Tensor, eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not can_launch(content, time_height, time_width, weight, bias):
-        cube, normed = decoder_fusion_reference(content, time_height, time_width, weight, bias, eps)
-        return cube.contiguous(), normed.contiguous()
     return _launch_forward(content, time_height, time_width, weight, bias, eps)
 
 
@@ -310,10 +307,7 @@ def _decoder_fusion_backward_op(
     g_cube: torch.Tensor, g_normed: torch.Tensor, content: torch.Tensor, time_height: torch.Tensor,
     time_width: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (g_cube, g_normed, content, time_height, time_width, weight, bias)
-    if not can_launch(*args):
-        return decoder_fusion_backward_reference(*args, eps)
-    return _launch_backward(*args, eps)
+    return _launch_backward(g_cube, g_normed, content, time_height, time_width, weight, bias, eps)
 
 
 @_decoder_fusion_backward_op.register_fake
@@ -364,7 +358,24 @@ def decoder_fusion(
     eps: float = 1e-5,
     impl: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Broadcast sum of the three decoder planes and its LayerNorm in one pass -> (cube, normed)."""
+    """The CMD decoder's input cube and its first LayerNorm in one pass (CMD Eqs. 5-6):
+    cube = content + time_height + time_width (broadcast over L, H, W), normed = LayerNorm(cube).
+
+    Args:
+        content: (B, H, W, C) plane; time_height: (B, L, H, C); time_width: (B, L, W, C). Any strides.
+        weight, bias: (C,) LayerNorm parameters (may stay float32 under autocast).
+        eps: LayerNorm epsilon, positive.
+        impl: ``"auto"`` (the Triton kernel for float32/float16/bfloat16 tensors on CUDA or under
+            ``TRITON_INTERPRET=1``, else the reference; ``kernels.force_impl`` can pin it), ``"triton"``
+            (the kernel or an error) or ``"reference"``.
+
+    Returns (cube, normed), both (B, L, H, W, C) in the planes' promoted dtype; the LayerNorm runs in
+    fp32. Differentiable in every input (a Triton backward kernel, deterministic).
+
+    Raises ValueError for planes whose shapes do not match as above, weight or bias not (C,), eps <= 0,
+    tensors on two devices, a bad ``impl``, or ``impl="triton"`` where the kernel cannot run; TypeError for
+    ``impl="triton"`` with a dtype it does not take.
+    """
     _check(content, time_height, time_width, weight, bias)
     if not eps > 0:
         raise ValueError(f"decoder_fusion eps must be positive, got {eps}")

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, MAX, SUM, Launch, autotune, can_launch, check_same_device, empty,
+from kernels._triton import (INTERPRETED, MAX, SUM, Launch, autotune, check_same_device, empty,
                              grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_BLOCK_L = 16  # time steps per tile; longer videos loop with an online softmax
@@ -253,8 +253,6 @@ def _launch_backward(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Ten
 
 @torch.library.custom_op("cmd::content_frame", mutates_args=())
 def _content_frame_op(frames: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    if not can_launch(frames, logits):
-        return content_frame_reference(frames, logits)
     return _launch_forward(frames, logits)
 
 
@@ -268,8 +266,6 @@ def _(frames, logits):
 def _content_frame_backward_op(
     grad: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not can_launch(grad, frames, logits):
-        return content_frame_backward_reference(grad, frames, logits)
     return _launch_backward(grad, frames, logits)
 
 
@@ -304,10 +300,17 @@ def _check(frames: torch.Tensor, logits: torch.Tensor) -> None:
 
 
 def content_frame(frames: torch.Tensor, logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Content frame of a video (CMD Eq. 3): frames and importance logits, (B, L, C, H, W) each, to
-    (B, C, H, W) = sum over L of softmax_L(logits) * frames, the softmax in fp32, the result in the frames'
-    dtype. The Triton kernel takes fp32, fp16 and bf16; other dtypes (fp64) run the reference. Differentiable
-    in frames and logits.
+    """Content frame of a video (CMD Eq. 3): sum over L of softmax_L(logits) * frames.
+
+    Args:
+        frames: (B, L, C, H, W) video, L >= 1; any strides.
+        logits: (B, L, C, H, W) importance logits, same shape and device.
+        impl: ``"auto"`` (the Triton kernel for float32/float16/bfloat16 tensors on CUDA or under
+            ``TRITON_INTERPRET=1``, else the reference, e.g. for float64; ``kernels.force_impl`` can pin
+            it), ``"triton"`` (the kernel or an error) or ``"reference"``.
+
+    Returns (B, C, H, W) in the frames' dtype; the softmax runs in fp32. Differentiable in frames and
+    logits (a Triton backward kernel).
 
     Non-finite logits give what the reference (torch.softmax) gives, on every path and for any L:
 
@@ -321,7 +324,9 @@ def content_frame(frames: torch.Tensor, logits: torch.Tensor, impl: str = "auto"
 
     Frames are not checked: an inf or NaN frame carries into its pixel, even at weight 0 (0 * inf is NaN).
 
-    Raises ValueError for inputs that are not 5-D of one shape, for L = 0, or for tensors on two devices.
+    Raises ValueError for inputs that are not 5-D of one shape, for L = 0, tensors on two devices, a bad
+    ``impl``, or ``impl="triton"`` where the kernel cannot run; TypeError for ``impl="triton"`` with a dtype
+    it does not take.
     """
     _check(frames, logits)
     if use_triton(impl, frames, logits, op="content_frame"):

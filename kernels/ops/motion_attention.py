@@ -1,21 +1,16 @@
-"""Patchified motion attention and the DiT block prologue (LayerNorm with adaLN modulation).
+"""Patchified motion attention: the full self-attention of the motion DiT over [z tokens ; content-frame
+tokens] (CMD section 3.2).
 
 ``motion_attention`` has the semantics of ``torch.nn.functional.scaled_dot_product_attention``
 (non-causal, no mask) on (B, heads, N, head_dim) tensors, for any N and head dims up to 128.
-``modulated_layernorm`` is x -> LayerNorm(x) * (1 + scale) + shift with per-sample shift/scale,
-the adaLN-Zero prologue of every DiT block.
 
-Attention kernel: FlashAttention-2 forward (one program per BLOCK_M queries of one head, online softmax
+Kernel: FlashAttention-2 forward (one program per BLOCK_M queries of one head, online softmax
 over BLOCK_N keys in base 2 with log2(e) folded into the scale, fp32 accumulators, no atomics). Head
 dims that are not a power of two are split into a power-of-two main part and a small tail (72 = 64 + 8
 in a 16-wide tile, 80 = 64 + 16, 96 = 64 + 32) instead of padding to 128: 1.6x fewer MMA FLOPs at 72.
 The output is written token-major, (B, N, heads, d) memory seen as (B, heads, N, d), so the DiT's
 ``out.transpose(1, 2).reshape(B, N, C)`` that follows is free, as after SDPA's flash backend.
 Gradients re-run SDPA's fused backward (the forward is ours; training may use SDPA for gradients).
-
-Prologue kernel: a row LayerNorm in fp32 with the per-sample modulation applied in the same pass, plus
-a backward that writes dx and per-program partial sums of d shift / d scale (reduced by torch, so the
-result is deterministic: no atomics).
 """
 
 from typing import Optional, Tuple
@@ -26,13 +21,13 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, Launch, Target, autotune, can_launch, check_same_device,
+from kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, Launch, Target, autotune, check_same_device,
                              empty, grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_HEAD_DIM = 128
 
 
-# ------------------------------------------------------------------------------------- references
+# -------------------------------------------------------------------------------------- reference
 
 def motion_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
@@ -41,28 +36,7 @@ def motion_attention_reference(
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def modulated_layernorm_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
-    """PyTorch reference. x (B, N, C); shift, scale (B, C). LayerNorm without affine, in fp32."""
-    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    out = normed * (1 + scale.float()[:, None, :]) + shift.float()[:, None, :]
-    return out.to(x.dtype)
-
-
-def modulated_layernorm_backward_reference(grad, x, shift, scale, eps):
-    """Closed-form gradients in fp32: (d x, d shift, d scale) in the inputs' dtypes."""
-    xf = x.float()
-    mean = xf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = (xf - mean) * rstd
-    g = grad.float()
-    dxhat = g * (1 + scale.float()[:, None, :])
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return dx.to(x.dtype), g.sum(1).to(shift.dtype), (g * xhat).sum(1).to(scale.dtype)
-
-
-# ----------------------------------------------------------------------------------- attention kernel
+# ---------------------------------------------------------------------------------------- kernel
 
 def _attn_keep(kw, warps):
     return (kw["BLOCK_M"] == 128) == (warps == 8)  # 4 warps per 64 query rows
@@ -252,7 +226,7 @@ def _head_split(d: int) -> Tuple[int, int, bool]:
     return d1, max(16, next_pow2(d - d1)), True
 
 
-def _attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Tuple[Launch, torch.Tensor]:
+def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Tuple[Launch, torch.Tensor]:
     """The forward launch for q, k, v (B, heads, N, d) with unit last stride, and its output."""
     B, H, N, D = q.shape
     # Token-major output, as SDPA's flash backend returns it: the following transpose(1, 2) is free.
@@ -269,9 +243,9 @@ def _attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         IS_FP32=q.dtype == torch.float32, **meta)), out
 
 
-def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    launch, out = _attention_launch(q, k, v, scale)
+    launch, out = _forward_launch(q, k, v, scale)
     if out.numel():
         with launch_context(q):
             launch.run()
@@ -280,9 +254,7 @@ def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 @torch.library.custom_op("cmd::motion_attention", mutates_args=())
 def _motion_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    if not can_launch(q, k, v):
-        return motion_attention_reference(q, k, v, scale).transpose(1, 2).contiguous().transpose(1, 2)
-    return _launch_attention(q, k, v, scale)
+    return _launch_forward(q, k, v, scale)
 
 
 @_motion_attention_op.register_fake
@@ -291,13 +263,13 @@ def _(q, k, v, scale):
     return q.new_empty((B, N, H, D)).transpose(1, 2)
 
 
-def _attention_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
     ctx.save_for_backward(q, k, v)
     ctx.scale = scale
 
 
-def _attention_backward(ctx, grad):
+def _backward(ctx, grad):
     # Re-run SDPA (flash / memory-efficient on CUDA) and take its fused backward: no N x N buffer.
     q, k, v = ctx.saved_tensors
     with torch.enable_grad():
@@ -307,23 +279,34 @@ def _attention_backward(ctx, grad):
     return dq, dk, dv, None
 
 
-_motion_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_motion_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def motion_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, impl: str = "auto"
 ) -> torch.Tensor:
-    """Attention over the token sequence: q, k, v (B, heads, N, head_dim) -> (B, heads, N, head_dim),
-    softmax(q k^T * scale) v with scale defaulting to head_dim ** -0.5 (non-causal, no mask), as
-    ``torch.nn.functional.scaled_dot_product_attention``, the reference. The Triton kernel takes fp32, fp16
-    and bf16 with head_dim <= 128; other dtypes run the reference. Gradients come from SDPA's backward.
+    """Attention over the token sequence, as ``torch.nn.functional.scaled_dot_product_attention`` (non-causal,
+    no mask; the reference): softmax(q k^T * scale) v.
+
+    Args:
+        q, k, v: (B, heads, N, head_dim) each, one dtype, one device; any strides (the DiT passes views of
+            its (B, N, 3, heads, head_dim) projection). head_dim <= 128.
+        scale: positive score scale; None for head_dim ** -0.5.
+        impl: ``"auto"`` (the Triton kernel for float32/float16/bfloat16 tensors on CUDA or under
+            ``TRITON_INTERPRET=1``, else the reference; ``kernels.force_impl`` can pin it), ``"triton"``
+            (the kernel or an error) or ``"reference"``.
+
+    Returns (B, heads, N, head_dim) in q's dtype; from the kernel, token-major memory (a view of
+    (B, N, heads, head_dim)), so ``out.transpose(1, 2).reshape(B, N, heads * head_dim)`` is free.
+    Differentiable in q, k, v (gradients from SDPA's fused backward).
 
     Finite inputs give finite scores. Infinite inputs follow SDPA on every path: keys whose score is -inf
     weigh 0 (runs of any length, anywhere along N); a row whose scores are all -inf gives 0 (SDPA's safe
     softmax, not NaN); a +inf or NaN score makes its row NaN.
 
     Raises ValueError for q, k, v that are not 4-D of one shape, head_dim > 128, a scale that is not
-    positive, or tensors on two devices; TypeError for mixed dtypes.
+    positive, tensors on two devices, a bad ``impl``, or ``impl="triton"`` where the kernel cannot run;
+    TypeError for mixed dtypes, or ``impl="triton"`` with another dtype (e.g. float64).
     """
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
@@ -340,186 +323,3 @@ def motion_attention(
     if use_triton(impl, q, k, v, op="motion_attention"):
         return _motion_attention_op(q, k, v, float(scale if scale is not None else q.shape[-1] ** -0.5))
     return motion_attention_reference(q, k, v, scale)
-
-
-# ----------------------------------------------------------------------------- modulated LayerNorm
-
-def _rows_config(C: int, interpreted: bool = INTERPRETED) -> Tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_R, num_warps) for a row kernel over C channels: about 4K fp32 values per tile
-    on a GPU (16 per thread at 8 warps), large tiles (few programs) in the interpreter."""
-    block_c = next_pow2(C)
-    if interpreted:
-        return block_c, max(1, min(256, 32768 // block_c)), 4
-    block_r = max(1, min(16, 4096 // block_c))
-    return block_c, block_r, 8 if block_c * block_r >= 4096 else 4
-
-
-@triton.jit
-def _modln_fwd_kernel(
-    X, SHIFT, SCALE, Y, R, N, C, eps,
-    x_sb, x_sn, x_sc, sh_sb, sh_sc, sc_sb, sc_sc,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    r_ok = rows < R
-    c_ok = cols < C
-    mask = r_ok[:, None] & c_ok[None, :]
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    x = tl.load(X + (b * x_sb + n * x_sn)[:, None] + cols[None, :] * x_sc, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.reduce(x, 1, SUM) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.math.rsqrt(tl.reduce(xc * xc, 1, SUM) / C + eps)
-    shift = tl.load(SHIFT + (b * sh_sb)[:, None] + cols[None, :] * sh_sc, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + (b * sc_sb)[:, None] + cols[None, :] * sc_sc, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * (1.0 + scale) + shift
-    tl.store(Y + rows.to(tl.int64)[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _modln_bwd_kernel(
-    X, SCALE, G, DX, DSHIFT_PART, DSCALE_PART, N, C, ROWS_PER_PROG, eps,
-    x_sb, x_sn, x_sc, sc_sb, sc_sc, g_sb, g_sn, g_sc,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Program (chunk, b) handles rows [chunk * ROWS_PER_PROG, ...) of sample b: writes their dx and
-    its partial sums of d shift = sum_n g and d scale = sum_n g * xhat to slot (b, chunk)."""
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    scale = tl.load(SCALE + b * sc_sb + cols * sc_sc, mask=c_ok, other=0.0).to(tl.float32)
-    d_shift = tl.full([BLOCK_C], 0.0, tl.float32)
-    d_scale = tl.full([BLOCK_C], 0.0, tl.float32)
-    row_end = tl.minimum((chunk + 1) * ROWS_PER_PROG, N)
-    for r0 in range(chunk * ROWS_PER_PROG, row_end, BLOCK_R):
-        n = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        mask = (n < row_end)[:, None] & c_ok[None, :]
-        x = tl.load(X + b * x_sb + n[:, None] * x_sn + cols[None, :] * x_sc, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + b * g_sb + n[:, None] * g_sn + cols[None, :] * g_sc, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.reduce(x, 1, SUM) / C
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.math.rsqrt(tl.reduce(xc * xc, 1, SUM) / C + eps)
-        xhat = xc * rstd[:, None]
-        dxhat = g * (1.0 + scale)[None, :]
-        c1 = tl.reduce(dxhat, 1, SUM) / C
-        c2 = tl.reduce(dxhat * xhat, 1, SUM) / C
-        dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
-        tl.store(DX + (b * N + n)[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        d_shift += tl.reduce(g, 0, SUM)
-        d_scale += tl.reduce(g * xhat, 0, SUM)
-    part = (b * tl.num_programs(0) + chunk) * C + cols
-    tl.store(DSHIFT_PART + part, d_shift, mask=c_ok)
-    tl.store(DSCALE_PART + part, d_scale, mask=c_ok)
-
-
-def _modln_forward_launch(x, shift, scale, eps) -> Tuple[Launch, torch.Tensor]:
-    B, N, C = x.shape
-    y = empty((B, N, C), x.dtype, x.device)
-    block_c, block_r, warps = _rows_config(C)
-    return Launch(_modln_fwd_kernel, (triton.cdiv(B * N, block_r),),
-                  (x, shift, scale, y, B * N, N, C, eps, *x.stride(), *shift.stride(), *scale.stride()),
-                  dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)), y
-
-
-def _launch_modln_forward(x, shift, scale, eps):
-    launch, y = _modln_forward_launch(x, shift, scale, eps)
-    if y.numel():
-        with launch_context(x):
-            launch.run()
-    return y
-
-
-def _bwd_chunks(B: int, N: int, block_r: int, device: torch.device, num_sms: Optional[int] = None) -> int:
-    """Programs per sample in the backward: enough to fill the GPU's ``num_sms`` (default: the device's;
-    each program reduces a run of rows in registers and writes one partial d shift / d scale row); one
-    in the interpreter and off CUDA (unless ``num_sms`` is given: ``kernels.aot`` compiles for a target)."""
-    if INTERPRETED or (device.type != "cuda" and num_sms is None):
-        return 1
-    sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(N, block_r), triton.cdiv(4 * sms, max(B, 1))))
-
-
-def _modln_backward_launch(grad, x, shift, scale, eps, num_sms: Optional[int] = None):
-    """(launch, dx, partial d shift / d scale sums (2, B, chunks, C) fp32)."""
-    B, N, C = x.shape
-    dx = empty((B, N, C), x.dtype, x.device)
-    block_c, block_r, warps = _rows_config(C)
-    chunks = _bwd_chunks(B, N, block_r, x.device, num_sms)
-    rows_per_prog = triton.cdiv(triton.cdiv(N, chunks), block_r) * block_r
-    chunks = triton.cdiv(N, rows_per_prog) if N else 1
-    parts = empty((2, B, chunks, C), torch.float32, x.device)
-    return Launch(_modln_bwd_kernel, (chunks, B),
-                  (x, scale, grad, dx, parts[0], parts[1], N, C, rows_per_prog, eps,
-                   *x.stride(), *scale.stride(), *grad.stride()),
-                  dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)), dx, parts
-
-
-def _launch_modln_backward(grad, x, shift, scale, eps):
-    launch, dx, parts = _modln_backward_launch(grad, x, shift, scale, eps)
-    if dx.numel():
-        with launch_context(x):
-            launch.run()
-    else:  # no rows (N = 0): d shift and d scale are sums over nothing
-        parts.zero_()
-    # Two separate reductions: outputs of a custom op must not alias one another.
-    return dx, parts[0].sum(1).to(shift.dtype), parts[1].sum(1).to(scale.dtype)
-
-
-@torch.library.custom_op("cmd::modulated_layernorm", mutates_args=())
-def _modulated_layernorm_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    if not can_launch(x, shift, scale):
-        return modulated_layernorm_reference(x, shift, scale, eps)
-    return _launch_modln_forward(x, shift, scale, eps)
-
-
-@_modulated_layernorm_op.register_fake
-def _(x, shift, scale, eps):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("cmd::modulated_layernorm_backward", mutates_args=())
-def _modulated_layernorm_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not can_launch(grad, x, shift, scale):
-        return modulated_layernorm_backward_reference(grad, x, shift, scale, eps)
-    return _launch_modln_backward(grad, x, shift, scale, eps)
-
-
-@_modulated_layernorm_backward_op.register_fake
-def _(grad, x, shift, scale, eps):
-    return x.new_empty(x.shape), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
-
-
-def _modln_setup_context(ctx, inputs, output):
-    x, shift, scale, eps = inputs
-    ctx.save_for_backward(x, shift, scale)
-    ctx.eps = eps
-
-
-def _modln_backward(ctx, grad):
-    x, shift, scale = ctx.saved_tensors
-    dx, dshift, dscale = _modulated_layernorm_backward_op(grad, x, shift, scale, ctx.eps)
-    return dx, dshift, dscale, None
-
-
-_modulated_layernorm_op.register_autograd(_modln_backward, setup_context=_modln_setup_context)
-
-
-def modulated_layernorm(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, impl: str = "auto"
-) -> torch.Tensor:
-    """adaLN prologue: LayerNorm(x) * (1 + scale) + shift, shift/scale per sample and channel."""
-    if x.dim() != 3 or shift.shape != (x.shape[0], x.shape[2]) or scale.shape != shift.shape:
-        raise ValueError(
-            f"modulated_layernorm expects x (B, N, C) and shift, scale (B, C), "
-            f"got {tuple(x.shape)}, {tuple(shift.shape)}, {tuple(scale.shape)}"
-        )
-    if not eps > 0:
-        raise ValueError(f"modulated_layernorm eps must be positive, got {eps}")
-    check_same_device("modulated_layernorm", x=x, shift=shift, scale=scale)
-    if use_triton(impl, x, shift, scale, op="modulated_layernorm"):
-        return _modulated_layernorm_op(x, shift, scale, float(eps))
-    return modulated_layernorm_reference(x, shift, scale, eps)
