@@ -19,7 +19,6 @@ Writes ``<out>/<name>.json`` (raw) and prints a Markdown table (the one in BENCH
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: the packages l
 
 import torch  # noqa: E402
 
-from engine.atomic import atomic_path  # noqa: E402
+from engine.atomic import check_output, write_json  # noqa: E402
 from engine.bench import (DEFAULT_CACHE_SETTINGS, _environment, _jsonable, bench_cache, cache_flops,  # noqa: E402
                           parse_cache_setting)
 from engine.pipeline import CMDPipeline  # noqa: E402
@@ -83,6 +82,7 @@ def main(argv=None) -> int:
     try:
         if args.num_clips < 1:
             raise ValueError(f"--num-clips must be >= 1, got {args.num_clips}")
+        check_output(args.out, folder=True)  # before the long run, not after it
         settings = {t.strip(): parse_cache_setting(t) for t in args.settings.split(",") if t.strip()}
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -125,8 +125,7 @@ def main(argv=None) -> int:
               "settings": results, "flops": flops}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.name}.json")
-    with atomic_path(path, suffix=".json") as tmp, open(tmp, "w") as f:
-        json.dump(_jsonable(report), f, indent=1)
+    write_json(path, _jsonable(report), indent=1)
     print(markdown(report))
     print(f"wrote {path}")
     return 0

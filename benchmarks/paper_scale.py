@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from benchmarks.targets import check_paper  # noqa: E402
-from engine.atomic import atomic_path, write_json, write_text  # noqa: E402
+from engine.atomic import atomic_path, check_output, write_json, write_text  # noqa: E402
 from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sample_baseline  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.geometry import ClipSize, check_fits  # noqa: E402
@@ -115,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
         if value is not None and value < low:
             p.error(f"argument {flag}: must be >= {low}, got {value}")
+    try:
+        check_output(args.out, folder=True)  # before the benchmark, not after it
+    except ValueError as e:
+        p.error(str(e))
     args.motion_steps = args.motion_steps or args.steps
     if args.no_scaling:
         args.frames = []

@@ -84,6 +84,22 @@ def write_json(path: str, data: Any, indent: int = 2, durable: bool = False) -> 
     write_text(path, json.dumps(data, indent=indent) + "\n", durable=durable)
 
 
+def check_output(path: str, folder: bool = False, flag: str = "--out") -> str:
+    """Check, before a long run, that its result can be written at ``path`` (a file, or with ``folder``
+    a folder the run fills): not the other kind of thing already, and below a folder that exists or can be
+    made (its nearest existing ancestor is a writable folder). Returns ``path``; a one-line ValueError
+    naming ``flag`` and the path otherwise. Nothing is created."""
+    want, other = ("a folder", "a file") if folder else ("a file", "a folder")
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{flag} is {want}, got {path!r}, which is {other}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r} cannot be written: {parent!r} is not a writable folder")
+    return path
+
+
 @contextmanager
 def atomic_dir(path: str, durable: bool = True) -> Iterator[str]:
     """Yield a new temporary folder ``.tmp-<name>-*`` beside ``path`` to fill; on success it replaces ``path``

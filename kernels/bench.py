@@ -381,6 +381,8 @@ def main(argv=None) -> int:
                         help="take the ceilings (copy_gbps, matmul_tflops; top level or under 'ceilings') from this "
                              "file, measured earlier on the same device, instead of measuring them here")
     args = parser.parse_args(argv)
+    if args.json is not None and os.path.isdir(args.json):  # before the run (kernels cannot import engine.atomic)
+        parser.error(f"--json is a file, got {args.json!r}, which is a folder")
 
     cuda = torch.cuda.is_available()
     from kernels._triton import INTERPRETED

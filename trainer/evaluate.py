@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.atomic import write_json
+from engine.atomic import check_output, write_json
 from engine.distributed import DistInfo, finish, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
@@ -288,6 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = DistInfo()
     code = 0
     try:
+        if args.out:
+            check_output(args.out)  # before the evaluation, not after it
         info = init_distributed(args.device)
         results = evaluate(args, info)
         if info.is_main:

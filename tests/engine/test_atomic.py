@@ -174,3 +174,21 @@ def test_durable_folder_fsyncs_every_file_before_the_rename_and_the_parent_after
               for kind, p in events[:rename] if kind == "fsync"}
     assert {"a.onnx", "d/b.bin", "d"} <= before  # every file and folder written, inside the temp folder
     assert events[rename + 1:] == [("fsync", os.path.dirname(path))]
+
+
+def test_check_output_refuses_the_wrong_kind_or_an_unwritable_place_before_any_work(tmp_path):
+    from engine.atomic import check_output
+
+    a_file, a_folder = tmp_path / "report.json", tmp_path / "results"
+    a_file.write_text("{}")
+    a_folder.mkdir()
+    assert check_output(str(a_file)) == str(a_file)  # an existing file is replaced
+    assert check_output(str(a_folder / "new" / "deeper.json")) == str(a_folder / "new" / "deeper.json")
+    assert check_output(str(a_folder), folder=True) == str(a_folder)
+    with pytest.raises(ValueError, match=r"^--out is a folder, got .*report\.json', which is a file$"):
+        check_output(str(a_file), folder=True)
+    with pytest.raises(ValueError, match=r"^--json is a file, got .*results', which is a folder$"):
+        check_output(str(a_folder), flag="--json")
+    with pytest.raises(ValueError, match=r"cannot be written: .*report\.json' is not a writable folder"):
+        check_output(str(a_file / "below.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "results"]  # nothing created

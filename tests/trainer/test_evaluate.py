@@ -96,8 +96,10 @@ def test_full_evaluation_writes_json(tmp_path, model_folder):
 
 
 @pytest.mark.parametrize("extra,needle", [(["--metrics", "fvd"], "--i3d"), (["--metrics", "bleu"], "bleu"),
-                                          (["--num-clips", "1"], "1")])
+                                          (["--num-clips", "1"], "1"),
+                                          (["--out", "TMP"], "--out is a file")])  # before the evaluation
 def test_bad_evaluation_input_is_one_line(tmp_path, model_folder, capsys, extra, needle):
+    extra = [str(tmp_path) if a == "TMP" else a for a in extra]
     assert main(["--model", str(model_folder), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
