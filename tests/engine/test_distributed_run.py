@@ -162,6 +162,15 @@ def _same_bytes(a, b):
         return fa.read() == fb.read()
 
 
+def _all_written_as_one_process(out, reference):
+    """Every prompt's video (and the index) in ``out``, each byte-identical to one process's; their names."""
+    names = [f"{i:03d}.mp4" for i in range(len(PROMPTS))]
+    assert sorted(os.listdir(out)) == sorted(names + ["index.jsonl"])
+    for name in names:
+        assert _same_bytes(out / name, reference / name), name
+    return names
+
+
 # ------------------------------------------------------------------------------------------ 2 gloo ranks
 
 
@@ -171,10 +180,7 @@ def test_two_ranks_write_the_files_of_one_process(tmp_path, model_dir, prompts_f
     code, stdout, err = _run(_torchrun("--prompts-file", prompts_file, "--out-dir", str(out), "--model", model_dir,
                                        *FLAGS), tmp_path)
     assert code == 0, err[-3000:]
-    names = [f"{i:03d}.mp4" for i in range(len(PROMPTS))]
-    assert sorted(os.listdir(out)) == sorted(names + ["index.jsonl"])
-    for name in names:
-        assert _same_bytes(out / name, reference / name), name
+    names = _all_written_as_one_process(out, reference)
     index = read_index(str(out / "index.jsonl"))
     assert [r["index"] for r in index] == list(range(len(PROMPTS)))
     for i, r in enumerate(index):
@@ -212,10 +218,7 @@ def test_interrupted_run_resumes_with_skip_existing(tmp_path, model_dir, prompts
 
     code, stdout, err = _run(cmd + ["--skip-existing"], tmp_path)
     assert code == 0, err[-3000:]
-    names = [f"{i:03d}.mp4" for i in range(len(PROMPTS))]
-    assert sorted(os.listdir(out)) == sorted(names + ["index.jsonl"])
-    for name in names:
-        assert _same_bytes(out / name, reference / name), name
+    names = _all_written_as_one_process(out, reference)
     index = read_index(str(out / "index.jsonl"))
     skipped = [r["files"][0] for r in index if r["status"] == "skipped"]
     assert sorted(skipped) == first
