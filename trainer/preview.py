@@ -32,17 +32,19 @@ def grid(rows) -> np.ndarray:
 
 
 def write_frames(frames: np.ndarray, path: str, fps: int = 8) -> str:
-    """uint8 (L, H, W, 3) -> path.gif (or path.png for one frame), written atomically; returns the path."""
+    """uint8 (L, H, W, 3) -> path.gif (or path.png for one frame), written atomically; returns the path.
+    The GIF goes through the engine's one video writer (:func:`engine.video_io.write_video`): one stored
+    frame per frame, where Pillow merges repeated frames (a still preview would lose its length)."""
     import imageio.v3 as iio
 
+    from engine.video_io import write_video
+
     path = path + (".png" if frames.shape[0] == 1 else ".gif")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
-        if frames.shape[0] == 1:
-            iio.imwrite(tmp, frames[0])
-        else:
-            iio.imwrite(tmp, frames, duration=int(1000 / fps), loop=0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if frames.shape[0] > 1:
+        return write_video(path, frames, fps=fps)
+    with atomic_path(path, suffix=".png") as tmp:
+        iio.imwrite(tmp, frames[0])
     return path
 
 
