@@ -3,7 +3,9 @@
 One class per network declares, in one place, what both sides need: input and output names, the
 symbolic axes of each tensor (which become the graph's dynamic axes), a sample input, and the
 min/opt/max shape profile of each shape bucket. ``export/`` builds graphs from these declarations
-and ``engine/backends/`` runs them, so the two can never disagree on a name or a shape.
+and ``engine/backends/`` runs them, so the two can never disagree on a name or a shape. The folders
+the graphs and plans are written to (their manifests, weight hashes, default locations) are
+:mod:`engine.artefacts`.
 
 Networks of one model (``networks_for(config)``)::
 
@@ -26,9 +28,6 @@ lists each network call of a request (:class:`NetworkCall`: size and batch) and 
 them against its graphs' buckets and batch ranges.
 """
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -430,101 +429,3 @@ class VAEDecode(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents * self.inverse_scale, return_dict=False)[0]
-
-
-# -- identities: what a graph or plan was built from -------------------------------------------
-def weights_hash(module: nn.Module, dtype: Optional[torch.dtype] = None) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a module's parameters and buffers: the same
-    weights give the same hash on every machine, any change gives another. ``dtype``: hash the
-    floating-point tensors as cast to it (what a model moved to that dtype would hash to)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-HASH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def weights_hashes(module: nn.Module) -> Dict[str, str]:
-    """``weights_hash`` for each dtype a backend may hold the model in, so that a runtime can check,
-    in any dtype, that graphs were built from the weights it holds."""
-    return {name: weights_hash(module, dtype) for name, dtype in HASH_DTYPES.items()}
-
-
-def file_hash(*paths: str, chunk: int = 1 << 22) -> str:
-    """sha256 of the files' bytes in order (a graph and its external-data file)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(chunk), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-# -- export folders: what export/ writes and the backends read ------------------------------------
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16}
-
-
-def read_manifest(onnx_dir: str) -> Dict:
-    """The manifest of an ONNX export folder; a one-line ValueError if it is not one."""
-    path = os.path.join(onnx_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise ValueError(f"not an ONNX export folder (no {MANIFEST}): {onnx_dir!r}; "
-                         "make one with: python -m export onnx --model MODEL --out DIR")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: export format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}; "
-                         "export again")
-    return manifest
-
-
-def networks_from_manifest(manifest: Dict) -> Dict[str, Network]:
-    """The declarations the graphs of an export folder were built from, by network name."""
-    cfg = CMDConfig.from_dict(manifest["config"])
-    buckets = [ClipSize.parse(b) for b in manifest["buckets"]]
-    return {n.name: n for n in networks_for(cfg, buckets, manifest["max_batch"], list(manifest["networks"]))}
-
-
-def find_export(model: nn.Module, prefer: str = "float32", root: Optional[str] = None,
-                digest: Optional[str] = None) -> Optional[str]:
-    """An export folder under ``<cache>/onnx`` built from exactly this model's weights (in the dtype it
-    is in now; ``digest``: its ``weights_hash`` if already known), preferring graphs of precision
-    ``prefer``; None if there is none."""
-    base = os.path.join(root or cache_root(), "onnx")
-    if not os.path.isdir(base):
-        return None
-    digest = digest or weights_hash(model)
-    found = []
-    for entry in sorted(os.listdir(base)):
-        folder = os.path.join(base, entry)
-        try:
-            manifest = read_manifest(folder)
-        except ValueError:
-            continue
-        if digest in manifest["model"]["weights_sha256"].values():
-            found.append((manifest["precision"] != prefer, folder))
-    return min(found)[1] if found else None
-
-
-def default_export_dir(model: nn.Module, precision: str, root: Optional[str] = None) -> str:
-    """Where ``python -m export onnx`` puts a model's graphs unless told: one folder per model
-    (config name and weights hash) and precision, under ``<cache>/onnx``."""
-    digest = weights_hash(model, torch.float32)[:12]
-    return os.path.join(root or cache_root(), "onnx", f"{model.config.name}-{digest}-{precision}")
-
-
-def cache_root() -> str:
-    """Where exported graphs and plans go by default: $CMD_CACHE, else ~/.cache/cmd-engine."""
-    return os.environ.get("CMD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmd-engine")

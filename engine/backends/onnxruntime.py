@@ -22,8 +22,9 @@ import torch
 
 from engine.backends import register_backend
 from engine.backends.base import Backend
-from engine.networks import (PRECISIONS, VAE_CHUNK, Network, cache_root, check_calls, find_export,
-                             networks_from_manifest, read_manifest, weights_hash)
+from engine.artefacts import (EXPORT_AGAIN, ONNX_DIR_ENV, PRECISIONS, check_weights, load_tokenizer, locate_export,
+                              networks_from_manifest, read_manifest, weights_hash)
+from engine.networks import VAE_CHUNK, Network, check_calls
 
 MISSING = "the onnxruntime backend needs the onnxruntime package (pip install onnxruntime; onnxruntime-gpu for CUDA)"
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -102,27 +103,6 @@ class OrtNetwork:
         return outputs
 
 
-def _export_dir(model, dtype: torch.dtype, onnx_dir: Optional[str], digest: str) -> str:
-    if onnx_dir:
-        return onnx_dir
-    if os.environ.get("CMD_ONNX_DIR"):
-        return os.environ["CMD_ONNX_DIR"]
-    found = find_export(model, prefer="float16" if dtype == torch.float16 else "float32", digest=digest)
-    if found is None:
-        raise ValueError(f"no ONNX graphs for this model (weights sha256 {digest[:12]}) under "
-                         f"{os.path.join(cache_root(), 'onnx')}: build them with `python -m export onnx --model MODEL` "
-                         "or pass onnx_dir")
-    return found
-
-
-def check_weights(manifest: Dict, model, onnx_dir: str, digest: Optional[str] = None) -> None:
-    """Refuse graphs exported from other weights than ``model``'s (in whatever dtype it is now)."""
-    digest = digest or weights_hash(model)
-    if digest not in manifest["model"]["weights_sha256"].values():
-        raise ValueError(f"the graphs in {onnx_dir!r} were exported from other weights than this model "
-                         f"(sha256 {digest[:12]}); export this model again: python -m export onnx --model MODEL")
-
-
 @register_backend("onnxruntime")
 class OnnxRuntimeBackend(Backend):
     """Options: ``onnx_dir`` (an export folder), ``providers`` (onnxruntime providers; default from the
@@ -131,11 +111,12 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, model, device=None, dtype=None, onnx_dir: Optional[str] = None,
                  providers: Optional[Sequence] = None, threads: Optional[int] = None, verify_weights: bool = True):
         super().__init__(model, device, dtype)
-        digest = weights_hash(model) if verify_weights or not (onnx_dir or os.environ.get("CMD_ONNX_DIR")) else None
-        self.onnx_dir = _export_dir(model, self.dtype, onnx_dir, digest)
+        digest = weights_hash(model) if verify_weights or not (onnx_dir or os.environ.get(ONNX_DIR_ENV)) else None
+        self.onnx_dir = locate_export(model, self.dtype, onnx_dir, digest)
         self.manifest = read_manifest(self.onnx_dir)
         if verify_weights:
-            check_weights(self.manifest, model, self.onnx_dir, digest)
+            check_weights(self.manifest["model"]["weights_sha256"], model, f"the graphs in {self.onnx_dir!r}",
+                          EXPORT_AGAIN, digest)
         self.providers = list(providers) if providers is not None else providers_for(self.device)
         self.threads = threads
         self.networks = networks_from_manifest(self.manifest)
@@ -196,21 +177,11 @@ class OnnxTextEncoder:
                  threads: Optional[int] = None):
         manifest = read_manifest(onnx_dir)
         networks = networks_from_manifest(manifest)
-        if "text_encoder" not in networks or "text_encoder" not in manifest:
+        if "text_encoder" not in networks:
             raise ValueError(f"export folder {onnx_dir!r} has no text_encoder graph; export it with the text encoder")
-        info = manifest["text_encoder"]
-        self.max_length = int(info["max_length"])
+        self.tokenizer = load_tokenizer(onnx_dir, manifest)
+        self.max_length = int(manifest["text_encoder"]["max_length"])
         self.hidden_size = int(manifest["config"]["text_encoder"]["hidden_size"])
-        if info["kind"] == "huggingface":
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(onnx_dir, info["path"]))
-        elif info["kind"] == "hash":
-            from engine.random_text import HashTokenizer
-
-            self.tokenizer = HashTokenizer(int(info["vocab_size"]))
-        else:
-            raise ValueError(f"{onnx_dir}: unknown tokenizer kind {info['kind']!r}")
         self._device = torch.device(device)
         self._network = OrtNetwork(onnx_dir, networks["text_encoder"], manifest["networks"]["text_encoder"],
                                    self._device, providers, threads)
