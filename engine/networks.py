@@ -36,12 +36,10 @@ import torch.nn as nn
 
 from engine.configs import CMDConfig
 from engine.geometry import ClipSize, check_fits, format_sizes
-from engine.models.text import encode_tokens
+from engine.models.vae import VAE_CHUNK
 
 # Videos per call a graph is built for (its CFG networks see twice that).
 DEFAULT_MAX_BATCH = 4
-# Frames the image VAE decodes per call in latent mode (engine.models.vae.decode_frames' chunk).
-VAE_CHUNK = 8
 # Timesteps the sample inputs draw from (any value the schedulers produce).
 _SAMPLE_TIMESTEPS = 1000
 # Token ids the sample inputs draw from: inside every tokenizer's vocabulary we use.
@@ -244,10 +242,10 @@ class TextEncoderNet(Network):
         return self._content_sizes(bucket)
 
     def module(self, model, text_encoder=None):
-        if text_encoder is None:
-            raise ValueError("the text_encoder network needs a text encoder (engine.models.TextEncoder or "
+        if text_encoder is None or not isinstance(text_encoder.encoder, nn.Module):
+            raise ValueError("the text_encoder network needs a PyTorch text encoder (engine.models.TextEncoder or "
                              "engine.random_text.RandomTextEncoder)")
-        return TextEncode(text_encoder)
+        return text_encoder.encoder  # engine.models.text.TokenEncoder: the transformers model and the pooling
 
 
 class ContentUNetNet(Network):
@@ -379,19 +377,6 @@ def networks_for(config: CMDConfig, buckets: Optional[Sequence[ClipSize]] = None
 
 
 # -- the modules that get exported: thin wrappers with positional tensor inputs -------------------
-class TextEncode(nn.Module):
-    """(input_ids, attention_mask) -> (states, pooled): the transformers model plus the masked-mean
-    pooling (L2-normalised where the encoder's sentence embedding is), as TextEncoder.forward does."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.model = text_encoder.model
-        self.normalize_pooled = bool(text_encoder.normalize_pooled)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return encode_tokens(self.model, input_ids, attention_mask, self.normalize_pooled)
-
-
 class UNetStep(nn.Module):
     def __init__(self, unet):
         super().__init__()

@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from engine.artefacts import (BUILD_PLANS, PLAN_DIR_ENV, check_plans_runnable, check_weights,
+                              gpu_identity, plan_networks, read_plans)
 from engine.backends import register_backend
-from engine.backends.base import Backend
-from engine.artefacts import (BUILD_PLANS, PLAN_DIR_ENV, check_plans_runnable, check_weights, gpu_identity,
-                              networks_from_manifest, plan_networks, read_plans)
+from engine.backends.graph import GraphBackend
 from engine.networks import Network, NetworkCall, check_calls
 
 MISSING = ("TensorRT is not importable here: install NVIDIA's wheel on a Linux machine with an NVIDIA GPU and "
@@ -150,11 +150,13 @@ class TrtNetwork:
 
 
 @register_backend("tensorrt")
-class TensorRTBackend(Backend):
+class TensorRTBackend(GraphBackend):
     """Options: ``plan_dir`` (a folder from ``python -m export tensorrt``; default ``$CMD_TRT_DIR``),
-    ``cuda_graph`` (capture each enqueue), ``verify_weights`` (check the plans' weights hash)."""
+    ``cuda_graph`` (capture each enqueue), ``verify_weights`` (check the plans' weights hash). The text
+    encoder stays the pipeline's (PyTorch)."""
 
     device_scheduler = True  # the loop stays on the device: no host syncs between enqueues
+    outputs_reused = True  # engines hand back their static output buffers
 
     def __init__(self, model, device=None, dtype=None, plan_dir: Optional[str] = None, cuda_graph: bool = False,
                  verify_weights: bool = True):
@@ -166,47 +168,18 @@ class TensorRTBackend(Backend):
         if not plan_dir:
             raise ValueError(f"backend 'tensorrt' needs plans: build them with {BUILD_PLANS}, then pass plan_dir=DIR "
                              f"(or set {PLAN_DIR_ENV})")
-        self.plan_dir = plan_dir
         self.plans = read_plans(plan_dir)
         check_plans_runnable(self.plans, trt.__version__, gpu_identity(self.device), plan_dir)
-        if verify_weights:
-            check_weights(self.plans["weights_sha256"], model, f"the plans in {plan_dir!r}",
-                          "export and build again")
-        self.networks = networks_from_manifest(self.plans["onnx_manifest"])
         self.cuda_graph = cuda_graph
         self.stream = torch.cuda.Stream(self.device)
-        self.reset()
+        self.attach(plan_dir, plan_networks(self.plans), "plans")  # the networks that have a plan
+        if verify_weights:
+            check_weights(self.plans["weights_sha256"], model, self.source, "export and build again")
 
-    def reset(self) -> None:
-        self._engines: Dict[str, TrtNetwork] = {}
+    @property
+    def plan_dir(self) -> str:
+        return self.folder
 
-    def check_calls(self, calls) -> None:
-        """The plans' profiles (shape buckets, batch ranges), before any engine runs."""
-        check_plan_calls(self.plans, calls, self.plan_dir)
-
-    def engine(self, name: str) -> TrtNetwork:
-        if name not in self._engines:
-            entry = self.plans["networks"].get(name)
-            if entry is None:
-                raise ValueError(f"plan folder {self.plan_dir!r} has no {name} plan")
-            self._engines[name] = TrtNetwork(os.path.join(self.plan_dir, entry["plan"]), self.networks[name],
-                                             self.device, self.stream, self.cuda_graph)
-        return self._engines[name]
-
-    def unet_step(self, sample, timestep, states):
-        return self.engine("content_unet")(sample, timestep, states)[0]
-
-    def dit_step(self, motion, timestep, content, text):
-        return self.engine("motion_dit")(motion, timestep, content, text)[0]
-
-    def decode(self, content, motion):
-        return self.engine("ae_decoder")(content, motion)[0].clone()  # the pipeline keeps it past later calls
-
-    def decode_frames(self, latents: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-        """Latent mode: scaled latents (B, L, c, h, w) -> RGB (B, L, 3, H, W), a chunk of frames per call."""
-        net = self.networks["vae_decoder"]
-        chunk = chunk or net.batch_range()[2]
-        b, frames = latents.shape[:2]
-        flat = latents.reshape(b * frames, *latents.shape[2:])
-        video = torch.cat([self.engine("vae_decoder")(part)[0].clone() for part in flat.split(chunk)])
-        return video.reshape(b, frames, *video.shape[1:])
+    def open(self, name: str) -> TrtNetwork:
+        path = os.path.join(self.folder, self.plans["networks"][name]["plan"])
+        return TrtNetwork(path, self.networks[name], self.device, self.stream, self.cuda_graph)
