@@ -232,9 +232,9 @@ def plan_cache(config, scheduler: str, steps: int, motion_steps: int, cache: Opt
         raise ValueError(f"cache_threshold={threshold:g} needs cache='static' or 'dynamic'")
     interval = check_guidance_interval(guidance_interval) if guidance_interval is not None else None
     if cache == "dynamic":
-        modes = getattr(backend, "cache_modes", ("static",)) if backend is not None else CACHE_MODES
+        modes = backend.cache_modes if backend is not None else CACHE_MODES  # engine.backends.base.Backend
         if "dynamic" not in modes:
-            name = getattr(backend, "name", type(backend).__name__)
+            name = backend.name
             raise ValueError(f"cache='dynamic' decides on the host at every step and needs a backend that runs the "
                              f"networks in pieces (eager, compile); backend {name!r} supports cache='static'")
         why = unet_supports_split(config.content_unet) if content else None

@@ -3,7 +3,9 @@
 One class per network declares, in one place, what both sides need: input and output names, the
 symbolic axes of each tensor (which become the graph's dynamic axes), a sample input, and the
 min/opt/max shape profile of each shape bucket. ``export/`` builds graphs from these declarations
-and ``engine/backends/`` runs them, so the two can never disagree on a name or a shape.
+and ``engine/backends/`` runs them, so the two can never disagree on a name or a shape. The folders
+the graphs and plans are written to (their manifests, weight hashes, default locations) are
+:mod:`engine.artefacts`.
 
 Networks of one model (``networks_for(config)``)::
 
@@ -26,9 +28,6 @@ lists each network call of a request (:class:`NetworkCall`: size and batch) and 
 them against its graphs' buckets and batch ranges.
 """
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,12 +36,10 @@ import torch.nn as nn
 
 from engine.configs import CMDConfig
 from engine.geometry import ClipSize, check_fits, format_sizes
-from engine.models.text import encode_tokens
+from engine.models.vae import VAE_CHUNK
 
 # Videos per call a graph is built for (its CFG networks see twice that).
 DEFAULT_MAX_BATCH = 4
-# Frames the image VAE decodes per call in latent mode (engine.models.vae.decode_frames' chunk).
-VAE_CHUNK = 8
 # Timesteps the sample inputs draw from (any value the schedulers produce).
 _SAMPLE_TIMESTEPS = 1000
 # Token ids the sample inputs draw from: inside every tokenizer's vocabulary we use.
@@ -245,10 +242,10 @@ class TextEncoderNet(Network):
         return self._content_sizes(bucket)
 
     def module(self, model, text_encoder=None):
-        if text_encoder is None:
-            raise ValueError("the text_encoder network needs a text encoder (engine.models.TextEncoder or "
+        if text_encoder is None or not isinstance(text_encoder.encoder, nn.Module):
+            raise ValueError("the text_encoder network needs a PyTorch text encoder (engine.models.TextEncoder or "
                              "engine.random_text.RandomTextEncoder)")
-        return TextEncode(text_encoder)
+        return text_encoder.encoder  # engine.models.text.TokenEncoder: the transformers model and the pooling
 
 
 class ContentUNetNet(Network):
@@ -380,19 +377,6 @@ def networks_for(config: CMDConfig, buckets: Optional[Sequence[ClipSize]] = None
 
 
 # -- the modules that get exported: thin wrappers with positional tensor inputs -------------------
-class TextEncode(nn.Module):
-    """(input_ids, attention_mask) -> (states, pooled): the transformers model plus the masked-mean
-    pooling (L2-normalised where the encoder's sentence embedding is), as TextEncoder.forward does."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.model = text_encoder.model
-        self.normalize_pooled = bool(text_encoder.normalize_pooled)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return encode_tokens(self.model, input_ids, attention_mask, self.normalize_pooled)
-
-
 class UNetStep(nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -430,101 +414,3 @@ class VAEDecode(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents * self.inverse_scale, return_dict=False)[0]
-
-
-# -- identities: what a graph or plan was built from -------------------------------------------
-def weights_hash(module: nn.Module, dtype: Optional[torch.dtype] = None) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a module's parameters and buffers: the same
-    weights give the same hash on every machine, any change gives another. ``dtype``: hash the
-    floating-point tensors as cast to it (what a model moved to that dtype would hash to)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-HASH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def weights_hashes(module: nn.Module) -> Dict[str, str]:
-    """``weights_hash`` for each dtype a backend may hold the model in, so that a runtime can check,
-    in any dtype, that graphs were built from the weights it holds."""
-    return {name: weights_hash(module, dtype) for name, dtype in HASH_DTYPES.items()}
-
-
-def file_hash(*paths: str, chunk: int = 1 << 22) -> str:
-    """sha256 of the files' bytes in order (a graph and its external-data file)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(chunk), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-# -- export folders: what export/ writes and the backends read ------------------------------------
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16}
-
-
-def read_manifest(onnx_dir: str) -> Dict:
-    """The manifest of an ONNX export folder; a one-line ValueError if it is not one."""
-    path = os.path.join(onnx_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise ValueError(f"not an ONNX export folder (no {MANIFEST}): {onnx_dir!r}; "
-                         "make one with: python -m export onnx --model MODEL --out DIR")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: export format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}; "
-                         "export again")
-    return manifest
-
-
-def networks_from_manifest(manifest: Dict) -> Dict[str, Network]:
-    """The declarations the graphs of an export folder were built from, by network name."""
-    cfg = CMDConfig.from_dict(manifest["config"])
-    buckets = [ClipSize.parse(b) for b in manifest["buckets"]]
-    return {n.name: n for n in networks_for(cfg, buckets, manifest["max_batch"], list(manifest["networks"]))}
-
-
-def find_export(model: nn.Module, prefer: str = "float32", root: Optional[str] = None,
-                digest: Optional[str] = None) -> Optional[str]:
-    """An export folder under ``<cache>/onnx`` built from exactly this model's weights (in the dtype it
-    is in now; ``digest``: its ``weights_hash`` if already known), preferring graphs of precision
-    ``prefer``; None if there is none."""
-    base = os.path.join(root or cache_root(), "onnx")
-    if not os.path.isdir(base):
-        return None
-    digest = digest or weights_hash(model)
-    found = []
-    for entry in sorted(os.listdir(base)):
-        folder = os.path.join(base, entry)
-        try:
-            manifest = read_manifest(folder)
-        except ValueError:
-            continue
-        if digest in manifest["model"]["weights_sha256"].values():
-            found.append((manifest["precision"] != prefer, folder))
-    return min(found)[1] if found else None
-
-
-def default_export_dir(model: nn.Module, precision: str, root: Optional[str] = None) -> str:
-    """Where ``python -m export onnx`` puts a model's graphs unless told: one folder per model
-    (config name and weights hash) and precision, under ``<cache>/onnx``."""
-    digest = weights_hash(model, torch.float32)[:12]
-    return os.path.join(root or cache_root(), "onnx", f"{model.config.name}-{digest}-{precision}")
-
-
-def cache_root() -> str:
-    """Where exported graphs and plans go by default: $CMD_CACHE, else ~/.cache/cmd-engine."""
-    return os.environ.get("CMD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmd-engine")

@@ -278,8 +278,7 @@ class CMDPipeline:
             self.backend = get_backend(backend)(self.model, self.device, self.dtype, **options)
         # A backend that runs the text encoder itself (onnxruntime: the exported graph and its saved
         # tokenizer) replaces the PyTorch one while it is in use.
-        make_text = getattr(self.backend, "text_encoder", None)
-        self.backend_text_encoder = make_text() if callable(make_text) else None
+        self.backend_text_encoder = self.backend.text_encoder()
         return self
 
     @property
@@ -329,7 +328,7 @@ class CMDPipeline:
                                  made + (", x 2 for guidance" if cfg else "")))
         if output_type != "latent":
             calls.append(NetworkCall("ae_decoder", size, motions, made))
-            if self.config.space == "latent" and hasattr(self.backend, "decode_frames"):
+            if self.config.space == "latent":
                 calls.append(NetworkCall("vae_decoder", size, min(self.vae_chunk, motions * size.frames),
                                          "frames per image-VAE call (pipe.vae_chunk)"))
         return calls
@@ -449,13 +448,8 @@ class CMDPipeline:
         with timer.stage("decode"):
             video = self.backend.decode(content.to(self.dtype), motion.to(self.dtype))
         if self.config.space == "latent":
-            from engine.models.vae import decode_frames
-
             with timer.stage("vae"):
-                if hasattr(self.backend, "decode_frames"):  # the backend runs the image VAE too
-                    video = self.backend.decode_frames(video, self.vae_chunk)
-                else:
-                    video = decode_frames(self.model.vae, video, chunk=self.vae_chunk)
+                video = self.backend.decode_frames(video, self.vae_chunk)
         return video.float()
 
     def image_pixels(self, image, height: int, width: int, batch: int) -> torch.Tensor:

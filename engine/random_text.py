@@ -6,12 +6,11 @@ the same weights on every machine, and the same prompt always gives the same sta
 
 import re
 import zlib
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 
-from engine.models.text import encode_tokens
+from engine.models.text import TextEncoder, TokenEncoder
 
 PAD, CLS, SEP = 0, 1, 2
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -19,35 +18,43 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 class HashTokenizer:
     """Lower-cased words and punctuation -> ids by CRC32 (stable across runs and machines, unlike
-    Python's ``hash``), wrapped in [CLS] ... [SEP] and padded to ``max_length``."""
+    Python's ``hash``), wrapped in [CLS] ... [SEP]. Called as a Hugging Face tokenizer is (what
+    :class:`engine.models.TextEncoder` does with any tokenizer)."""
 
     def __init__(self, vocab_size: int = 8192):
         self.vocab_size = vocab_size
 
-    def encode(self, text: str, max_length: int) -> List[int]:
+    def encode(self, text: str, max_length: Optional[int] = None) -> List[int]:
+        """Ids of one text, [CLS] and [SEP] included; at most ``max_length`` (None: all)."""
         ids = [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in _WORD.findall(text.lower())]
-        return [CLS] + ids[: max_length - 2] + [SEP]
+        return [CLS] + (ids if max_length is None else ids[: max_length - 2]) + [SEP]
 
-    def num_tokens(self, text: str) -> int:
-        """Tokens of ``text`` before truncation, [CLS] and [SEP] included."""
-        return len(_WORD.findall(text.lower())) + 2
-
-    def __call__(self, prompts: Sequence[str], max_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.encode(p, max_length) for p in prompts]
-        ids = torch.full((len(rows), max_length), PAD, dtype=torch.long)
-        mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+    def __call__(self, texts: Sequence[str], padding: Union[bool, str] = False, truncation: bool = False,
+                 max_length: Optional[int] = None, return_tensors: Optional[str] = None) -> Dict:
+        """``{"input_ids", "attention_mask"}``: lists of ids (``return_tensors=None``) or (B, T) int64
+        tensors ("pt"), T = ``max_length`` with ``padding="max_length"``, else the longest row."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.encode(t, max_length if truncation else None) for t in texts]
+        if return_tensors is None:
+            return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        if return_tensors != "pt":
+            raise ValueError(f"HashTokenizer returns lists or torch tensors ('pt'), not {return_tensors!r}")
+        width = max_length if padding == "max_length" and max_length else max(map(len, rows), default=0)
+        ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        return ids, mask
+        return {"input_ids": ids, "attention_mask": mask}
 
 
-class RandomTextEncoder(nn.Module):
-    """``hidden_size`` and ``max_length`` as the model's config asks; ``num_layers`` BERT layers."""
+class RandomTextEncoder(TextEncoder):
+    """A :class:`engine.models.TextEncoder` of a seeded random BERT and the hashing tokenizer:
+    ``hidden_size`` and ``max_length`` as the model's config asks; ``num_layers`` BERT layers."""
 
     def __init__(self, hidden_size: int = 384, max_length: int = 32, num_layers: int = 2, seed: int = 0,
                  vocab_size: int = 8192, normalize_pooled: bool = True):
-        super().__init__()
         from transformers import BertConfig, BertModel  # lazily: importing transformers is slow
 
         heads = next(h for h in (8, 4, 2, 1) if hidden_size % h == 0)
@@ -56,26 +63,6 @@ class RandomTextEncoder(nn.Module):
                             max_position_embeddings=max(max_length, 8))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = BertModel(config, add_pooling_layer=False).eval().requires_grad_(False)
-        self.tokenizer = HashTokenizer(vocab_size)
-        self.hidden_size = hidden_size
-        self.max_length = max_length
-        self.normalize_pooled = normalize_pooled
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def num_tokens(self, prompts: Sequence[str]) -> List[int]:
-        """Tokens of each prompt before truncation (``TextEncoder.num_tokens``)."""
-        return [self.tokenizer.num_tokens(p) for p in prompts]
-
-    @torch.no_grad()
-    def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (token states (B, max_length, d), masked-mean pooled (B, d)), float32."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ids, mask = self.tokenizer(list(prompts), self.max_length)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        states, pooled = encode_tokens(self.model, ids, mask, self.normalize_pooled)
-        return states.float(), pooled.float()
+            bert = BertModel(config, add_pooling_layer=False)
+        super().__init__(HashTokenizer(vocab_size), TokenEncoder(bert, normalize_pooled), max_length, hidden_size,
+                         normalize_pooled)

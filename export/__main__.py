@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_onnx(args) -> int:
-    from engine.networks import ShapeBucket, default_export_dir
+    from engine.artefacts import default_export_dir
+    from engine.networks import ShapeBucket
     from export.onnx_export import DEFAULT_OPSET, check_opset, export_model, load_model, parse_precision
 
     parse_precision(args.precision)
@@ -70,7 +71,7 @@ def _cmd_onnx(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from engine.networks import read_manifest
+    from engine.artefacts import read_manifest
     from export.check import check_export, format_table, rows_to_json
     from export.onnx_export import load_model
 

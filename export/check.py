@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from kernels import force_impl
-from engine.backends.onnxruntime import OrtNetwork, check_weights
-from engine.networks import networks_from_manifest, read_manifest
+from engine.artefacts import EXPORT_AGAIN, check_weights, networks_from_manifest, read_manifest
+from engine.backends.onnxruntime import OrtNetwork
 
 # Tolerated relative error per graph precision. fp32: reordered sums only. fp16: 11-bit mantissas
 # through a few dozen layers (inputs are rounded to fp16 too).
@@ -52,7 +52,7 @@ def check_export(onnx_dir: str, model, text_encoder=None, providers: Optional[Se
     manifest = read_manifest(onnx_dir)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("check needs the model in float32 (the reference)")
-    check_weights(manifest, model, onnx_dir)
+    check_weights(manifest["model"]["weights_sha256"], model, f"the graphs in {onnx_dir!r}", EXPORT_AGAIN)
     networks = networks_from_manifest(manifest)
     if names:
         unknown = [n for n in names if n not in networks]

@@ -29,8 +29,9 @@ import torch
 from engine.atomic import atomic_dir, write_json
 from engine.configs import CMDConfig
 from engine.geometry import format_sizes
-from engine.networks import (DEFAULT_MAX_BATCH, FORMAT_VERSION, MANIFEST, PRECISIONS, Network, ShapeBucket,
-                             file_hash, networks_for, weights_hash, weights_hashes)
+from engine.artefacts import (FORMAT_VERSION, MANIFEST, PRECISIONS, file_hash, tokenizer_entry, weights_hash,
+                              weights_hashes)
+from engine.networks import DEFAULT_MAX_BATCH, Network, ShapeBucket, networks_for
 
 DEFAULT_OPSET = 18
 # torch 2.13's exporter writes opset-18 forms (Split with num_outputs) into opset-17 graphs, which the
@@ -198,21 +199,6 @@ def export_network(network: Network, model, out_dir: str, precision="float32", o
     }
 
 
-def _tokenizer_entry(text_encoder, out_dir: str) -> Dict:
-    """Keep the tokenizer with the graphs so a runtime needs nothing else: Hugging Face tokenizers
-    are saved to ``tokenizer/``; the random encoder's hashing tokenizer is described by its vocabulary."""
-    tok = text_encoder.tokenizer
-    entry = {"max_length": int(text_encoder.max_length), "normalize_pooled": bool(text_encoder.normalize_pooled)}
-    if hasattr(tok, "save_pretrained"):
-        tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
-        entry.update(kind="huggingface", path="tokenizer")
-    elif type(tok).__name__ == "HashTokenizer":
-        entry.update(kind="hash", vocab_size=int(tok.vocab_size))
-    else:
-        raise ValueError(f"cannot export tokenizer of type {type(tok).__name__}")
-    return entry
-
-
 def export_model(model, out_dir: str, text_encoder=None, precision="float32", opset: int = DEFAULT_OPSET,
                  names: Optional[Sequence[str]] = None, buckets: Optional[Sequence[ShapeBucket]] = None,
                  max_batch: int = DEFAULT_MAX_BATCH, model_spec: Optional[str] = None,
@@ -253,7 +239,7 @@ def export_model(model, out_dir: str, text_encoder=None, precision="float32", op
     }
     with atomic_dir(out_dir) as tmp:
         if text_encoder is not None and any(n.name == "text_encoder" for n in nets):
-            manifest["text_encoder"] = _tokenizer_entry(text_encoder, tmp)
+            manifest["text_encoder"] = tokenizer_entry(text_encoder, tmp)
         for net in nets:
             log(f"exporting {net.name} ({precision_name(dtype)}, opset {opset}, buckets "
                 f"{', '.join(map(str, net.buckets))}, dynamic {', '.join(net.dynamic_symbols())})")

@@ -21,9 +21,10 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from engine.artefacts import PLANS_MANIFEST, gpu_identity, networks_from_manifest, read_manifest, read_plans
+from engine.backends.tensorrt import import_tensorrt
+from engine.networks import Network
 from engine.atomic import write_bytes, write_json
-from engine.backends.tensorrt import PLANS_MANIFEST, gpu_identity, import_tensorrt
-from engine.networks import Network, networks_from_manifest, read_manifest
 from export.trt_compat import check_model
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -128,7 +129,7 @@ def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool 
     plans = {"onnx_dir": os.path.abspath(onnx_dir), "tensorrt": trt.__version__, "target": target,
              "precision": precision, "options": options, "weights_sha256": manifest["model"]["weights_sha256"],
              "onnx_manifest": manifest, "networks": {}}
-    old = read_plans_or_empty(out_dir)
+    old = read_plans(out_dir, missing_ok=True)
     same_build = all(old.get(k) == plans[k] for k in ("tensorrt", "target", "precision", "options", "weights_sha256"))
     for name, network in networks.items():
         if names and name not in names:
@@ -150,10 +151,3 @@ def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool 
     write_json(os.path.join(out_dir, PLANS_MANIFEST), plans)
     return plans
 
-
-def read_plans_or_empty(out_dir: str) -> Dict:
-    path = os.path.join(out_dir, PLANS_MANIFEST)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)

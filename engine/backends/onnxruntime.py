@@ -10,20 +10,22 @@ on the device (I/O binding), no host copies. Graph inputs are cast to the graph'
 timesteps to float32 as the declarations say; outputs come back in the graph's precision.
 
 The text encoder and, in latent mode, the image VAE decoder run here too:
-``backend.text_encoder()`` has the ``TextEncoder`` interface (pass it to ``CMDPipeline``), and
-``backend.decode_frames(latents)`` is the VAE decode.
+``backend.text_encoder()`` is a ``TextEncoder`` over the exported graph (the pipeline uses it), and
+``backend.decode_frames(latents)`` is the VAE decode (:class:`engine.backends.graph.GraphBackend`).
 """
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from engine.artefacts import (EXPORT_AGAIN, ONNX_DIR_ENV, PRECISIONS, check_weights, load_tokenizer, locate_export,
+                              networks_from_manifest, read_manifest, weights_hash)
 from engine.backends import register_backend
-from engine.backends.base import Backend
-from engine.networks import (PRECISIONS, VAE_CHUNK, Network, cache_root, check_calls, find_export,
-                             networks_from_manifest, read_manifest, weights_hash)
+from engine.backends.graph import GraphBackend
+from engine.models.text import TextEncoder
+from engine.networks import Network
 
 MISSING = "the onnxruntime backend needs the onnxruntime package (pip install onnxruntime; onnxruntime-gpu for CUDA)"
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -102,138 +104,53 @@ class OrtNetwork:
         return outputs
 
 
-def _export_dir(model, dtype: torch.dtype, onnx_dir: Optional[str], digest: str) -> str:
-    if onnx_dir:
-        return onnx_dir
-    if os.environ.get("CMD_ONNX_DIR"):
-        return os.environ["CMD_ONNX_DIR"]
-    found = find_export(model, prefer="float16" if dtype == torch.float16 else "float32", digest=digest)
-    if found is None:
-        raise ValueError(f"no ONNX graphs for this model (weights sha256 {digest[:12]}) under "
-                         f"{os.path.join(cache_root(), 'onnx')}: build them with `python -m export onnx --model MODEL` "
-                         "or pass onnx_dir")
-    return found
-
-
-def check_weights(manifest: Dict, model, onnx_dir: str, digest: Optional[str] = None) -> None:
-    """Refuse graphs exported from other weights than ``model``'s (in whatever dtype it is now)."""
-    digest = digest or weights_hash(model)
-    if digest not in manifest["model"]["weights_sha256"].values():
-        raise ValueError(f"the graphs in {onnx_dir!r} were exported from other weights than this model "
-                         f"(sha256 {digest[:12]}); export this model again: python -m export onnx --model MODEL")
-
-
 @register_backend("onnxruntime")
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(GraphBackend):
     """Options: ``onnx_dir`` (an export folder), ``providers`` (onnxruntime providers; default from the
     device), ``threads`` (intra-op threads), ``verify_weights`` (check the manifest's weights hash)."""
 
     def __init__(self, model, device=None, dtype=None, onnx_dir: Optional[str] = None,
                  providers: Optional[Sequence] = None, threads: Optional[int] = None, verify_weights: bool = True):
         super().__init__(model, device, dtype)
-        digest = weights_hash(model) if verify_weights or not (onnx_dir or os.environ.get("CMD_ONNX_DIR")) else None
-        self.onnx_dir = _export_dir(model, self.dtype, onnx_dir, digest)
-        self.manifest = read_manifest(self.onnx_dir)
+        digest = weights_hash(model) if verify_weights or not (onnx_dir or os.environ.get(ONNX_DIR_ENV)) else None
+        folder = locate_export(model, self.dtype, onnx_dir, digest)
+        self.manifest = read_manifest(folder)
+        self.attach(folder, networks_from_manifest(self.manifest), "graphs")
         if verify_weights:
-            check_weights(self.manifest, model, self.onnx_dir, digest)
+            check_weights(self.manifest["model"]["weights_sha256"], model, self.source, EXPORT_AGAIN, digest)
         self.providers = list(providers) if providers is not None else providers_for(self.device)
         self.threads = threads
-        self.networks = networks_from_manifest(self.manifest)
-        needed = ["content_unet", "motion_dit", "ae_decoder"]
-        missing = [n for n in needed if n not in self.networks]
-        if missing:
-            raise ValueError(f"export folder {self.onnx_dir!r} lacks the {', '.join(missing)} graph(s); export "
-                             "all networks: python -m export onnx --model MODEL --out DIR")
-        self.reset()
+        self.check_required("export all networks: python -m export onnx --model MODEL --out DIR")
 
-    def reset(self) -> None:
-        self._sessions: Dict[str, OrtNetwork] = {}
+    @property
+    def onnx_dir(self) -> str:
+        return self.folder
 
-    def check_calls(self, calls) -> None:
-        """The graphs' shape buckets and batch ranges (from the manifest), before any session runs."""
-        check_calls(self.networks, calls, f"the graphs in {self.onnx_dir!r}")
-
-    def session(self, name: str) -> OrtNetwork:
-        """The session of one network, opened on first use."""
-        if name not in self._sessions:
-            if name not in self.networks:
-                raise ValueError(f"export folder {self.onnx_dir!r} has no {name} graph")
-            self._sessions[name] = OrtNetwork(self.onnx_dir, self.networks[name], self.manifest["networks"][name],
-                                              self.device, self.providers, self.threads)
-        return self._sessions[name]
-
-    def unet_step(self, sample, timestep, states):
-        return self.session("content_unet")(sample, timestep, states)[0]
-
-    def dit_step(self, motion, timestep, content, text):
-        return self.session("motion_dit")(motion, timestep, content, text)[0]
-
-    def decode(self, content, motion):
-        return self.session("ae_decoder")(content, motion)[0]
-
-    def decode_frames(self, latents: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
-        """Latent mode: scaled latents (B, L, c, h, w) -> RGB (B, L, 3, H, W) in [-1, 1], ``chunk``
-        frames per call, as ``engine.models.vae.decode_frames``."""
-        b, frames = latents.shape[:2]
-        flat = latents.reshape(b * frames, *latents.shape[2:])
-        video = torch.cat([self.session("vae_decoder")(part)[0] for part in flat.split(chunk)])
-        return video.reshape(b, frames, *video.shape[1:])
+    def open(self, name: str) -> OrtNetwork:
+        return OrtNetwork(self.folder, self.networks[name], self.manifest["networks"][name], self.device,
+                          self.providers, self.threads)
 
     def text_encoder(self) -> Optional["OnnxTextEncoder"]:
         """The exported text encoder, or None where the export folder has none (the pipeline then keeps
         its PyTorch one)."""
-        if "text_encoder" not in read_manifest(self.onnx_dir).get("networks", {}):
+        if "text_encoder" not in self.networks:
             return None
-        return OnnxTextEncoder(self.onnx_dir, self.device, self.providers, self.threads)
+        return OnnxTextEncoder(self.folder, self.device, self.providers, self.threads)
 
 
-class OnnxTextEncoder:
-    """The exported text encoder with the ``TextEncoder`` interface: ``enc(prompts) -> (states (B, T, d),
-    pooled (B, d))`` float32, ``.hidden_size``, ``.max_length``, ``.to(device)``. Its tokenizer is the
-    one saved in the export folder, so it needs neither the model package nor the hub."""
+class OnnxTextEncoder(TextEncoder):
+    """The exported text encoder: a :class:`engine.models.TextEncoder` whose encoder is the graph (pooling
+    included) and whose tokenizer is the one saved in the export folder, so it needs neither the model
+    package nor the hub."""
 
     def __init__(self, onnx_dir: str, device="cpu", providers: Optional[Sequence] = None,
                  threads: Optional[int] = None):
         manifest = read_manifest(onnx_dir)
         networks = networks_from_manifest(manifest)
-        if "text_encoder" not in networks or "text_encoder" not in manifest:
+        if "text_encoder" not in networks:
             raise ValueError(f"export folder {onnx_dir!r} has no text_encoder graph; export it with the text encoder")
         info = manifest["text_encoder"]
-        self.max_length = int(info["max_length"])
-        self.hidden_size = int(manifest["config"]["text_encoder"]["hidden_size"])
-        if info["kind"] == "huggingface":
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(onnx_dir, info["path"]))
-        elif info["kind"] == "hash":
-            from engine.random_text import HashTokenizer
-
-            self.tokenizer = HashTokenizer(int(info["vocab_size"]))
-        else:
-            raise ValueError(f"{onnx_dir}: unknown tokenizer kind {info['kind']!r}")
-        self._device = torch.device(device)
-        self._network = OrtNetwork(onnx_dir, networks["text_encoder"], manifest["networks"]["text_encoder"],
-                                   self._device, providers, threads)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def to(self, device) -> "OnnxTextEncoder":
-        self._device = torch.device(device)
-        return self
-
-    def tokenize(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self.tokenizer, "save_pretrained"):  # Hugging Face
-            batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                                   return_tensors="pt")
-            return batch["input_ids"], batch["attention_mask"]
-        return self.tokenizer(list(prompts), self.max_length)
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ids, mask = self.tokenize(prompts)
-        states, pooled = self._network(ids, mask)
-        return states.float().to(self._device), pooled.float().to(self._device)
+        graph = OrtNetwork(onnx_dir, networks["text_encoder"], manifest["networks"]["text_encoder"], device,
+                           providers, threads)
+        super().__init__(load_tokenizer(onnx_dir, manifest), graph, int(info["max_length"]),
+                         int(manifest["config"]["text_encoder"]["hidden_size"]), bool(info["normalize_pooled"]), device)

@@ -16,17 +16,17 @@ TensorRT cannot be installed on every machine: importing this module works anywh
 without TensorRT raises a ValueError that says what is missing and how to get it.
 """
 
-import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from engine.artefacts import (BUILD_PLANS, PLAN_DIR_ENV, check_plans_runnable, check_weights,
+                              gpu_identity, plan_networks, read_plans)
 from engine.backends import register_backend
-from engine.backends.base import Backend
-from engine.networks import Network, NetworkCall, check_calls, networks_from_manifest, weights_hash
+from engine.backends.graph import GraphBackend
+from engine.networks import Network, NetworkCall, check_calls
 
-PLANS_MANIFEST = "plans.json"
 MISSING = ("TensorRT is not importable here: install NVIDIA's wheel on a Linux machine with an NVIDIA GPU and "
            "driver (pip install tensorrt, which pulls the tensorrt-cu12 libraries from pypi.nvidia.com) or use "
            "the NGC container nvcr.io/nvidia/tensorrt; the ONNX side (python -m export onnx/check, backend "
@@ -42,46 +42,10 @@ def import_tensorrt():
     return tensorrt
 
 
-def gpu_identity(device=None) -> Dict[str, str]:
-    """Name and compute capability of a CUDA device: what a plan is specific to."""
-    if not torch.cuda.is_available():
-        raise ValueError("TensorRT plans need a CUDA GPU; torch sees none on this machine")
-    index = torch.device(device if device is not None else "cuda").index
-    index = torch.cuda.current_device() if index is None else index
-    major, minor = torch.cuda.get_device_capability(index)
-    return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
-
-
-def read_plans(plan_dir: str) -> Dict:
-    path = os.path.join(plan_dir, PLANS_MANIFEST)
-    if not os.path.isfile(path):
-        raise ValueError(f"not a TensorRT plan folder (no {PLANS_MANIFEST}): {plan_dir!r}; make one with: "
-                         "python -m export tensorrt --onnx ONNX_DIR --out DIR")
-    with open(path) as f:
-        return json.load(f)
-
-
-def plan_networks(plans: Dict) -> Dict[str, Network]:
-    """The declarations of the networks a plan folder has plans for (``plans.json`` as read), by name:
-    their buckets are the plans' optimisation profiles, their batch ranges the profiles' batch axes."""
-    declared = networks_from_manifest(plans["onnx_manifest"])
-    return {name: net for name, net in declared.items() if name in plans.get("networks", {})}
-
-
 def check_plan_calls(plans: Dict, calls: Sequence[NetworkCall], plan_dir: str) -> None:
     """A one-line ValueError, before anything runs, for a network call the plans cannot run: no plan for
     the network, a size outside its profiles or a batch beyond them (needs no TensorRT)."""
     check_calls(plan_networks(plans), calls, f"the plans in {plan_dir!r}")
-
-
-def check_plans_runnable(plans: Dict, trt_version: str, gpu: Dict[str, str], plan_dir: str) -> None:
-    """Plans are not portable across GPUs or TensorRT versions: refuse them with a clear message."""
-    built = {"tensorrt": plans["tensorrt"], **plans["target"]}
-    here = {"tensorrt": trt_version, **gpu}
-    if built != here:
-        diff = ", ".join(f"{k} {built.get(k)!r} (here {here.get(k)!r})" for k in here if built.get(k) != here[k])
-        raise ValueError(f"the plans in {plan_dir!r} were built for {diff}; rebuild them here: "
-                         f"python -m export tensorrt --onnx {plans.get('onnx_dir', 'ONNX_DIR')} --out {plan_dir}")
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
@@ -186,11 +150,13 @@ class TrtNetwork:
 
 
 @register_backend("tensorrt")
-class TensorRTBackend(Backend):
+class TensorRTBackend(GraphBackend):
     """Options: ``plan_dir`` (a folder from ``python -m export tensorrt``; default ``$CMD_TRT_DIR``),
-    ``cuda_graph`` (capture each enqueue), ``verify_weights`` (check the plans' weights hash)."""
+    ``cuda_graph`` (capture each enqueue), ``verify_weights`` (check the plans' weights hash). The text
+    encoder stays the pipeline's (PyTorch)."""
 
     device_scheduler = True  # the loop stays on the device: no host syncs between enqueues
+    outputs_reused = True  # engines hand back their static output buffers
 
     def __init__(self, model, device=None, dtype=None, plan_dir: Optional[str] = None, cuda_graph: bool = False,
                  verify_weights: bool = True):
@@ -198,51 +164,22 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt()
         if self.device.type != "cuda":
             raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {self.device}")
-        plan_dir = plan_dir or os.environ.get("CMD_TRT_DIR")
+        plan_dir = plan_dir or os.environ.get(PLAN_DIR_ENV)
         if not plan_dir:
-            raise ValueError("backend 'tensorrt' needs plans: build them with python -m export tensorrt --onnx "
-                             "ONNX_DIR --out DIR, then pass plan_dir=DIR (or set CMD_TRT_DIR)")
-        self.plan_dir = plan_dir
+            raise ValueError(f"backend 'tensorrt' needs plans: build them with {BUILD_PLANS}, then pass plan_dir=DIR "
+                             f"(or set {PLAN_DIR_ENV})")
         self.plans = read_plans(plan_dir)
         check_plans_runnable(self.plans, trt.__version__, gpu_identity(self.device), plan_dir)
-        if verify_weights and weights_hash(model) not in self.plans["weights_sha256"].values():
-            raise ValueError(f"the plans in {plan_dir!r} were built from other weights than this model; export and "
-                             "build again")
-        self.networks = networks_from_manifest(self.plans["onnx_manifest"])
         self.cuda_graph = cuda_graph
         self.stream = torch.cuda.Stream(self.device)
-        self.reset()
+        self.attach(plan_dir, plan_networks(self.plans), "plans")  # the networks that have a plan
+        if verify_weights:
+            check_weights(self.plans["weights_sha256"], model, self.source, "export and build again")
 
-    def reset(self) -> None:
-        self._engines: Dict[str, TrtNetwork] = {}
+    @property
+    def plan_dir(self) -> str:
+        return self.folder
 
-    def check_calls(self, calls) -> None:
-        """The plans' profiles (shape buckets, batch ranges), before any engine runs."""
-        check_plan_calls(self.plans, calls, self.plan_dir)
-
-    def engine(self, name: str) -> TrtNetwork:
-        if name not in self._engines:
-            entry = self.plans["networks"].get(name)
-            if entry is None:
-                raise ValueError(f"plan folder {self.plan_dir!r} has no {name} plan")
-            self._engines[name] = TrtNetwork(os.path.join(self.plan_dir, entry["plan"]), self.networks[name],
-                                             self.device, self.stream, self.cuda_graph)
-        return self._engines[name]
-
-    def unet_step(self, sample, timestep, states):
-        return self.engine("content_unet")(sample, timestep, states)[0]
-
-    def dit_step(self, motion, timestep, content, text):
-        return self.engine("motion_dit")(motion, timestep, content, text)[0]
-
-    def decode(self, content, motion):
-        return self.engine("ae_decoder")(content, motion)[0].clone()  # the pipeline keeps it past later calls
-
-    def decode_frames(self, latents: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-        """Latent mode: scaled latents (B, L, c, h, w) -> RGB (B, L, 3, H, W), a chunk of frames per call."""
-        net = self.networks["vae_decoder"]
-        chunk = chunk or net.batch_range()[2]
-        b, frames = latents.shape[:2]
-        flat = latents.reshape(b * frames, *latents.shape[2:])
-        video = torch.cat([self.engine("vae_decoder")(part)[0].clone() for part in flat.split(chunk)])
-        return video.reshape(b, frames, *video.shape[1:])
+    def open(self, name: str) -> TrtNetwork:
+        path = os.path.join(self.folder, self.plans["networks"][name]["plan"])
+        return TrtNetwork(path, self.networks[name], self.device, self.stream, self.cuda_graph)

@@ -18,10 +18,13 @@ from engine.models.layers import SpaceTimeBlock, patchify, sincos_1d, sincos_2d,
 class CMDAutoencoder(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
+    """The stage-1 autoencoder. Its hyper-parameters, their defaults and meaning are the config's
+    ``autoencoder`` section (:class:`engine.configs.AutoencoderConfig`); build it from a config with
+    :func:`engine.models.bundle.build_network`."""
+
     @register_to_config
-    def __init__(self, in_channels: int = 3, patch_size: int = 2, hidden_size: int = 384,
-                 encoder_depth: int = 12, decoder_depth: int = 12, num_heads: int = 8,
-                 motion_dim: int = 8, mlp_ratio: float = 4.0, pixel_output: bool = True):
+    def __init__(self, *, in_channels: int, patch_size: int, hidden_size: int, encoder_depth: int,
+                 decoder_depth: int, num_heads: int, motion_dim: int, mlp_ratio: float, pixel_output: bool):
         super().__init__()
         c, p, d = in_channels, patch_size, hidden_size
         # Encoder f_B: patch embedding + divided space-time transformer.

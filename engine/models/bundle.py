@@ -9,10 +9,16 @@ Folder layout (each network a diffusers-style folder: ``config.json`` + safetens
     vae/                 AutoencoderKL (latent mode only)
 
 The text encoder is not stored: the config names it (MiniLM from its package, or a local CLIP folder).
+
+Every network is built from its section of the config (:func:`network_kwargs`); diffusers keeps a copy
+of those hyper-parameters in each network's ``config.json``, and loading and saving check that the two
+agree (:func:`check_network_config`).
 """
 
+import dataclasses
+import json
 import os
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,29 +28,84 @@ from engine.atomic import atomic_dir
 from engine.configs import CMDConfig, load_config
 from engine.logs import quiet_loading
 from engine.models.autoencoder import CMDAutoencoder
-from engine.models.content import build_content_unet
 from engine.models.motion_dit import MotionDiT
-from engine.models.vae import build_vae
 
 CONFIG_FILE = "cmd_config.json"
 NETWORKS = ("autoencoder", "motion_dit", "content_unet", "vae")
+NETWORK_CONFIG = "config.json"  # each network folder's own copy of its hyper-parameters (diffusers')
+CLASSES = {"autoencoder": CMDAutoencoder, "motion_dit": MotionDiT, "content_unet": UNet2DConditionModel,
+           "vae": AutoencoderKL}
+# Machine-specific keys diffusers writes into a network's config.json; never saved (see _save_network).
+_UNSAVED_KEYS = ("_name_or_path",)
+
+
+def network_sources(cfg: CMDConfig, name: str) -> Dict[str, Tuple[str, Any]]:
+    """``{constructor argument: (where in the CMDConfig it comes from, value)}`` for network ``name``
+    ("autoencoder", "motion_dit", "content_unet", "vae"): the one source of every network's
+    hyper-parameters is its config section (the motion DiT also reads the channels of the autoencoder,
+    the clip and the text encoder it works with)."""
+    if name == "autoencoder":
+        return {k: (f"autoencoder.{k}", v) for k, v in dataclasses.asdict(cfg.autoencoder).items()}
+    if name == "motion_dit":
+        section = {k: (f"motion_dit.{k}", v) for k, v in dataclasses.asdict(cfg.motion_dit).items() if k != "size"}
+        return dict(section, motion_channels=("autoencoder.motion_dim", cfg.autoencoder.motion_dim),
+                    content_channels=("channels", cfg.channels),
+                    text_dim=("text_encoder.hidden_size", cfg.text_encoder.hidden_size))
+    if name == "content_unet":
+        return {k: (f"content_unet.{k}", v) for k, v in cfg.content_unet.items()}
+    if name == "vae":
+        if cfg.vae is None:
+            raise ValueError(f"config {cfg.name!r} is in pixel space: it has no vae")
+        return {k: (f"vae.{k}", v) for k, v in cfg.vae.items()}
+    raise ValueError(f"unknown network {name!r}; choose from {', '.join(NETWORKS)}")
+
+
+def network_kwargs(cfg: CMDConfig, name: str) -> Dict[str, Any]:
+    """The constructor arguments of network ``name`` from its config section (:func:`network_sources`)."""
+    return {k: v for k, (_, v) in network_sources(cfg, name).items()}
+
+
+def build_network(cfg: CMDConfig, name: str) -> nn.Module:
+    """A randomly initialised network ``name`` built from its config section."""
+    if name == "autoencoder" and cfg.autoencoder.in_channels != cfg.channels:
+        raise ValueError(f"autoencoder.in_channels {cfg.autoencoder.in_channels} != channels {cfg.channels}")
+    return CLASSES[name](**network_kwargs(cfg, name))
 
 
 def build_autoencoder(cfg: CMDConfig) -> CMDAutoencoder:
-    a = cfg.autoencoder
-    if a.in_channels != cfg.channels:
-        raise ValueError(f"autoencoder.in_channels {a.in_channels} != channels {cfg.channels}")
-    return CMDAutoencoder(in_channels=a.in_channels, patch_size=a.patch_size, hidden_size=a.hidden_size,
-                          encoder_depth=a.encoder_depth, decoder_depth=a.decoder_depth, num_heads=a.num_heads,
-                          motion_dim=a.motion_dim, mlp_ratio=a.mlp_ratio, pixel_output=a.pixel_output)
+    return build_network(cfg, "autoencoder")
 
 
 def build_motion_dit(cfg: CMDConfig) -> MotionDiT:
-    m = cfg.motion_dit
-    return MotionDiT(motion_channels=cfg.autoencoder.motion_dim, content_channels=cfg.channels,
-                     text_dim=cfg.text_encoder.hidden_size, depth=m.depth, hidden_size=m.hidden_size,
-                     num_heads=m.num_heads, patch_size=m.patch_size, content_patch_size=m.content_patch_size,
-                     mlp_ratio=m.mlp_ratio, text_dropout=m.text_dropout)
+    return build_network(cfg, "motion_dit")
+
+
+def _json(value):
+    return json.loads(json.dumps(value))  # tuples and lists, ints and floats compare as JSON holds them
+
+
+def check_network_config(cfg: CMDConfig, name: str, network_config: Mapping[str, Any], where: str) -> None:
+    """A model stores each network's hyper-parameters twice: in ``cmd_config.json`` and in the network's
+    own ``config.json`` (``network_config``). A one-line ValueError naming the first key where they
+    disagree (``where``: the folder, for the message)."""
+    for key, (source, want) in network_sources(cfg, name).items():
+        got = network_config.get(key, "<missing>")
+        if _json(got) != _json(want):
+            raise ValueError(f"{where}: {name}/{NETWORK_CONFIG} has {key}={_json(got)!r} but {CONFIG_FILE} has "
+                             f"{source}={_json(want)!r}; the copies must agree")
+
+
+def _save_network(net: nn.Module, path: str) -> None:
+    """diffusers' save (config.json + safetensors), without the keys that describe the saving machine."""
+    net.save_pretrained(path, safe_serialization=True)
+    config_path = os.path.join(path, NETWORK_CONFIG)
+    with open(config_path) as f:
+        data = json.load(f)
+    if any(k in data for k in _UNSAVED_KEYS):
+        for key in _UNSAVED_KEYS:
+            data.pop(key, None)
+        with open(config_path, "w") as f:  # inside the model's temporary folder: renamed into place whole
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class CMDModel(nn.Module):
@@ -65,18 +126,22 @@ class CMDModel(nn.Module):
         builds shapes only, at any scale, without memory."""
         cfg = config if isinstance(config, CMDConfig) else load_config(config)
         with torch.device(device) if device is not None else _nullcontext():
-            return cls(cfg, build_autoencoder(cfg), build_motion_dit(cfg), build_content_unet(cfg.content_unet),
-                       build_vae(cfg.vae) if cfg.space == "latent" else None)
+            return cls(cfg, *(build_network(cfg, name) if name != "vae" or cfg.space == "latent" else None
+                              for name in NETWORKS))
 
     def save_pretrained(self, path: str) -> None:
         """Write the folder atomically and durably (``engine.atomic.atomic_dir``): a failure leaves any
-        folder at ``path`` as it was. Raises ValueError when ``path`` is a file."""
+        folder at ``path`` as it was. A ValueError, before anything is written, when ``path`` is a file or a
+        network's hyper-parameters disagree with the config's."""
+        for name in NETWORKS:
+            if getattr(self, name) is not None:
+                check_network_config(self.config, name, getattr(self, name).config, "cannot save the model")
         with atomic_dir(path) as tmp:
             self.config.save(os.path.join(tmp, CONFIG_FILE))
             for name in NETWORKS:
                 net = getattr(self, name)
                 if net is not None:
-                    net.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
+                    _save_network(net, os.path.join(tmp, name))
 
     @classmethod
     @quiet_loading("diffusers")
@@ -86,16 +151,20 @@ class CMDModel(nn.Module):
         if not os.path.isfile(config_path):
             raise ValueError(f"not a CMD model folder (no {CONFIG_FILE}): {path!r}")
         cfg = load_config(config_path)
-        kinds = {"autoencoder": CMDAutoencoder, "motion_dit": MotionDiT, "content_unet": UNet2DConditionModel,
-                 "vae": AutoencoderKL}
         nets = {}
-        for name, kind in kinds.items():
+        for name, kind in CLASSES.items():
             if name == "vae" and cfg.space != "latent":
                 nets[name] = None
                 continue
             sub = os.path.join(path, name)
             if not os.path.isdir(sub):
                 raise ValueError(f"model folder {path!r} lacks its {name}/ network")
+            try:
+                with open(os.path.join(sub, NETWORK_CONFIG)) as f:
+                    network_config = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read {name}/{NETWORK_CONFIG} of {path!r}: {e}") from None
+            check_network_config(cfg, name, network_config, path)  # before the weights: a clear error, not a shape one
             try:
                 nets[name] = kind.from_pretrained(sub, torch_dtype=torch_dtype, use_safetensors=True)
             except Exception as e:  # diffusers raises many kinds; say which file is bad

@@ -37,10 +37,14 @@ class DiTBlock(nn.Module):
 class MotionDiT(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
+    """The motion DiT. Its hyper-parameters, their defaults and meaning are the config's ``motion_dit``
+    section (:class:`engine.configs.MotionDiTConfig`) plus the channels it works with (``motion_channels``
+    = autoencoder.motion_dim, ``content_channels`` = channels, ``text_dim`` = text_encoder.hidden_size);
+    build it from a config with :func:`engine.models.bundle.build_network`."""
+
     @register_to_config
-    def __init__(self, motion_channels: int = 8, content_channels: int = 3, text_dim: int = 384,
-                 depth: int = 28, hidden_size: int = 1152, num_heads: int = 16, patch_size: int = 2,
-                 content_patch_size: int = 4, mlp_ratio: float = 4.0, text_dropout: float = 0.1):
+    def __init__(self, *, motion_channels: int, content_channels: int, text_dim: int, depth: int, hidden_size: int,
+                 num_heads: int, patch_size: int, content_patch_size: int, mlp_ratio: float, text_dropout: float):
         super().__init__()
         p, pc, d = patch_size, content_patch_size, hidden_size
         self.motion_embed = nn.Linear(p * p * motion_channels, d)  # PatchEmbed: conv with kernel = stride = p

@@ -34,19 +34,47 @@ def encode_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return states, pooled
 
 
+class TokenEncoder(nn.Module):
+    """A transformers text model and the pooling: (input_ids, attention_mask) (B, T) int64 -> (token states
+    (B, T, d), pooled (B, d)) by :func:`encode_tokens`. What a :class:`TextEncoder` runs in PyTorch and
+    what the ``text_encoder`` graph holds (:mod:`engine.networks`)."""
+
+    def __init__(self, model: nn.Module, normalize_pooled: bool = False):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.normalize_pooled = bool(normalize_pooled)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return encode_tokens(self.model, input_ids, attention_mask, self.normalize_pooled)
+
+
 class TextEncoder(nn.Module):
-    """A tokenizer and a transformers text model with fixed-length padding (static shapes for graphs).
+    """Prompts -> (token states (B, max_length, d), pooled (B, d)), float32, with fixed-length padding
+    (static shapes for graphs): the one text encoder of the engine, whatever the tokenizer and wherever the
+    network runs.
 
-    ``pooling``: "mean" (masked mean of token states, as sentence-transformers and the official CMD
-    code do), optionally L2-normalised (MiniLM's sentence embedding is)."""
+    ``tokenizer``: any tokenizer with the Hugging Face call (``tok(texts, padding="max_length",
+    truncation=True, max_length=T, return_tensors="pt")``; MiniLM's, CLIP's, or
+    :class:`engine.random_text.HashTokenizer`). ``encoder``: (input_ids, attention_mask) -> (states, pooled),
+    a :class:`TokenEncoder` or an exported graph (the onnxruntime backend's). ``normalize_pooled``: the
+    pooled vector is L2-normalised (MiniLM's sentence embedding is). Pooling is the masked mean of token
+    states, as sentence-transformers and the official CMD code do. Outputs land on :attr:`device`."""
 
-    def __init__(self, tokenizer, model: nn.Module, max_length: int, normalize_pooled: bool = False):
+    def __init__(self, tokenizer, encoder, max_length: int, hidden_size: Optional[int] = None,
+                 normalize_pooled: bool = False, device="cpu"):
         super().__init__()
         self.tokenizer = tokenizer
-        self.model = model.eval().requires_grad_(False)
-        self.max_length = max_length
-        self.normalize_pooled = normalize_pooled
-        self.hidden_size = model.config.hidden_size
+        self.encoder = encoder
+        self.max_length = int(max_length)
+        self.hidden_size = int(hidden_size if hidden_size is not None else encoder.model.config.hidden_size)
+        self.normalize_pooled = bool(normalize_pooled)
+        self._device = torch.device(device)  # where outputs go when the encoder holds no parameters
+
+    @classmethod
+    def from_model(cls, tokenizer, model: nn.Module, max_length: int, normalize_pooled: bool = False) -> "TextEncoder":
+        """A tokenizer and a transformers text model (its ``last_hidden_state``), pooled in PyTorch."""
+        return cls(tokenizer, TokenEncoder(model, normalize_pooled), max_length, model.config.hidden_size,
+                   normalize_pooled)
 
     @classmethod
     @quiet_loading("transformers")
@@ -54,7 +82,7 @@ class TextEncoder(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         path = minilm_path()
-        return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length, True)
+        return cls.from_model(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length, True)
 
     @classmethod
     @quiet_loading("transformers")
@@ -68,7 +96,7 @@ class TextEncoder(nn.Module):
         sub = os.path.isdir(os.path.join(path, "text_encoder"))
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer" if sub else None)
         model = CLIPTextModel.from_pretrained(path, subfolder="text_encoder" if sub else None)
-        return cls(tokenizer, model, max_length, False)
+        return cls.from_model(tokenizer, model, max_length, False)
 
     @classmethod
     def from_config(cls, cfg) -> "TextEncoder":
@@ -82,20 +110,42 @@ class TextEncoder(nn.Module):
         raise ValueError(f"unknown text encoder kind {cfg.kind!r}; choose 'minilm' or 'clip'")
 
     @property
+    def model(self) -> nn.Module:
+        """The transformers text model (a PyTorch encoder's)."""
+        return self.encoder.model
+
+    @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the encoder's parameters are (outputs come back there); for an encoder without parameters
+        (an exported graph), the device given to :meth:`to`."""
+        if isinstance(self.encoder, nn.Module):
+            for p in self.encoder.parameters():
+                return p.device
+        return self._device
+
+    def to(self, *args, **kwargs) -> "TextEncoder":
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self._device = torch.device(device)
+        return super().to(*args, **kwargs)
 
     def num_tokens(self, prompts: Sequence[str]) -> List[int]:
         """Tokens of each prompt before truncation, special tokens included. A prompt with more than
         ``max_length`` loses its end when encoded (``forward`` truncates); the CLI refuses it instead."""
         return [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
 
+    def tokenize(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (input_ids, attention_mask), (B, max_length) int64 on the CPU."""
+        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (token states (B, max_length, d), pooled (B, d)), float32."""
+        """prompts (a string or a list) -> (token states (B, max_length, d), pooled (B, d)), float32."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                               max_length=self.max_length, return_tensors="pt").to(self.device)
-        states, pooled = encode_tokens(self.model, batch["input_ids"], batch["attention_mask"], self.normalize_pooled)
-        return states.float(), pooled.float()
+        device = self.device
+        ids, mask = self.tokenize(prompts)
+        states, pooled = self.encoder(ids.to(device), mask.to(device))
+        return states.float().to(device), pooled.float().to(device)

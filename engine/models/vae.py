@@ -3,12 +3,15 @@
 ``scaling_factor`` (0.18215 for SD) as Stable Diffusion does."""
 
 import os
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 from diffusers import AutoencoderKL
 
 from engine.logs import quiet_loading
+
+# Frames the image VAE encodes or decodes per call: bounds memory; the vae_decoder graph's batch.
+VAE_CHUNK = 8
 
 
 def build_vae(vae_kwargs: Dict[str, Any]) -> AutoencoderKL:
@@ -24,25 +27,32 @@ def load_vae(path: str) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(path, subfolder=sub)
 
 
+def per_frame(fn: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
+    """Run an image network on every frame of a batch of clips, ``chunk`` frames per call to bound memory:
+    ``fn`` maps (N, ...) -> (N, ...); ``frames`` (B, L, ...) -> (B, L, ...) of ``fn``'s output. The one
+    chunk loop of the image VAE, eager or exported (the graph backends' ``decode_frames``)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive number of frames, got {chunk!r}")
+    b, length = frames.shape[:2]
+    flat = frames.reshape(b * length, *frames.shape[2:])
+    out = torch.cat([fn(part) for part in flat.split(chunk)])
+    return out.reshape(b, length, *out.shape[1:])
+
+
 @torch.no_grad()
-def encode_frames(vae: AutoencoderKL, video: torch.Tensor, chunk: int = 8, sample: bool = False,
+def encode_frames(vae: AutoencoderKL, video: torch.Tensor, chunk: int = VAE_CHUNK, sample: bool = False,
                   generator: torch.Generator = None) -> torch.Tensor:
     """RGB video (B, L, 3, H, W) in [-1, 1] -> scaled latents (B, L, c, H/8, W/8).
     ``sample``: draw from the posterior (training, as the official code) instead of taking its mean."""
-    b, frames = video.shape[:2]
-    flat = video.reshape(b * frames, *video.shape[2:]).to(vae.dtype)
-    outs = []
-    for part in flat.split(chunk):
+    def encode(part):
         dist = vae.encode(part).latent_dist
-        outs.append(dist.sample(generator) if sample else dist.mode())
-    latents = torch.cat(outs) * vae.config.scaling_factor
-    return latents.reshape(b, frames, *latents.shape[1:])
+        return (dist.sample(generator) if sample else dist.mode()) * vae.config.scaling_factor
+
+    return per_frame(encode, video.to(vae.dtype), chunk)
 
 
 @torch.no_grad()
-def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def decode_frames(vae: AutoencoderKL, latents: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
     """Scaled latents (B, L, c, h, w) -> RGB video (B, L, 3, 8h, 8w) in [-1, 1], ``chunk`` frames at a time."""
-    b, frames = latents.shape[:2]
-    flat = latents.reshape(b * frames, *latents.shape[2:]).to(vae.dtype) / vae.config.scaling_factor
-    video = torch.cat([vae.decode(part).sample for part in flat.split(chunk)])
-    return video.reshape(b, frames, *video.shape[1:])
+    scale = vae.config.scaling_factor
+    return per_frame(lambda part: vae.decode(part / scale).sample, latents.to(vae.dtype), chunk)

@@ -190,3 +190,43 @@ def test_cudagraph_denoising_loops_never_sync_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(motion, expected)
+
+
+def test_the_base_backend_runs_every_network_eagerly(fast_cpu):
+    """The contract's defaults are the eager networks: a bare Backend gives eager's video bit for bit and
+    leaves the text encoder to the pipeline."""
+    pipe = CMDPipeline.from_pretrained(TINY)
+    call = dict(prompt="a red circle", negative_prompt="blurry", generator=4, num_inference_steps=2, motion_steps=2,
+                progress=False)
+    reference = pipe(**call)
+    pipe.set_backend(Backend(pipe.model))
+    assert pipe.backend.text_encoder() is None and pipe.backend_text_encoder is None
+    out = pipe(**call)
+    np.testing.assert_array_equal(out.frames, reference.frames)
+
+
+def test_a_backend_text_encoder_replaces_the_pipelines(fast_cpu):
+    """``backend.text_encoder()`` is part of the contract: the pipeline encodes prompts with it and lists
+    its calls for the request check."""
+    from engine.pipeline import check_request
+    from engine.random_text import RandomTextEncoder
+
+    pipe = CMDPipeline.from_pretrained(TINY)
+    text = pipe.model.config.text_encoder
+    other = RandomTextEncoder(text.hidden_size, text.max_length, num_layers=1, seed=torch.randint(1, 1000, ()).item())
+
+    class WithText(EagerBackend):
+        def text_encoder(self):
+            return other
+
+    assert not any(c.network == "text_encoder" for c in pipe.network_calls(check_request(pipe.config), 2))
+    pipe.set_backend(WithText(pipe.model))
+    assert pipe.backend_text_encoder is other
+    prompts = ["a red circle", "a blue square"]
+    states, pooled, negative = pipe.encode_prompt(prompts, ["", ""])
+    want_states, want_pooled = other(prompts + ["", ""])
+    torch.testing.assert_close(states, want_states[:2])
+    torch.testing.assert_close(pooled, want_pooled[:2])
+    torch.testing.assert_close(negative, want_states[2:])
+    calls = pipe.network_calls(check_request(pipe.config), 2)
+    assert [(c.network, c.batch) for c in calls if c.network == "text_encoder"] == [("text_encoder", 4)]

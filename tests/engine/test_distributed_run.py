@@ -61,7 +61,7 @@ def test_num_tokens_is_what_the_encoder_would_cut():
     words = ["red", "blue", "circle", "moving", "up", "left", "down", "square"]
     fits, cut = " ".join(words[:6]), " ".join(words[:7])  # 6 words + [CLS] + [SEP] = 8 tokens
     assert enc.num_tokens([fits, cut, ""]) == [8, 9, 2]
-    ids, mask = enc.tokenizer([fits, cut], enc.max_length)
+    ids, mask = enc.tokenize([fits, cut])  # what the encoder feeds its network
     assert mask.sum(1).tolist() == [8, 8]  # the 7th word of the second prompt is dropped
     assert ids[1, -2] == ids[0, -2]
 

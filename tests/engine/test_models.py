@@ -147,3 +147,104 @@ def test_minilm_loads_offline_and_separates_prompts():
     assert states.shape == (3, 16, 384) and pooled.shape == (3, 384)
     sim = pooled @ pooled.T
     assert sim[0, 1] > sim[0, 2]  # a paraphrase is nearer than an unrelated sentence
+
+
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.json")
+
+
+@pytest.mark.parametrize("name", ["default", "sd21-512x1024"])
+def test_every_network_is_built_from_its_config_section(name):
+    """One source for the hyper-parameters: each network's constructor arguments are its config section
+    (the DiT's channels are the autoencoder's, the clip's and the text encoder's); the network classes
+    hold no defaults of their own."""
+    import dataclasses
+
+    from engine.models import CMDAutoencoder, MotionDiT
+    from engine.models.bundle import NETWORKS, check_network_config, network_kwargs
+
+    cfg = load_config(name)
+    model = CMDModel.from_config(cfg, device="meta")
+    assert network_kwargs(cfg, "autoencoder") == dataclasses.asdict(cfg.autoencoder)
+    dit = dict(network_kwargs(cfg, "motion_dit"))
+    assert (dit.pop("motion_channels"), dit.pop("content_channels"), dit.pop("text_dim")) == (
+        cfg.autoencoder.motion_dim, cfg.channels, cfg.text_encoder.hidden_size)
+    assert dit == {k: v for k, v in dataclasses.asdict(cfg.motion_dit).items() if k != "size"}
+    for net in NETWORKS:
+        if getattr(model, net) is not None:
+            if net in ("autoencoder", "motion_dit"):
+                kwargs = network_kwargs(cfg, net)
+                assert {k: getattr(model, net).config[k] for k in kwargs} == kwargs
+            check_network_config(cfg, net, getattr(model, net).config, "here")  # diffusers' sections too
+    for cls in (CMDAutoencoder, MotionDiT):
+        with pytest.raises(TypeError):
+            cls()
+
+
+def _saved(tmp_path):
+    cfg = load_config(TINY_CONFIG)
+    torch.manual_seed(int(torch.randint(0, 1000, ())))
+    model = CMDModel.from_config(cfg)
+    folder = tmp_path / "m"
+    model.save_pretrained(str(folder))
+    return model, folder
+
+
+def _edit(path, **changes):
+    import json
+
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (data[section] if section else data)[name] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("where, edit, key", [
+    ("motion_dit/config.json", {"text_dropout": 0.3}, "text_dropout=0.3 but cmd_config.json has motion_dit.text_dropout=0.1"),
+    ("cmd_config.json", {"autoencoder.num_heads": 1}, "autoencoder/config.json has num_heads=2 but cmd_config.json has "
+                                                      "autoencoder.num_heads=1"),
+    ("cmd_config.json", {"text_encoder.hidden_size": 48}, "motion_dit/config.json has text_dim=32 but cmd_config.json "
+                                                          "has text_encoder.hidden_size=48"),
+    ("content_unet/config.json", {"norm_num_groups": 4}, "content_unet/config.json has norm_num_groups=4 but "
+                                                         "cmd_config.json has content_unet.norm_num_groups=8"),
+])
+def test_load_refuses_copies_that_disagree(tmp_path, where, edit, key):
+    """A saved model holds its hyper-parameters twice (cmd_config.json and each network's config.json):
+    loading checks that they agree, before any weights, with one line naming the key."""
+    model, folder = _saved(tmp_path)
+    assert CMDModel.from_pretrained(str(folder)) is not None
+    _edit(folder / where, **edit)
+    with pytest.raises(ValueError) as info:
+        CMDModel.from_pretrained(str(folder))
+    message = str(info.value)
+    assert key in message and message.startswith(str(folder)) and "\n" not in message, message
+
+
+def test_save_refuses_a_config_the_networks_do_not_follow(tmp_path):
+    model, folder = _saved(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    model.config.motion_dit.mlp_ratio = 3.0  # the DiT was built with the tiny config's 2.0
+    with pytest.raises(ValueError, match=r"^cannot save the model: motion_dit/config.json has mlp_ratio=2.0 but "
+                                         r"cmd_config.json has motion_dit.mlp_ratio=3.0"):
+        model.save_pretrained(str(folder))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.rglob("*")} == before  # nothing written
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_saved_network_configs_hold_no_machine_paths(tmp_path):
+    """diffusers records where a network was loaded from (``_name_or_path``): a model folder never keeps it,
+    neither the shipped weights nor a folder saved after loading."""
+    import glob
+    import json
+
+    from engine.default_model import default_model_dir
+
+    shipped = glob.glob(os.path.join(default_model_dir(), "*", "config.json"))
+    assert shipped and all("_name_or_path" not in json.load(open(p)) for p in shipped)
+    model, folder = _saved(tmp_path)
+    loaded = CMDModel.from_pretrained(str(folder))
+    assert "_name_or_path" in loaded.autoencoder.config  # what diffusers adds on load ...
+    loaded.save_pretrained(str(tmp_path / "again"))
+    for path in glob.glob(str(tmp_path / "again" / "*" / "config.json")):
+        data = json.load(open(path))
+        assert "_name_or_path" not in data and data["_class_name"], path  # ... and the save leaves out

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.configs import load_config
-from engine.networks import ShapeBucket, networks_for, shape_buckets, weights_hash, weights_hashes
+from engine.artefacts import weights_hash, weights_hashes
+from engine.networks import ShapeBucket, networks_for, shape_buckets
 from kernels import force_impl
 
 

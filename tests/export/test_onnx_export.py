@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from engine.networks import ShapeBucket, networks_for, read_manifest
+from engine.artefacts import read_manifest
+from engine.networks import ShapeBucket, networks_for
 from export.__main__ import main
 from export.check import TOLERANCE, check_export, format_table
 from export.onnx_export import export_model, export_network
@@ -107,7 +108,7 @@ def test_check_catches_wrong_graphs(default_model, default_export, tmp_path):
 
 
 def test_manifest_records_what_runtimes_need(default_model, default_export):
-    from engine.networks import weights_hash
+    from engine.artefacts import weights_hash
 
     model, text_encoder, spec = default_model
     out, manifest = default_export
@@ -207,7 +208,7 @@ def test_cli_check_table_and_exit_codes(default_model, default_export, tmp_path,
 def test_cli_export_to_the_cache_where_the_backend_looks(tmp_path, monkeypatch, capsys):
     """`python -m export onnx` without --out writes under $CMD_CACHE/onnx, where the onnxruntime
     backend finds graphs of exactly these weights."""
-    from engine.networks import find_export
+    from engine.artefacts import find_export
     from export.onnx_export import load_model
 
     monkeypatch.setenv("CMD_CACHE", str(tmp_path))

@@ -187,7 +187,7 @@ def test_graph_limits_are_part_of_the_request_check(default_model, default_expor
 def test_cli_checks_the_graphs_before_any_work(default_model, default_export, tmp_path, monkeypatch, capsys):
     """python -m engine.run --backend onnxruntime with more prompts per batch than the graphs hold: exit 2,
     one line, no network run and no video; a batch size the graphs hold runs."""
-    from engine.networks import weights_hash
+    from engine.artefacts import weights_hash
     from engine.run import main as run_main
     from export.onnx_export import load_model
     from kernels import force_impl
