@@ -471,7 +471,7 @@ def run_benchmark(args) -> dict:
         cfg = load_config(args.config)
     except ValueError as e:
         _fail(str(e))
-    guidance = cfg.sampling.get("guidance", 7.5) if args.guidance is None else args.guidance
+    guidance = cfg.sampling.guidance if args.guidance is None else args.guidance
     if guidance <= 1.0:
         _fail(f"--guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
     args.guidance = guidance

@@ -104,22 +104,25 @@ def check_request(config: CMDConfig, num_frames=None, height=None, width=None, n
     request; a ValueError naming the bad value otherwise. The size must be one the model serves
     (``config.sizes``, :func:`engine.geometry.resolve_size`), or fewer frames of one. Needs only the
     config, so callers can check before loading weights."""
-    s = config.sampling
+    s = config.sampling  # the defaults (engine.configs.SamplingConfig)
     dims = [None if v is None else _int(name, v, 1)
             for name, v in (("num_frames", num_frames), ("height", height), ("width", width))]
     size, generated = resolve_size(config, *dims)
     train_steps = config.content_scheduler.num_train_timesteps
-    steps = _int("num_inference_steps", s.get("steps", 25) if num_inference_steps is None else num_inference_steps,
+    steps = _int("num_inference_steps", s.steps if num_inference_steps is None else num_inference_steps,
                  1, train_steps)
     mtrain = config.motion_scheduler.num_train_timesteps
-    msteps = _int("motion_steps", s.get("motion_steps", steps) if motion_steps is None else motion_steps, 1, mtrain)
-    guidance = _guidance("guidance_scale", s.get("guidance", 4.0) if guidance_scale is None else guidance_scale)
-    mguidance = _guidance("motion_guidance_scale",
-                          s.get("motion_guidance", guidance) if motion_guidance_scale is None else motion_guidance_scale)
-    scheduler = s.get("scheduler", "ddim") if scheduler is None else scheduler
+    if motion_steps is None:  # the config's, else the content loop's
+        motion_steps = steps if s.motion_steps is None else s.motion_steps
+    msteps = _int("motion_steps", motion_steps, 1, mtrain)
+    guidance = _guidance("guidance_scale", s.guidance if guidance_scale is None else guidance_scale)
+    if motion_guidance_scale is None:  # the config's, else the content loop's
+        motion_guidance_scale = guidance if s.motion_guidance is None else s.motion_guidance
+    mguidance = _guidance("motion_guidance_scale", motion_guidance_scale)
+    scheduler = s.scheduler if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-    spacing = s.get("timestep_spacing", "trailing")
+    spacing = s.timestep_spacing
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"config sampling.timestep_spacing {spacing!r} is unknown; choose from "
                          f"{', '.join(TIMESTEP_SPACINGS)}")
@@ -350,9 +353,8 @@ class CMDPipeline:
     def _sampler(self, kind: str, steps: int, stage: str):
         sched = self.config.content_scheduler if stage == "content" else self.config.motion_scheduler
         # Predicted x0 is clamped to [-1, 1] where the config says the data lives there (sched.clip_sample).
-        spacing = self.config.sampling.get("timestep_spacing", "trailing")
         return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler,
-                            timestep_spacing=spacing)
+                            timestep_spacing=self.config.sampling.timestep_spacing)
 
     def _loop(self, stage: str, denoise: Callable, x: torch.Tensor, steps: int, guidance: float,
               scheduler: str, callback, progress: bool, plan: Optional[StagePlan] = None,
@@ -399,12 +401,13 @@ class CMDPipeline:
 
     @torch.no_grad()
     def generate_content(self, states: torch.Tensor, negative_states: Optional[torch.Tensor], noise: torch.Tensor,
-                         steps: int, guidance: float, scheduler: str = "ddim", callback=None,
+                         steps: int, guidance: float, scheduler: Optional[str] = None, callback=None,
                          progress: bool = False, cache: Optional[StagePlan] = None,
                          evaluations: Optional[Evaluations] = None) -> torch.Tensor:
         """Content UNet loop: noise (B, C, h, w) -> content frames, CFG with the negative prompt states.
         ``cache``: the loop's :class:`~engine.cache.StagePlan` (reuse steps, guidance interval, dynamic
-        threshold; None: every step, CFG everywhere); ``evaluations`` counts the network's work."""
+        threshold; None: every step, CFG everywhere); ``evaluations`` counts the network's work. ``scheduler``:
+        "ddim" or "dpm" (None: the config's ``sampling.scheduler``)."""
         cond = torch.cat([states, negative_states]) if guidance > 1.0 else states
 
         def denoise(batch, t):  # a batch of B (CFG off at this step) takes the conditional half of cond
@@ -414,16 +417,18 @@ class CMDPipeline:
         if cache is not None and cache.dynamic:
             step = DynamicStep("unet", self.backend.network_parts("unet"), cache, noise.shape[0], guidance, evaluations)
             dynamic = lambda i, batch, t: step(i, batch, t, cond[: batch.shape[0]])  # noqa: E731
+        scheduler = scheduler or self.config.sampling.scheduler
         return self._loop("content", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress,
                           cache, dynamic, evaluations)
 
     @torch.no_grad()
     def generate_motion(self, content: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor, steps: int,
-                        guidance: float, scheduler: str = "ddim", callback=None, progress: bool = False,
+                        guidance: float, scheduler: Optional[str] = None, callback=None, progress: bool = False,
                         cache: Optional[StagePlan] = None, evaluations: Optional[Evaluations] = None) -> torch.Tensor:
         """Motion DiT loop: noise (B, D, L, H'+W') -> motion latents for content frames (B, C, h, w) and
         pooled text (B, d). CFG on the text only: the unconditional half gets the learned null text,
-        both halves see the same content frame. ``cache``, ``evaluations``: as :meth:`generate_content`."""
+        both halves see the same content frame. ``scheduler``, ``cache``, ``evaluations``: as
+        :meth:`generate_content`."""
         content = content.to(self.dtype)
         if guidance > 1.0:
             null = self.model.motion_dit.null_text.to(self.dtype)[None].expand(pooled.shape[0], -1)
@@ -439,6 +444,7 @@ class CMDPipeline:
         if cache is not None and cache.dynamic:
             step = DynamicStep("dit", self.backend.network_parts("dit"), cache, noise.shape[0], guidance, evaluations)
             dynamic = lambda i, batch, t: step(i, batch, t, frames[: len(batch)], text[: len(batch)])  # noqa: E731
+        scheduler = scheduler or self.config.sampling.scheduler
         return self._loop("motion", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress,
                           cache, dynamic, evaluations)
 

@@ -164,7 +164,7 @@ def _plan(args):
 
         image = read_image(args.image)
     outputs = _outputs(args, len(prompts), request.num_videos * request.motion_variations)
-    fps = args.fps if args.fps is not None else float(config.sampling.get("fps", 8))
+    fps = args.fps if args.fps is not None else float(config.sampling.fps)
     return dict(spec=spec, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
                 request=request, image=image, outputs=outputs, fps=fps)
 

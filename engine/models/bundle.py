@@ -45,7 +45,7 @@ def build_motion_dit(cfg: CMDConfig) -> MotionDiT:
     return MotionDiT(motion_channels=cfg.autoencoder.motion_dim, content_channels=cfg.channels,
                      text_dim=cfg.text_encoder.hidden_size, depth=m.depth, hidden_size=m.hidden_size,
                      num_heads=m.num_heads, patch_size=m.patch_size, content_patch_size=m.content_patch_size,
-                     mlp_ratio=m.mlp_ratio, text_dropout=m.text_dropout)
+                     mlp_ratio=m.mlp_ratio)
 
 
 class CMDModel(nn.Module):
