@@ -18,7 +18,8 @@ import torch
 
 from engine.atomic import atomic_path
 from engine.models import CMDModel
-from engine.pipeline import CMDPipeline, check_request
+from engine.pipeline import CMDPipeline
+from engine.request import check_request
 
 
 def grid(rows) -> np.ndarray:
