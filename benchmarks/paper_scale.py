@@ -56,7 +56,8 @@ from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.geometry import ClipSize, check_fits  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
 from engine.models import CMDModel  # noqa: E402
-from engine.pipeline import CMDPipeline, parse_device, parse_dtype  # noqa: E402
+from engine.pipeline import CMDPipeline  # noqa: E402
+from engine.request import parse_device, parse_dtype  # noqa: E402
 from engine.profiling import StageTimer  # noqa: E402
 from engine.random_text import RandomTextEncoder  # noqa: E402
 
@@ -233,11 +234,12 @@ def cmd_run(pipe: CMDPipeline, batch: int, args, keep: Optional[dict] = None) ->
     output stays valid until its next replay; the previous output is freed as the next one is made, so
     it adds one decoded cube, 1 MB at paper scale, to the peak)."""
     prompts = [PROMPT] * batch
+    request = pipe.check_inputs(batch, output_type="latent", num_inference_steps=args.steps,
+                                motion_steps=args.motion_steps, guidance_scale=args.guidance,
+                                motion_guidance_scale=args.guidance)  # validated once, run every time
 
     def run() -> Dict[str, float]:
-        out = pipe(prompts, num_inference_steps=args.steps, motion_steps=args.motion_steps,
-                   guidance_scale=args.guidance, motion_guidance_scale=args.guidance, generator=args.seed,
-                   output_type="latent", progress=False)
+        out = pipe.run(request, prompts, generator=args.seed, output_type="latent", progress=False)
         timer = StageTimer(pipe.device)
         with timer.stage("decode"):
             video = pipe.backend.decode(out.content.to(pipe.dtype), out.motion.to(pipe.dtype))
@@ -468,7 +470,7 @@ def run_benchmark(args) -> dict:
         cfg = load_config(args.config)
     except ValueError as e:
         _fail(str(e))
-    guidance = cfg.sampling.get("guidance", 7.5) if args.guidance is None else args.guidance
+    guidance = cfg.sampling.guidance if args.guidance is None else args.guidance
     if guidance <= 1.0:
         _fail(f"--guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
     args.guidance = guidance

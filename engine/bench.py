@@ -35,9 +35,6 @@ from typing import Dict, List, Optional
 import numpy as np
 
 STAGES = ("text", "content", "motion", "decode", "vae")
-# Pipeline keyword arguments that check_request validates.
-REQUEST_KEYS = ("num_frames", "height", "width", "num_inference_steps", "motion_steps", "guidance_scale",
-                "motion_guidance_scale", "scheduler")
 DEFAULT_CACHE_SETTINGS = ("none,static,static:0.3,dynamic:0.05,dynamic:0.1,dynamic:0.2,none@0.2-0.8,"
                           "static@0.2-0.8")
 
@@ -65,28 +62,32 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def request_kwargs(args) -> dict:
+    """The request's keyword arguments (:func:`engine.request.check_request`) from the shared options."""
+    return dict(num_frames=args.frames, height=args.height, width=args.width, num_inference_steps=args.steps,
+                motion_steps=args.motion_steps, scheduler=args.scheduler)
+
+
 def resolve_run(args):
-    """Validate the shared options; returns (spec, device, dtype, request kwargs)."""
+    """Validate the shared options before loading any weights; returns (spec, device, dtype, the
+    validated :class:`~engine.request.Request`)."""
     import torch
 
     from engine.default_model import resolve_model
-    from engine.pipeline import check_request, parse_device, parse_dtype
+    from engine.request import check_request, parse_device, parse_dtype
 
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     spec = resolve_model(args.model)
-    kwargs = dict(num_frames=args.frames, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, motion_steps=args.motion_steps, scheduler=args.scheduler)
-    check_request(spec.load_config(), **kwargs)
-    return spec, device, dtype, kwargs
+    return spec, device, dtype, check_request(spec.load_config(), **request_kwargs(args))
 
 
-def call_kwargs(args, kwargs) -> dict:
-    """Keyword arguments of one pipeline call: fixed prompts and seeds, no progress bars."""
+def call_kwargs(args, request) -> dict:
+    """Keyword arguments of one ``pipe.run`` call of ``request``: fixed prompts and seeds, no progress bars."""
     prompts = [args.prompt] * args.batch
-    return dict(kwargs, prompt=prompts, generator=args.seed, progress=False)
+    return dict(request=request, prompt=prompts, generator=args.seed, progress=False)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -136,13 +137,14 @@ def _sync(device) -> None:
 
 
 def bench_latency(pipe, names: List[str], call: dict, warmup: int, iters: int) -> Dict[str, dict]:
-    """Per backend: median per-stage seconds, total, speed-up and PSNR vs eager."""
+    """Per backend: median per-stage seconds, total, speed-up and PSNR vs eager. ``call``: keyword
+    arguments of ``pipe.run`` (:func:`call_kwargs`)."""
     results, reference = {}, None
     for name in names:
         pipe.set_backend(name)
         for _ in range(warmup):
-            pipe(**call)
-        runs = [pipe(**call) for _ in range(iters)]
+            pipe.run(**call)
+        runs = [pipe.run(**call) for _ in range(iters)]
         stages = {k: statistics.median(r.timings[k] for r in runs) for k in runs[0].timings}
         frames = runs[-1].frames
         if reference is None:
@@ -156,7 +158,8 @@ def bench_latency(pipe, names: List[str], call: dict, warmup: int, iters: int) -
 
 
 def bench_memory(pipe, names: List[str], call: dict, warmup: int) -> Dict[str, dict]:
-    """Per backend: peak CUDA memory of one call after warm-up, or the process's peak RSS on a CPU."""
+    """Per backend: peak CUDA memory of one call after warm-up, or the process's peak RSS on a CPU. ``call``:
+    keyword arguments of ``pipe.run`` (:func:`call_kwargs`)."""
     import resource
 
     import torch
@@ -165,18 +168,18 @@ def bench_memory(pipe, names: List[str], call: dict, warmup: int) -> Dict[str, d
     for name in names:
         pipe.set_backend(name)
         for _ in range(warmup):
-            pipe(**call)
+            pipe.run(**call)
         if pipe.device.type == "cuda":
             _sync(pipe.device)
             torch.cuda.reset_peak_memory_stats(pipe.device)
             before = torch.cuda.memory_allocated(pipe.device)
-            pipe(**call)
+            pipe.run(**call)
             _sync(pipe.device)
             results[name] = {"weights_and_cache_mb": before / 2**20,
                              "peak_allocated_mb": torch.cuda.max_memory_allocated(pipe.device) / 2**20,
                              "peak_reserved_mb": torch.cuda.max_memory_reserved(pipe.device) / 2**20}
         else:
-            pipe(**call)
+            pipe.run(**call)
             # ru_maxrss is in KiB on Linux; it is the process's peak so far (it never goes down).
             results[name] = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return results
@@ -222,20 +225,21 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
     and SSIM of the frames against the reference's, and ``score(videos)``'s result where given
     (``videos``: (N, L, 3, H, W) in [-1, 1], e.g. attribute accuracy from the trainer, which the engine
     cannot import).
-    ``call``: more pipeline keyword arguments (steps, guidance, ...)."""
+    ``call``: more pipeline keyword arguments (steps, guidance, negative_prompt, ...)."""
     import time
 
     import torch
 
     from engine.quality import psnr as video_psnr, ssim as video_ssim
-
-    from engine.cache import plan_cache
+    from engine.request import REQUEST_ARGS
 
     if not settings:
         raise ValueError("no cache settings to compare")
-    req = pipe.check_inputs(**{k: call[k] for k in REQUEST_KEYS if k in call})
-    for kwargs in settings.values():  # every setting checked before any work
-        plan_cache(pipe.config, req.scheduler, req.steps, req.motion_steps, backend=pipe.backend, **kwargs)
+    request = {k: v for k, v in call.items() if k in REQUEST_ARGS}
+    call = {k: v for k, v in call.items() if k not in REQUEST_ARGS}
+    # Every setting validated into its request before any work.
+    requests = {name: pipe.check_inputs(min(batch_size, len(prompts)), **request, **kwargs)
+                for name, kwargs in settings.items()}
     seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -249,7 +253,7 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
         gens = lambda: [torch.Generator().manual_seed(s) for s in seeds[start:start + len(chunk)]]  # noqa: E731
         for name in names:
             t0 = time.perf_counter()
-            out = pipe(chunk, generator=gens(), output_type="pt", progress=False, **call, **settings[name])
+            out = pipe.run(requests[name], chunk, generator=gens(), output_type="pt", progress=False, **call)
             seconds[name].append((time.perf_counter() - t0) / len(chunk))
             videos[name].append(out.frames.float().cpu())
             for key, value in out.evaluations.items():
@@ -387,7 +391,7 @@ def main_cache(argv: List[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON, the last line of stdout")
     try:
         args = parser.parse_args(argv)
-        spec, device, dtype, kwargs = resolve_run(args)
+        spec, device, dtype, req = resolve_run(args)
         settings = {}
         for text in args.settings.split(","):
             if text.strip():
@@ -397,22 +401,22 @@ def main_cache(argv: List[str]) -> int:
         if args.prompts_file:
             from engine.run import _read_prompts
 
-            prompts = _read_prompts(args.prompts_file)
+            prompts = [p for _, p in _read_prompts(args.prompts_file)]
         else:
             if args.num_prompts < 1:
                 raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
             prompts = [args.prompt] * args.num_prompts
         from engine.backends import get_backend
-        from engine.cache import plan_cache
-        from engine.pipeline import CMDPipeline, check_request
+        from engine.pipeline import CMDPipeline
+        from engine.request import check_request
 
         config = spec.load_config()
-        req = check_request(config, **kwargs)
         if "," in args.backend:
             raise ValueError(f"--backend takes one backend, got {args.backend!r}")
         backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
-        for setting in settings.values():  # a setting the model cannot run fails here, before any work
-            plan_cache(config, req.scheduler, req.steps, req.motion_steps, backend=get_backend(backend), **setting)
+        kwargs = request_kwargs(args)
+        for setting in settings.values():  # a setting the model cannot run fails here, before any weights load
+            check_request(config, backend=get_backend(backend), **kwargs, **setting)
         pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
         results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
         flops = cache_flops(args.flops_config, results) if args.flops_config else None
@@ -458,13 +462,13 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.warmup < 0 or args.iters < 1:
             raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {args.warmup} and {args.iters}")
-        spec, device, dtype, kwargs = resolve_run(args)
+        spec, device, dtype, req = resolve_run(args)
         names = _backends(args.backends, device)
         from engine.pipeline import CMDPipeline
 
         pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)
-        req = pipe.check_inputs(args.batch, **kwargs)
-        call = call_kwargs(args, kwargs)
+        pipe.check_backend(req, args.batch)
+        call = call_kwargs(args, req)
         if args.kind == "latency":
             results = bench_latency(pipe, names, call, args.warmup, args.iters)
         else:

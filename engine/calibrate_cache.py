@@ -216,7 +216,7 @@ def main(argv=None) -> int:
             check_threshold(args.dynamic_threshold)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        from engine.pipeline import check_request
+        from engine.request import check_request
 
         check_request(config, num_inference_steps=args.steps, motion_steps=args.motion_steps, scheduler=args.scheduler)
         if not os.access(os.path.join(spec.path, "cmd_config.json"), os.W_OK) and not args.dry_run:

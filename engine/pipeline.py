@@ -8,11 +8,15 @@
 The networks run through a backend (:mod:`engine.backends`); the pipeline builds the CFG batches,
 runs the scheduler loops (:mod:`engine.schedulers`), draws the noise and times the stages.
 
+``pipe(prompt, ...)`` is the diffusers-style front: it validates its keyword arguments into a
+:class:`~engine.request.Request` (:mod:`engine.request`, with the model's defaults) and runs it;
+``pipe.run(request, prompt, ...)`` runs a request validated earlier (the CLI and the benchmarks validate
+once, before loading weights, and run it for every batch).
+
 Seeds: noise is drawn on the CPU from one generator per prompt (``generator=seed`` gives prompt i
 the seed ``seed + i``), so a prompt's video does not depend on the batch it ran in or the device.
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -24,14 +28,14 @@ from engine.backends import Backend, get_backend
 from engine.cache import DynamicStep, Evaluations, OutputHistory, StagePlan, guide, plan_cache
 from engine.configs import CMDConfig
 from engine.default_model import ModelSpec, resolve_model
-from engine.geometry import ClipGeometry, resolve_size, size_step
 from engine.models.bundle import CMDModel
 from engine.networks import NetworkCall
 from engine.profiling import StageTimer, nvtx_range
-from engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_sampler
+# The request's module; check_request and size_multiple are also documented here (README).
+from engine.request import Request, check_request, parse_device, parse_dtype, size_multiple  # noqa: F401
+from engine.schedulers import make_sampler
 
 OUTPUT_TYPES = ("np", "pt", "latent")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Generator = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
@@ -55,106 +59,6 @@ class CMDPipelineOutput:
     evaluations: Dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class Request:
-    """A validated generation request (see :func:`check_request`)."""
-
-    num_frames: int
-    height: int
-    width: int
-    steps: int
-    motion_steps: int
-    guidance: float
-    motion_guidance: float
-    scheduler: str
-    num_videos: int
-    motion_variations: int
-    geometry: ClipGeometry  # of the clip generated: a served size, num_frames or more frames
-
-    @property
-    def generated_frames(self) -> int:
-        """Frames generated: the smallest served length that holds num_frames (the first are kept)."""
-        return self.geometry.frames
-
-
-size_multiple = size_step  # heights and widths are multiples of this (engine.geometry)
-
-
-def _int(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}{why}, got {value}")
-    return int(value)
-
-
-def _guidance(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def check_request(config: CMDConfig, num_frames=None, height=None, width=None, num_inference_steps=None,
-                  motion_steps=None, guidance_scale=None, motion_guidance_scale=None, scheduler=None,
-                  num_videos_per_prompt=1, motion_variations=1) -> Request:
-    """Fill defaults from the config (its own size, ``config.sampling``) and validate everything about a
-    request; a ValueError naming the bad value otherwise. The size must be one the model serves
-    (``config.sizes``, :func:`engine.geometry.resolve_size`), or fewer frames of one. Needs only the
-    config, so callers can check before loading weights."""
-    s = config.sampling
-    dims = [None if v is None else _int(name, v, 1)
-            for name, v in (("num_frames", num_frames), ("height", height), ("width", width))]
-    size, generated = resolve_size(config, *dims)
-    train_steps = config.content_scheduler.num_train_timesteps
-    steps = _int("num_inference_steps", s.get("steps", 25) if num_inference_steps is None else num_inference_steps,
-                 1, train_steps)
-    mtrain = config.motion_scheduler.num_train_timesteps
-    msteps = _int("motion_steps", s.get("motion_steps", steps) if motion_steps is None else motion_steps, 1, mtrain)
-    guidance = _guidance("guidance_scale", s.get("guidance", 4.0) if guidance_scale is None else guidance_scale)
-    mguidance = _guidance("motion_guidance_scale",
-                          s.get("motion_guidance", guidance) if motion_guidance_scale is None else motion_guidance_scale)
-    scheduler = s.get("scheduler", "ddim") if scheduler is None else scheduler
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-    spacing = s.get("timestep_spacing", "trailing")
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"config sampling.timestep_spacing {spacing!r} is unknown; choose from "
-                         f"{', '.join(TIMESTEP_SPACINGS)}")
-    videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1)
-    variations = _int("motion_variations", motion_variations, 1)
-    return Request(size.frames, size.height, size.width, steps, msteps, guidance, mguidance, scheduler,
-                   videos, variations, config.geometry(generated))
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; choose from {', '.join(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def parse_device(device) -> torch.device:
-    """'cpu', 'cuda' or 'cuda:N' (or a torch.device); a ValueError if unknown or CUDA is missing."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def load_text_encoder(config: CMDConfig, random_weights: bool = False):
     """The text encoder a config names (MiniLM or CLIP), or a random-weight one (``random_weights``
     or ``text_encoder.kind == "random"``) of the config's width and length."""
@@ -169,6 +73,11 @@ def load_text_encoder(config: CMDConfig, random_weights: bool = False):
         return TextEncoder.from_config(cfg)
     except (RuntimeError, OSError) as e:  # package missing or folder unreadable
         raise ValueError(f"cannot load the text encoder ({cfg.kind}): {str(e).splitlines()[0]}") from None
+
+
+def _check_output_type(output_type) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
 
 
 def _prompt_list(name: str, value, n: Optional[int] = None) -> List[str]:
@@ -298,17 +207,32 @@ class CMDPipeline:
         return self.set_backend(self.backend.name)
 
     def check_inputs(self, num_prompts: int = 1, image: bool = False, output_type: str = "np", **kwargs) -> Request:
-        """:func:`check_request` against this pipeline's model config, then the backend's limits (shape
-        buckets, batch ranges of exported graphs) for a call with ``num_prompts`` prompts, an image or not
-        and ``output_type``: a one-line ValueError before any network runs."""
-        req = check_request(self.config, **kwargs)
+        """:func:`~engine.request.check_request` against this pipeline's model config and backend (``kwargs``:
+        the request's keyword arguments of :meth:`__call__`), then the backend's limits (shape buckets,
+        batch ranges of exported graphs) for a call with ``num_prompts`` prompts, an image or not and
+        ``output_type``: the validated :class:`~engine.request.Request`, or a one-line ValueError before any
+        network runs."""
+        req = check_request(self.config, image_to_video=image, backend=self.backend, **kwargs)
         self.backend.check_calls(self.network_calls(req, num_prompts, image, output_type))
         return req
 
-    def network_calls(self, req: Request, num_prompts: int = 1, image: bool = False,
+    def check_backend(self, request: Request, num_prompts: int = 1, output_type: str = "np") -> None:
+        """What a request checked without this backend (:func:`~engine.request.check_request` from the config
+        alone) still needs: the backend's cache modes and its limits (shape buckets, batch ranges of exported
+        graphs) for ``num_prompts`` prompts and ``output_type``; a one-line ValueError otherwise."""
+        _check_output_type(output_type)
+        plan = request.cache_plan
+        if plan.mode == "dynamic":  # the backend's cache modes, by engine.cache's rule
+            plan_cache(self.config, request.scheduler, request.steps, request.motion_steps, plan.mode, plan.threshold,
+                       plan.guidance_interval, self.backend, content=not request.image_to_video)
+        self.backend.check_calls(self.network_calls(request, num_prompts, request.image_to_video, output_type))
+
+    def network_calls(self, req: Request, num_prompts: int = 1, image: Optional[bool] = None,
                       output_type: str = "np") -> List[NetworkCall]:
         """The backend calls a pipeline call makes for ``req``: per network, the clip size and the
-        largest batch (classifier-free guidance doubles the denoisers' batch)."""
+        largest batch (classifier-free guidance doubles the denoisers' batch). ``image``: image-to-video
+        (None: the request's ``image_to_video``)."""
+        image = req.image_to_video if image is None else image
         size = req.geometry.size
         videos = num_prompts * req.num_videos
         motions = videos * req.motion_variations
@@ -349,9 +273,8 @@ class CMDPipeline:
     def _sampler(self, kind: str, steps: int, stage: str):
         sched = self.config.content_scheduler if stage == "content" else self.config.motion_scheduler
         # Predicted x0 is clamped to [-1, 1] where the config says the data lives there (sched.clip_sample).
-        spacing = self.config.sampling.get("timestep_spacing", "trailing")
         return make_sampler(kind, sched, steps, self.device, self.backend.device_scheduler,
-                            timestep_spacing=spacing)
+                            timestep_spacing=self.config.sampling.timestep_spacing)
 
     def _loop(self, stage: str, denoise: Callable, x: torch.Tensor, steps: int, guidance: float,
               scheduler: str, callback, progress: bool, plan: Optional[StagePlan] = None,
@@ -398,12 +321,13 @@ class CMDPipeline:
 
     @torch.no_grad()
     def generate_content(self, states: torch.Tensor, negative_states: Optional[torch.Tensor], noise: torch.Tensor,
-                         steps: int, guidance: float, scheduler: str = "ddim", callback=None,
+                         steps: int, guidance: float, scheduler: Optional[str] = None, callback=None,
                          progress: bool = False, cache: Optional[StagePlan] = None,
                          evaluations: Optional[Evaluations] = None) -> torch.Tensor:
         """Content UNet loop: noise (B, C, h, w) -> content frames, CFG with the negative prompt states.
         ``cache``: the loop's :class:`~engine.cache.StagePlan` (reuse steps, guidance interval, dynamic
-        threshold; None: every step, CFG everywhere); ``evaluations`` counts the network's work."""
+        threshold; None: every step, CFG everywhere); ``evaluations`` counts the network's work. ``scheduler``:
+        "ddim" or "dpm" (None: the config's ``sampling.scheduler``)."""
         cond = torch.cat([states, negative_states]) if guidance > 1.0 else states
 
         def denoise(batch, t):  # a batch of B (CFG off at this step) takes the conditional half of cond
@@ -413,16 +337,18 @@ class CMDPipeline:
         if cache is not None and cache.dynamic:
             step = DynamicStep("unet", self.backend.network_parts("unet"), cache, noise.shape[0], guidance, evaluations)
             dynamic = lambda i, batch, t: step(i, batch, t, cond[: batch.shape[0]])  # noqa: E731
+        scheduler = scheduler or self.config.sampling.scheduler
         return self._loop("content", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress,
                           cache, dynamic, evaluations)
 
     @torch.no_grad()
     def generate_motion(self, content: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor, steps: int,
-                        guidance: float, scheduler: str = "ddim", callback=None, progress: bool = False,
+                        guidance: float, scheduler: Optional[str] = None, callback=None, progress: bool = False,
                         cache: Optional[StagePlan] = None, evaluations: Optional[Evaluations] = None) -> torch.Tensor:
         """Motion DiT loop: noise (B, D, L, H'+W') -> motion latents for content frames (B, C, h, w) and
         pooled text (B, d). CFG on the text only: the unconditional half gets the learned null text,
-        both halves see the same content frame. ``cache``, ``evaluations``: as :meth:`generate_content`."""
+        both halves see the same content frame. ``scheduler``, ``cache``, ``evaluations``: as
+        :meth:`generate_content`."""
         content = content.to(self.dtype)
         if guidance > 1.0:
             null = self.model.motion_dit.null_text.to(self.dtype)[None].expand(pooled.shape[0], -1)
@@ -438,6 +364,7 @@ class CMDPipeline:
         if cache is not None and cache.dynamic:
             step = DynamicStep("dit", self.backend.network_parts("dit"), cache, noise.shape[0], guidance, evaluations)
             dynamic = lambda i, batch, t: step(i, batch, t, frames[: len(batch)], text[: len(batch)])  # noqa: E731
+        scheduler = scheduler or self.config.sampling.scheduler
         return self._loop("motion", denoise, noise.to(self.device), steps, guidance, scheduler, callback, progress,
                           cache, dynamic, evaluations)
 
@@ -501,32 +428,106 @@ class CMDPipeline:
                  callback_on_step_end: Optional[Callable] = None, progress: bool = True,
                  cache: Optional[str] = None, cache_threshold: Optional[float] = None,
                  guidance_interval: Optional[Sequence[float]] = None) -> CMDPipelineOutput:
-        """Generate ``len(prompt) * num_videos_per_prompt * motion_variations`` videos.
+        r"""Generate ``len(prompt) * num_videos_per_prompt * motion_variations`` videos.
 
-        Defaults come from ``model.config`` (its own size) and its ``sampling``. ``num_frames``, ``height``,
-        ``width``: a size the model serves (``config.sizes``), or fewer frames than one has (its first
-        frames). ``image``: image-to-video, the image becomes the
-        content frame (the content model does not run). ``motion_variations``: motions per content
-        frame (the content model runs once for all of them). ``callback_on_step_end(pipe, step,
-        timestep, kwargs)`` runs after each step of both loops with ``kwargs = {"stage", "latents",
-        "num_steps"}``; a returned dict with "latents" replaces them.
+        Every argument is checked before any network runs (:meth:`check_inputs`, then :meth:`run`); a bad
+        one is a one-line ``ValueError`` (or ``TypeError`` for an image of the wrong type) naming it.
 
-        Fewer denoiser evaluations (:mod:`engine.cache`): ``cache="static"`` follows the model's calibrated
-        reuse schedule (any backend), ``cache="dynamic"`` skips a video's step when its first-block output
-        changed less than ``cache_threshold`` (eager and compile backends); ``cache_threshold`` with
-        "static" derives the schedule at that threshold. ``guidance_interval=(start, end)``: CFG only on
-        the steps starting in that fraction of each loop, the conditional half alone elsewhere.
-        ``output.evaluations`` counts what ran."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
+        Args:
+            prompt (`str` or `List[str]`):
+                The text of each video.
+            negative_prompt (`str` or `List[str]`, *optional*):
+                What the content frame should not show: the unconditional half of the content UNet's
+                classifier-free guidance (default: the empty prompt). One, or one per prompt.
+            num_frames (`int`, *optional*), height (`int`, *optional*), width (`int`, *optional*):
+                The clip size in pixels, default the model's own (``config.num_frames`` x ``height`` x
+                ``width``): a size the model serves (``config.sizes``), or fewer frames than one has (its
+                first frames are returned).
+            num_inference_steps (`int`, *optional*):
+                Denoising steps of the content UNet, 1 to its training timesteps (default
+                ``config.sampling.steps``).
+            motion_steps (`int`, *optional*):
+                Denoising steps of the motion DiT (default ``config.sampling.motion_steps``, else
+                ``num_inference_steps``).
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance scale of the content UNet, >= 0; <= 1 runs the conditional branch
+                alone (default ``config.sampling.guidance``).
+            motion_guidance_scale (`float`, *optional*):
+                Guidance scale of the motion DiT, on the text only (its unconditional half gets the learned
+                null text and the same content frame; default ``config.sampling.motion_guidance``, else
+                ``guidance_scale``).
+            scheduler (`str`, *optional*):
+                "ddim" or "dpm" (DPM-Solver++ 2M), :mod:`engine.schedulers` (default
+                ``config.sampling.scheduler``).
+            num_videos_per_prompt (`int`, defaults to 1):
+                Videos per prompt, each with its own noise.
+            generator (`int`, `torch.Generator` or `List[torch.Generator]`, *optional*):
+                A seed (prompt i gets seed + i), one generator, or one per prompt. Noise is drawn on the CPU
+                per prompt, so a prompt's video does not depend on its batch or the device.
+            image (*optional*):
+                Image-to-video: the image becomes the content frame (the content UNet does not run). Any form
+                :meth:`image_pixels` takes (a path, a PIL image, an array or tensor; one, or one per prompt).
+            motion_variations (`int`, defaults to 1):
+                Motions per content frame (the content UNet runs once for all of them).
+            output_type (`str`, defaults to "np"):
+                "np": ``frames`` (B, L, H, W, 3) float32 numpy in [0, 1]; "pt": (B, L, 3, H, W) torch in [0, 1];
+                "latent": no decode, ``frames`` is None.
+            callback_on_step_end (`Callable`, *optional*):
+                ``callback_on_step_end(pipe, step, timestep, kwargs)`` after each step of both loops with
+                ``kwargs = {"stage", "latents", "num_steps"}``; a returned dict with "latents" replaces them.
+            progress (`bool`, defaults to True):
+                A progress bar per denoising loop.
+            cache (`str`, *optional*):
+                Fewer denoiser evaluations (:mod:`engine.cache`): "static" follows the model's calibrated
+                reuse schedule (any backend); "dynamic" skips a video's step when its first-block output
+                changed less than ``cache_threshold`` (eager and compile backends). None: every step runs.
+            cache_threshold (`float`, *optional*):
+                With "static", derive the schedule at this threshold; with "dynamic", the relative change
+                below which a step is skipped (default: the model's calibrated one).
+            guidance_interval (`Tuple[float, float]`, *optional*):
+                ``(start, end)``: CFG only on the steps starting in that fraction of each loop, the
+                conditional half alone elsewhere.
+
+        Returns:
+            [`CMDPipelineOutput`]: ``frames``, the ``content`` and ``motion`` latents, ``timings`` (seconds
+            per stage), ``prompts`` and ``evaluations`` (what the denoisers ran). Batch order: prompt, then
+            video of that prompt, then motion variation.
+        """
+        _check_output_type(output_type)
         prompts = _prompt_list("prompt", prompt)
         req = self.check_inputs(len(prompts), image is not None, output_type, num_frames=num_frames, height=height,
                                 width=width, num_inference_steps=num_inference_steps, motion_steps=motion_steps,
                                 guidance_scale=guidance_scale, motion_guidance_scale=motion_guidance_scale,
                                 scheduler=scheduler, num_videos_per_prompt=num_videos_per_prompt,
-                                motion_variations=motion_variations)
-        cache_plan = plan_cache(self.config, req.scheduler, req.steps, req.motion_steps, cache, cache_threshold,
-                                guidance_interval, self.backend, content=image is None)
+                                motion_variations=motion_variations, cache=cache, cache_threshold=cache_threshold,
+                                guidance_interval=guidance_interval)
+        return self._generate(req, prompts, negative_prompt, generator, image, output_type, callback_on_step_end,
+                              progress)
+
+    @torch.no_grad()
+    def run(self, request: Request, prompt: Union[str, List[str]], negative_prompt: Union[None, str, List[str]] = None,
+            generator: Generator = None, image=None, output_type: str = "np",
+            callback_on_step_end: Optional[Callable] = None, progress: bool = True) -> CMDPipelineOutput:
+        """Generate the videos of a validated ``request`` (:func:`engine.request.check_request` against this
+        pipeline's config, or :meth:`check_inputs`) for ``prompt``: what a CLI or a benchmark validates once
+        and runs many times. The other arguments are :meth:`__call__`'s; ``image`` must be given exactly
+        when the request is ``image_to_video``. Checks, before any network runs, only what the request cannot
+        know: the prompts, image and generator, and this backend (:meth:`check_backend`)."""
+        if not isinstance(request, Request):
+            raise TypeError(f"request must be an engine.request.Request (check_request), got {type(request).__name__}")
+        prompts = _prompt_list("prompt", prompt)
+        if (image is not None) != request.image_to_video:
+            raise ValueError(f"the request was checked for {'image' if request.image_to_video else 'text'}-to-video "
+                             f"(image_to_video={request.image_to_video}), but image is "
+                             f"{'missing' if image is None else 'given'}")
+        self.check_backend(request, len(prompts), output_type)
+        return self._generate(request, prompts, negative_prompt, generator, image, output_type, callback_on_step_end,
+                              progress)
+
+    def _generate(self, req: Request, prompts: List[str], negative_prompt, generator: Generator, image,
+                  output_type: str, callback_on_step_end: Optional[Callable], progress: bool) -> CMDPipelineOutput:
+        """The generation of a checked request; the per-call inputs (image, generators, negative prompts) are
+        checked first."""
         pixels = self.image_pixels(image, req.height, req.width, len(prompts)) if image is not None else None
         gens = _generators(generator, len(prompts))
         need_negative = image is None and req.guidance > 1.0
@@ -551,12 +552,12 @@ class CMDPipeline:
                 content = self.encode_image(pixels).repeat_interleave(v, 0)
             else:
                 content = self.generate_content(states, negative, content_noise, req.steps, req.guidance,
-                                                 req.scheduler, callback_on_step_end, progress, cache_plan.content,
+                                                 req.scheduler, callback_on_step_end, progress, req.cache_plan.content,
                                                  counts["content"])
         with timer.stage("motion"):
             motion = self.generate_motion(content.repeat_interleave(m, 0), pooled.repeat_interleave(m, 0),
                                           motion_noise, req.motion_steps, req.motion_guidance, req.scheduler,
-                                          callback_on_step_end, progress, cache_plan.motion, counts["motion"])
+                                          callback_on_step_end, progress, req.cache_plan.motion, counts["motion"])
         content = content.repeat_interleave(m, 0)
         frames = None
         if output_type != "latent":

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-        spec, device, dtype, kwargs = resolve_run(args)
+        spec, device, dtype, req = resolve_run(args)
         from engine.video_io import check_output_dir
 
         if not args.nsys:
@@ -61,22 +61,23 @@ def main(argv=None) -> int:
         from engine.pipeline import CMDPipeline
 
         pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=args.backend)
-        call = call_kwargs(args, kwargs)
+        pipe.check_backend(req, args.batch)
+        call = call_kwargs(args, req)
         for _ in range(args.warmup):
-            pipe(**call)
+            pipe.run(**call)
         cuda = device.type == "cuda"
         if args.nsys:
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.profiler.start()
-            result = pipe(**call)
+            result = pipe.run(**call)
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.profiler.stop()
         else:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
             with torch.profiler.profile(activities=activities) as prof:
-                result = pipe(**call)
+                result = pipe.run(**call)
             os.makedirs(args.out_dir, exist_ok=True)
             trace = os.path.join(args.out_dir, "trace.json")
             with atomic_path(trace, suffix=".json") as tmp:

@@ -139,7 +139,7 @@ def _plan(args):
 
     from engine.backends import get_backend
     from engine.default_model import resolve_model
-    from engine.pipeline import check_request, parse_device, parse_dtype
+    from engine.request import check_request, parse_device, parse_dtype
 
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     backend = get_backend(args.backend)  # unknown or not-installed backends fail here
@@ -153,18 +153,17 @@ def _plan(args):
     request = check_request(config, num_frames=args.frames, height=args.height, width=args.width,
                             num_inference_steps=steps, motion_steps=motion_steps, guidance_scale=args.guidance,
                             motion_guidance_scale=args.motion_guidance, scheduler=args.scheduler,
-                            num_videos_per_prompt=args.num_videos, motion_variations=args.motion_variations)
-    from engine.cache import plan_cache
-
-    plan_cache(config, request.scheduler, request.steps, request.motion_steps, args.cache, args.cache_threshold,
-               args.guidance_interval, backend, content=args.image is None)
+                            num_videos_per_prompt=args.num_videos, motion_variations=args.motion_variations,
+                            cache=args.cache, cache_threshold=args.cache_threshold,
+                            guidance_interval=args.guidance_interval, image_to_video=args.image is not None,
+                            backend=backend)
     image = None
     if args.image is not None:
         from engine.video_io import read_image
 
         image = read_image(args.image)
     outputs = _outputs(args, len(prompts), request.num_videos * request.motion_variations)
-    fps = args.fps if args.fps is not None else float(config.sampling.get("fps", 8))
+    fps = args.fps if args.fps is not None else float(config.sampling.fps)
     return dict(spec=spec, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
                 request=request, image=image, outputs=outputs, fps=fps)
 
@@ -201,13 +200,8 @@ def _prepare(args):
     pipe = CMDPipeline.from_pretrained(plan["spec"], device=plan["device"], dtype=plan["dtype"],
                                        backend=args.backend)
     _check_prompt_lengths(pipe.text_encoder, plan, args)
-    req = plan["request"]
     # The backend's limits (exported graphs' sizes and batches) for the largest batch, before any work.
-    pipe.check_inputs(min(args.batch_size, len(plan["prompts"])), plan["image"] is not None,
-                      num_frames=req.num_frames, height=req.height, width=req.width, num_inference_steps=req.steps,
-                      motion_steps=req.motion_steps, guidance_scale=req.guidance,
-                      motion_guidance_scale=req.motion_guidance, scheduler=req.scheduler,
-                      num_videos_per_prompt=req.num_videos, motion_variations=req.motion_variations)
+    pipe.check_backend(plan["request"], min(args.batch_size, len(plan["prompts"])))
     return plan, pipe
 
 
@@ -235,20 +229,13 @@ def run(args, info=None) -> List[dict]:
 
     from engine.video_io import write_video
 
-    req = plan["request"]
     jobs = [Job(i, prompt, args.seed + i, plan["outputs"][i], plan["lines"][i])
             for i, prompt in enumerate(plan["prompts"])]
 
     def generate(group):
         # An int generator seeds prompt k of the call with seed + k: prompt i gets --seed + i.
-        result = pipe([job.prompt for job in group], negative_prompt=args.negative_prompt,
-                      num_frames=req.num_frames, height=req.height, width=req.width,
-                      num_inference_steps=req.steps, motion_steps=req.motion_steps, guidance_scale=req.guidance,
-                      motion_guidance_scale=req.motion_guidance, scheduler=req.scheduler,
-                      num_videos_per_prompt=req.num_videos, generator=group[0].seed, image=plan["image"],
-                      motion_variations=req.motion_variations, progress=not args.quiet and info.is_main,
-                      cache=args.cache, cache_threshold=args.cache_threshold,
-                      guidance_interval=args.guidance_interval)
+        result = pipe.run(plan["request"], [job.prompt for job in group], negative_prompt=args.negative_prompt,
+                          generator=group[0].seed, image=plan["image"], progress=not args.quiet and info.is_main)
         return result.frames, result.timings
 
     def write(path, frames):

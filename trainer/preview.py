@@ -19,6 +19,7 @@ import torch
 from engine.atomic import atomic_path
 from engine.models import CMDModel
 from engine.pipeline import CMDPipeline
+from engine.request import check_request
 
 
 def grid(rows) -> np.ndarray:
@@ -72,18 +73,17 @@ def preview(stage, net: torch.nn.Module, batch: Dict, seed: int = 0) -> np.ndarr
     inputs = stage.prepare(batch)
     content = inputs["content"]
     generator = torch.Generator().manual_seed(seed)
-    scheduler = cfg.sampling.get("scheduler", "ddim")
+    req = check_request(cfg)  # the config's sampling defaults
     if stage.name == "content":
         noise = torch.randn(content.shape, generator=generator)
-        xbar = pipe.generate_content(inputs["states"], inputs["null_states"], noise, int(cfg.sampling.get("steps", 25)),
-                                     float(cfg.sampling.get("guidance", 4.0)), scheduler)
+        xbar = pipe.generate_content(inputs["states"], inputs["null_states"], noise, req.steps, req.guidance,
+                                     req.scheduler)
         if cfg.space == "latent":
             return grid([_vae_decode(stage, content[:, None]), _vae_decode(stage, xbar[:, None])])
         return grid([content[:, None], xbar[:, None]])
 
     noise = torch.randn(inputs["motion"].shape, generator=generator)
-    z = pipe.generate_motion(content, inputs["pooled"], noise, int(cfg.sampling.get("motion_steps", 25)),
-                             float(cfg.sampling.get("motion_guidance", 2.0)), scheduler)
+    z = pipe.generate_motion(content, inputs["pooled"], noise, req.motion_steps, req.motion_guidance, req.scheduler)
     return grid([to_rgb((content, inputs["motion"])), to_rgb((content, z))])
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from engine.configs import TrainConfig
 from engine.models import CMDModel
 from engine.models.vae import encode_frames
 
@@ -100,7 +101,7 @@ class AutoencoderStage(Stage):
         recon = net(video).float()
         l1 = (recon - video).abs().mean()
         mse = (recon - video).pow(2).mean()
-        loss = self.hparams.get("l1_weight", 1.0) * l1 + self.hparams.get("mse_weight", 1.0) * mse
+        loss = self.hparams["l1_weight"] * l1 + self.hparams["mse_weight"] * mse
         return loss, {"l1": l1.item(), "mse": mse.item()}
 
 
@@ -175,7 +176,7 @@ class ContentStage(_DiffusionStage):
     def loss(self, net, inputs, generator):
         x0, states = inputs["content"], inputs["states"]
         x_t, t, target = self.noised(x0, generator)
-        drop = self.drop_mask(x0.shape[0], self.hparams.get("text_dropout", 0.1), generator)
+        drop = self.drop_mask(x0.shape[0], self.hparams["text_dropout"], generator)
         states = torch.where(drop[:, None, None], inputs["null_states"], states)
         pred = net(x_t, t, encoder_hidden_states=states).sample.float()
         return F.mse_loss(pred, target), {}
@@ -193,15 +194,18 @@ class MotionStage(_DiffusionStage):
     def loss(self, net, inputs, generator):
         z0, content, pooled = inputs["motion"], inputs["content"], inputs["pooled"]
         z_t, t, target = self.noised(z0, generator)
-        p = self.hparams.get("text_dropout", self.cfg.motion_dit.text_dropout)
-        drop = self.drop_mask(z0.shape[0], p, generator)
+        drop = self.drop_mask(z0.shape[0], self.hparams["text_dropout"], generator)
         pred = net(z_t, t, content, text=pooled, drop_text=drop).float()
         return F.mse_loss(pred, target), {}
 
 
 def make_stage(name: str, model: CMDModel, hparams: Dict[str, Any], device: torch.device, text=None,
                amp: bool = False, cache_encodings: bool = False) -> Stage:
-    """``amp``: bf16 autocast in the frozen encoders; ``cache_encodings``: keep (xbar, z) per clip index."""
+    """``hparams``: the stage's training hyper-parameters (``train.<stage>`` of the config); keys left out
+    take their defaults (:class:`engine.configs.StageTrainConfig`). ``amp``: bf16 autocast in the frozen
+    encoders; ``cache_encodings``: keep (xbar, z) per clip index."""
+    if name in STAGES:
+        hparams = dict(dataclasses.asdict(TrainConfig().stage(name)), **hparams)
     if name == "autoencoder":
         return AutoencoderStage(model, hparams, device, text, amp)
     if name == "content":

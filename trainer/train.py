@@ -27,6 +27,7 @@ of an uninterrupted run at the same step.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -50,15 +51,6 @@ from trainer.distributed import DistInfo, barrier, finish, gather_objects, init_
 from trainer.ema import EMA
 from trainer.stages import NETWORK_OF, STAGES, make_stage
 from trainer.text_cache import CaptionEmbeddings
-
-# Used where the config's train section leaves a value out.
-DEFAULTS = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "batch_size": 8, "steps": 1000,
-            "grad_clip": 1.0, "ema_decay": 0.999, "warmup_steps": 0, "checkpoint_every": 500, "log_every": 10}
-# bf16 autocast where it pays. Measured on our 2-core CPU (1 thread, CPU seconds per step, default config):
-# content UNet bs 32: 5.8 bf16 vs 8.6 fp32; motion DiT bs 32: equal; the autoencoder's narrow (96-wide)
-# matmuls bs 8: 1.35 bf16 vs 0.93 fp32, so it stays fp32 unless its config says otherwise.
-PRECISION = {"autoencoder": "fp32", "content": "bf16", "motion": "bf16"}
-
 
 class UsageError(ValueError):
     """Bad user input: reported as one line, exit code 2."""
@@ -104,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
-    """The stage's hyper-parameters: DEFAULTS < config train.<stage> < command-line flags."""
-    hp = dict(DEFAULTS, precision=PRECISION[args.stage])
-    hp.update(cfg.train.get(args.stage, {}))
+    """The stage's hyper-parameters: the config's ``train.<stage>`` (its defaults in
+    :class:`engine.configs.StageTrainConfig`) < command-line flags."""
+    hp = dataclasses.asdict(cfg.train.stage(args.stage))
     for key in ("steps", "batch_size", "lr", "precision", "checkpoint_every", "log_every"):
         value = getattr(args, key)
         if value is not None:
@@ -580,7 +572,7 @@ def train(args, info: DistInfo) -> TrainResult:
                 with ckpt.preserved_rng():  # samples draw nothing from the training's random states
                     write_samples(stage, ema, preview_batch,
                                   os.path.join(out, "samples", stage_name, f"step-{done:08d}"),
-                                  int(cfg.sampling.get("fps", 8)), log, done)
+                                  cfg.sampling.fps, log, done)
     if bar is not None:
         bar.close()
     log.write({"event": "done", "step": total, "model": model_dir, "skipped_clips": skipped,

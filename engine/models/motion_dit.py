@@ -44,7 +44,7 @@ class MotionDiT(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, *, motion_channels: int, content_channels: int, text_dim: int, depth: int, hidden_size: int,
-                 num_heads: int, patch_size: int, content_patch_size: int, mlp_ratio: float, text_dropout: float):
+                 num_heads: int, patch_size: int, content_patch_size: int, mlp_ratio: float):
         super().__init__()
         p, pc, d = patch_size, content_patch_size, hidden_size
         self.motion_embed = nn.Linear(p * p * motion_channels, d)  # PatchEmbed: conv with kernel = stride = p

@@ -66,3 +66,16 @@ def test_profile_writes_a_chrome_trace_with_the_stage_and_step_ranges(tmp_path, 
     assert "nsys profile" in out and "--capture-range=cudaProfilerApi" in out and "python -m engine.profile --nsys" in out
     assert [line.split()[0] for line in out.splitlines()[2:7]] == ["text", "content", "motion", "decode", "total"]
     assert sorted(os.listdir(out_dir)) == ["ops.txt", "trace.json"]
+
+
+def test_bench_cache_reads_a_prompts_file(tmp_path, capsys):
+    """Prompts from a file are its lines' text (each setting's requests validated once, then run per batch)."""
+    prompts = ["a red circle moving right", "a blue square moving up", "a white triangle moving left"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    assert bench.main(["cache", *SMALL, "--prompts-file", str(tmp_path / "prompts.txt"), "--settings",
+                       "none,none@0.5-1", "--batch", "2", "--json"]) == 0
+    report = _last_json(capsys.readouterr().out)
+    assert report["shape"]["videos"] == 3 and report["shape"]["steps"] == 2
+    fewer = report["settings"]["none@0.5-1"]["evaluations_per_video"]
+    assert report["settings"]["none"]["evaluations_per_video"]["content"] == 4  # 2 steps x CFG pair
+    assert fewer["content"] == 3  # CFG on the second step only

@@ -136,3 +136,39 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flag, value):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and value in err[0]
     assert not (tmp_path / "o" / "model").exists()
+
+
+def test_previews_sample_with_the_config_defaults(trained, monkeypatch):
+    """Preview loops take steps, guidance and scheduler from the config's sampling section by the request's
+    rule (motion values left out follow the content ones), as the engine samples."""
+    import random
+
+    import numpy as np
+
+    from engine.models.text import TextEncoder
+    from engine.pipeline import CMDPipeline
+    from trainer.preview import preview
+
+    seen = {}
+    for name in ("generate_content", "generate_motion"):
+        real = getattr(CMDPipeline, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            seen[_name] = args[3:6]  # steps, guidance, scheduler
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(CMDPipeline, name, spy)
+    out = trained[0]
+    model = CMDModel.from_pretrained(str(out / "model"))
+    guidance = round(random.uniform(1.5, 6.0), 3)
+    sampling = model.config.sampling
+    sampling.steps, sampling.motion_steps, sampling.guidance, sampling.motion_guidance = 2, None, guidance, None
+    text = CaptionEmbeddings(lambda: TextEncoder.from_config(model.config.text_encoder))
+    data = Indexed(SyntheticVideos(4, 4, 16, 16, seed=0))
+    batch = collate([data[i] for i in range(2)])
+    for stage_name in ("content", "motion"):
+        stage = make_stage(stage_name, model, {}, torch.device("cpu"), text)
+        frames = preview(stage, stage.network, batch)
+        assert frames.dtype == np.uint8 and frames.shape[-1] == 3
+    assert seen["generate_content"] == (2, guidance, sampling.scheduler)
+    assert seen["generate_motion"] == (2, guidance, sampling.scheduler)
