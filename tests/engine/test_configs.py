@@ -94,7 +94,7 @@ def test_bad_section_values_name_the_config():
     with pytest.raises(ValueError, match=r"train.motion: betas must be two numbers"):
         CMDConfig.from_dict(data)
     data["train"] = []
-    del data["motion_dit"]["text_dropout"]
+    data["motion_dit"].pop("text_dropout", None)
     with pytest.raises(ValueError, match=r"config 'tiny-test': train must be an object, got list"):
         CMDConfig.from_dict(data)
     data = dict(_data(), sampling=3)
@@ -134,7 +134,7 @@ def test_training_defaults_live_in_the_train_sections():
     with pytest.raises(ValueError, match=r"unknown training stage 'video'; choose from autoencoder, content, motion"):
         cfg.train.stage("video")
     p = round(random.uniform(0.01, 0.5), 4)
-    del data["motion_dit"]["text_dropout"]  # its older place (see below)
+    data["motion_dit"].pop("text_dropout", None)  # its older place (see below)
     data["train"] = {"motion": {"text_dropout": p}, "content": {"lr": 3e-4}}
     cfg = CMDConfig.from_dict(data)
     assert cfg.train.motion.text_dropout == p and cfg.train.content.text_dropout == DiffusionTrainConfig.text_dropout

@@ -200,7 +200,7 @@ def _edit(path, **changes):
 
 
 @pytest.mark.parametrize("where, edit, key", [
-    ("motion_dit/config.json", {"text_dropout": 0.3}, "text_dropout=0.3 but cmd_config.json has motion_dit.text_dropout=0.1"),
+    ("motion_dit/config.json", {"mlp_ratio": 3.0}, "mlp_ratio=3.0 but cmd_config.json has motion_dit.mlp_ratio=2.0"),
     ("cmd_config.json", {"autoencoder.num_heads": 1}, "autoencoder/config.json has num_heads=2 but cmd_config.json has "
                                                       "autoencoder.num_heads=1"),
     ("cmd_config.json", {"text_encoder.hidden_size": 48}, "motion_dit/config.json has text_dim=32 but cmd_config.json "
