@@ -52,6 +52,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from benchmarks.targets import check_paper  # noqa: E402
 from engine.atomic import atomic_path, check_output, write_json, write_text  # noqa: E402
 from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sample_baseline  # noqa: E402
+from engine.cli import Parser, fail, parse_or_exit  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.geometry import ClipSize, check_fits  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
@@ -69,11 +70,6 @@ TINY_BASELINE = {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "
                  "cross_attention_dim": 64}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def _int_list(text: str) -> List[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -89,7 +85,7 @@ def _name_list(text: str) -> List[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="sd21-512x1024", help="config name or JSON file")
     p.add_argument("--steps", type=int, default=50, help="content steps (default 50)")
     p.add_argument("--motion-steps", type=int, default=None, help="motion steps (default: --steps)")
@@ -111,15 +107,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON, table, plot")
     p.add_argument("--name", default=None, help="file stem (default: paper_scale-<device>-<UTC time>)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = parse_or_exit(p, argv)  # bad input: one line, exit 2
     for flag, value, low in (("--steps", args.steps, 1), ("--motion-steps", args.motion_steps, 1),
                              ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
         if value is not None and value < low:
-            p.error(f"argument {flag}: must be >= {low}, got {value}")
+            fail(f"argument {flag}: must be >= {low}, got {value}")
     try:
         check_output(args.out, folder=True)  # before the benchmark, not after it
     except ValueError as e:
-        p.error(str(e))
+        fail(str(e))
     args.motion_steps = args.motion_steps or args.steps
     if args.no_scaling:
         args.frames = []
@@ -458,35 +454,29 @@ def plot(report: dict, path: Path) -> Optional[str]:
     return str(path)
 
 
-def _fail(message: str) -> None:
-    """Bad input: one line on stderr, exit code 2 (as the engine's CLIs)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def run_benchmark(args) -> dict:
     try:
         device, dtype = parse_device(args.device), parse_dtype(args.dtype)
         cfg = load_config(args.config)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     guidance = cfg.sampling.guidance if args.guidance is None else args.guidance
     if guidance <= 1.0:
-        _fail(f"--guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
+        fail(f"--guidance must be > 1 (this benchmark measures CFG sampling), got {guidance}")
     args.guidance = guidance
     for frames in args.frames + (args.baseline_frames or []):
         try:
             check_fits(cfg, ClipSize(frames, cfg.height, cfg.width))
         except ValueError as e:
-            _fail(f"frame count {frames}: {e}")
+            fail(f"frame count {frames}: {e}")
     unknown = [b for b in args.backends if b not in ("eager", "compile", "cudagraph")]
     if unknown:
-        _fail(f"unknown backend {unknown[0]!r}; choose from eager, compile, cudagraph")
+        fail(f"unknown backend {unknown[0]!r}; choose from eager, compile, cudagraph")
     backends = [b for b in args.backends if not (b == "cudagraph" and device.type != "cuda")]
     for b in set(args.backends) - set(backends):
         print(f"[skip] backend {b!r} needs CUDA", flush=True)
     if not backends:
-        _fail("no backend left to run on this device")
+        fail("no backend left to run on this device")
 
     report = {"environment": environment(device),
               "settings": {"dtype": args.dtype, "steps": args.steps, "motion_steps": args.motion_steps,

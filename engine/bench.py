@@ -34,14 +34,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from engine.cli import Parser, read_prompts, run_main
+
 STAGES = ("text", "content", "motion", "decode", "vae")
 DEFAULT_CACHE_SETTINGS = ("none,static,static:0.3,dynamic:0.05,dynamic:0.1,dynamic:0.2,none@0.2-0.8,"
                           "static@0.2-0.8")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ValueError(message)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -378,7 +375,7 @@ def _cache_table(results: Dict[str, dict], flops: Optional[dict]) -> str:
 
 def main_cache(argv: List[str]) -> int:
     """``python -m engine.bench cache``: :func:`bench_cache` from the command line."""
-    parser = _Parser(prog="python -m engine.bench cache", description=bench_cache.__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m engine.bench cache", description=bench_cache.__doc__.split("\n\n")[0])
     add_run_args(parser)
     parser.add_argument("--settings", default=DEFAULT_CACHE_SETTINGS,
                         help="comma-separated MODE[:THRESHOLD][@START-END] (the first is the reference; default "
@@ -389,43 +386,37 @@ def main_cache(argv: List[str]) -> int:
                         "at this config's scale (e.g. sd21-512x1024)")
     parser.add_argument("--backend", default="eager", help="the backend every setting runs on (default eager)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON, the last line of stdout")
-    try:
-        args = parser.parse_args(argv)
-        spec, device, dtype, req = resolve_run(args)
-        settings = {}
-        for text in args.settings.split(","):
-            if text.strip():
-                settings[text.strip()] = parse_cache_setting(text)
-        if not settings:
-            raise ValueError("--settings lists no setting")
-        if args.prompts_file:
-            from engine.run import _read_prompts
+    return run_main(lambda: _run_cache(parser.parse_args(argv)))
 
-            prompts = [p for _, p in _read_prompts(args.prompts_file)]
-        else:
-            if args.num_prompts < 1:
-                raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-            prompts = [args.prompt] * args.num_prompts
-        from engine.backends import get_backend
-        from engine.pipeline import CMDPipeline
-        from engine.request import check_request
 
-        config = spec.load_config()
-        if "," in args.backend:
-            raise ValueError(f"--backend takes one backend, got {args.backend!r}")
-        backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
-        kwargs = request_kwargs(args)
-        for setting in settings.values():  # a setting the model cannot run fails here, before any weights load
-            check_request(config, backend=get_backend(backend), **kwargs, **setting)
-        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
-        results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
-        flops = cache_flops(args.flops_config, results) if args.flops_config else None
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+def _run_cache(args) -> int:
+    spec, device, dtype, req = resolve_run(args)
+    settings = {}
+    for text in args.settings.split(","):
+        if text.strip():
+            settings[text.strip()] = parse_cache_setting(text)
+    if not settings:
+        raise ValueError("--settings lists no setting")
+    if args.prompts_file:
+        prompts = [p for _, p in read_prompts(args.prompts_file)]
+    else:
+        if args.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+        prompts = [args.prompt] * args.num_prompts
+    from engine.backends import get_backend
+    from engine.pipeline import CMDPipeline
+    from engine.request import check_request
+
+    config = spec.load_config()
+    if "," in args.backend:
+        raise ValueError(f"--backend takes one backend, got {args.backend!r}")
+    backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
+    kwargs = request_kwargs(args)
+    for setting in settings.values():  # a setting the model cannot run fails here, before any weights load
+        check_request(config, backend=get_backend(backend), **kwargs, **setting)
+    pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
+    results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
+    flops = cache_flops(args.flops_config, results) if args.flops_config else None
     report = {"kind": "cache", "model": args.model, "backend": backend, "environment": _environment(device, dtype),
               "shape": {"videos": len(prompts), "batch": args.batch, "frames": req.num_frames, "height": req.height,
                         "width": req.width, "steps": req.steps, "motion_steps": req.motion_steps,
@@ -451,34 +442,30 @@ def main(argv=None) -> int:
             print(f"error: the FLOP counter (engine.flops) is not available in this version: {e}", file=sys.stderr)
             return 2
         return flops.main(argv[1:])
-    parser = _Parser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=("latency", "memory", "flops"))
     add_run_args(parser)
     parser.add_argument("--backends", default=None, help="comma-separated (default: eager,compile[,cudagraph])")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per backend (compile, capture)")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per backend")
     parser.add_argument("--json", action="store_true", help="print the result as JSON, the last line of stdout")
-    try:
-        args = parser.parse_args(argv)
-        if args.warmup < 0 or args.iters < 1:
-            raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {args.warmup} and {args.iters}")
-        spec, device, dtype, req = resolve_run(args)
-        names = _backends(args.backends, device)
-        from engine.pipeline import CMDPipeline
+    return run_main(lambda: _run_backends(parser.parse_args(argv)))
 
-        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)
-        pipe.check_backend(req, args.batch)
-        call = call_kwargs(args, req)
-        if args.kind == "latency":
-            results = bench_latency(pipe, names, call, args.warmup, args.iters)
-        else:
-            results = bench_memory(pipe, names, call, args.warmup)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+
+def _run_backends(args) -> int:
+    if args.warmup < 0 or args.iters < 1:
+        raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {args.warmup} and {args.iters}")
+    spec, device, dtype, req = resolve_run(args)
+    names = _backends(args.backends, device)
+    from engine.pipeline import CMDPipeline
+
+    pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)
+    pipe.check_backend(req, args.batch)
+    call = call_kwargs(args, req)
+    if args.kind == "latency":
+        results = bench_latency(pipe, names, call, args.warmup, args.iters)
+    else:
+        results = bench_memory(pipe, names, call, args.warmup)
     report = {"kind": args.kind, "model": args.model, "environment": _environment(device, dtype),
               "shape": {"batch": args.batch, "frames": req.num_frames, "height": req.height, "width": req.width,
                         "steps": req.steps, "motion_steps": req.motion_steps, "scheduler": req.scheduler,

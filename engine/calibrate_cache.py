@@ -21,7 +21,6 @@ Prompts: ``--prompts-file`` (one a line), else those of the model's last calibra
 combinations only, so that evaluations on held-out combinations stay held out).
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -35,6 +34,7 @@ from engine.atomic import atomic_path
 from engine.backends.base import Backend
 from engine.cache import (CONFIG_KEY, DEFAULT_DYNAMIC_THRESHOLD, DEFAULT_REUSE, REUSE_MODES, cache_data,
                           check_threshold, guide, relative_change, schedule_from_change, schedule_key)
+from engine.cli import Parser, read_prompts, run_main
 
 DEFAULT_THRESHOLD = 0.15
 DEFAULT_PROMPTS = (
@@ -167,27 +167,15 @@ def write_cache_data(model_dir: str, data: Dict) -> str:
     return path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ValueError(message)
-
-
 def _prompts(args, config) -> List[str]:
     if args.prompts_file:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts = [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise ValueError(f"cannot read prompts file {args.prompts_file!r}: {e}") from None
-        if not prompts:
-            raise ValueError(f"no prompts in {args.prompts_file!r}")
-        return prompts
+        return [p for _, p in read_prompts(args.prompts_file)]
     previous = ((cache_data(config) or {}).get("calibration") or {}).get("prompts")
     return list(previous) if previous else list(DEFAULT_PROMPTS)
 
 
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m engine.calibrate_cache", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m engine.calibrate_cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a CMD model folder ('default': the shipped one)")
     p.add_argument("--prompts-file", help="calibration prompts, one a line (default: the last calibration's, "
                    "else built-in ones)")
@@ -202,38 +190,34 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dry-run", action="store_true", help="print the schedules, write nothing")
-    try:
-        args = p.parse_args(argv)
-        from engine.default_model import resolve_model
+    return run_main(lambda: _calibrate(p.parse_args(argv)), interrupted="interrupted; nothing was written")
 
-        spec = resolve_model(args.model)
-        if spec.is_random:
-            raise ValueError("calibrate a model folder: random weights have no folder to write the schedule into")
-        config = spec.load_config()
-        if args.threshold is not None:
-            check_threshold(args.threshold)
-        if args.dynamic_threshold is not None:
-            check_threshold(args.dynamic_threshold)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        from engine.request import check_request
 
-        check_request(config, num_inference_steps=args.steps, motion_steps=args.motion_steps, scheduler=args.scheduler)
-        if not os.access(os.path.join(spec.path, "cmd_config.json"), os.W_OK) and not args.dry_run:
-            raise ValueError(f"cannot write {os.path.join(spec.path, 'cmd_config.json')!r}")
-        prompts = _prompts(args, config)
+def _calibrate(args) -> int:
+    from engine.default_model import resolve_model
 
-        from engine.pipeline import CMDPipeline
+    spec = resolve_model(args.model)
+    if spec.is_random:
+        raise ValueError("calibrate a model folder: random weights have no folder to write the schedule into")
+    config = spec.load_config()
+    if args.threshold is not None:
+        check_threshold(args.threshold)
+    if args.dynamic_threshold is not None:
+        check_threshold(args.dynamic_threshold)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from engine.request import check_request
 
-        pipe = CMDPipeline.from_pretrained(spec)
-        data = calibrate(pipe, prompts, args.threshold, args.reuse, args.dynamic_threshold, args.seed,
-                         args.scheduler, args.steps, args.motion_steps, args.batch_size)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    check_request(config, num_inference_steps=args.steps, motion_steps=args.motion_steps, scheduler=args.scheduler)
+    if not os.access(os.path.join(spec.path, "cmd_config.json"), os.W_OK) and not args.dry_run:
+        raise ValueError(f"cannot write {os.path.join(spec.path, 'cmd_config.json')!r}")
+    prompts = _prompts(args, config)
+
+    from engine.pipeline import CMDPipeline
+
+    pipe = CMDPipeline.from_pretrained(spec)
+    data = calibrate(pipe, prompts, args.threshold, args.reuse, args.dynamic_threshold, args.seed,
+                     args.scheduler, args.steps, args.motion_steps, args.batch_size)
     req = pipe.check_inputs(num_inference_steps=args.steps, motion_steps=args.motion_steps, scheduler=args.scheduler)
     for stage, n in (("content", req.steps), ("motion", req.motion_steps)):
         key = schedule_key(req.scheduler, n)

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.baseline import BASELINE_NAME, MODELSCOPE_UNET3D_CONFIG, TEXT_TOKENS, build_baseline_unet
+from engine.cli import Parser, run_main
 from engine.configs import CMDConfig, load_config
 from engine.geometry import ClipSize, frame_step
 from engine.models import CMDModel
@@ -325,13 +326,6 @@ def _paper_gap(result: dict, key: str) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad input: one line naming the bad value, exit code 2, no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -365,22 +359,22 @@ def _format_table(r: dict) -> str:
 
 def main(argv=None) -> int:
     """``python -m engine.flops`` / ``python -m engine.bench flops``: ``argv`` is what follows ``flops``."""
-    parser = _Parser(prog="python -m engine.bench flops", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m engine.bench flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=PAPER_CONFIG, help="config name or JSON file (default: %(default)s)")
     parser.add_argument("--steps", type=_positive_int, default=50, help="sampling steps of both denoisers")
     parser.add_argument("--accounting", choices=ACCOUNTINGS, default="paper")
     parser.add_argument("--frames", type=_positive_int, default=None, help="frames per video (default: the config's)")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON, the last line of stdout")
-    args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = parser.parse_args(argv)
         result = count_flops(args.config, steps=args.steps, accounting=args.accounting, frames=args.frames)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(_format_table(result))
-    if args.json:
-        print(json.dumps(result))
-    return 0
+        print(_format_table(result))
+        if args.json:
+            print(json.dumps(result))
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ ranges. ``--nsys`` is the mode that command uses: no torch.profiler, and the mea
 ``cudaProfilerStart/Stop`` so that nsys records the steady state only.
 """
 
-import argparse
 import os
 import shlex
 import sys
 
 from engine.atomic import atomic_path, write_text
-from engine.bench import STAGES, _Parser, add_run_args, call_kwargs, resolve_run
+from engine.bench import STAGES, add_run_args, call_kwargs, resolve_run
+from engine.cli import Parser, run_main
 
 
 def nsys_command(argv) -> str:
@@ -39,7 +39,7 @@ def _stage_table(timings) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(prog="python -m engine.profile", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m engine.profile", description=__doc__.split("\n\n")[0])
     add_run_args(parser)
     parser.add_argument("--backend", default="eager")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (compile, capture)")
@@ -47,50 +47,46 @@ def main(argv=None) -> int:
     parser.add_argument("--row-limit", type=int, default=25, help="operators in the table")
     parser.add_argument("--nsys", action="store_true", help="run under nsys: no torch.profiler, "
                         "cudaProfilerStart/Stop around the measured call")
-    try:
-        args = parser.parse_args(argv)
-        if args.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-        spec, device, dtype, req = resolve_run(args)
-        from engine.video_io import check_output_dir
+    return run_main(lambda: _profile(parser.parse_args(argv), argv))
 
-        if not args.nsys:
-            check_output_dir(args.out_dir, create=True)
-        import torch
 
-        from engine.pipeline import CMDPipeline
+def _profile(args, argv) -> int:
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    spec, device, dtype, req = resolve_run(args)
+    from engine.video_io import check_output_dir
 
-        pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=args.backend)
-        pipe.check_backend(req, args.batch)
-        call = call_kwargs(args, req)
-        for _ in range(args.warmup):
-            pipe.run(**call)
-        cuda = device.type == "cuda"
-        if args.nsys:
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.profiler.start()
+    if not args.nsys:
+        check_output_dir(args.out_dir, create=True)
+    import torch
+
+    from engine.pipeline import CMDPipeline
+
+    pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=args.backend)
+    pipe.check_backend(req, args.batch)
+    call = call_kwargs(args, req)
+    for _ in range(args.warmup):
+        pipe.run(**call)
+    cuda = device.type == "cuda"
+    if args.nsys:
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.profiler.start()
+        result = pipe.run(**call)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.profiler.stop()
+    else:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
             result = pipe.run(**call)
-            if cuda:
-                torch.cuda.synchronize(device)
-                torch.cuda.profiler.stop()
-        else:
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-            with torch.profiler.profile(activities=activities) as prof:
-                result = pipe.run(**call)
-            os.makedirs(args.out_dir, exist_ok=True)
-            trace = os.path.join(args.out_dir, "trace.json")
-            with atomic_path(trace, suffix=".json") as tmp:
-                prof.export_chrome_trace(tmp)
-            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-            ops = prof.key_averages().table(sort_by=sort, row_limit=args.row_limit)
-            write_text(os.path.join(args.out_dir, "ops.txt"), ops)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        os.makedirs(args.out_dir, exist_ok=True)
+        trace = os.path.join(args.out_dir, "trace.json")
+        with atomic_path(trace, suffix=".json") as tmp:
+            prof.export_chrome_trace(tmp)
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        ops = prof.key_averages().table(sort_by=sort, row_limit=args.row_limit)
+        write_text(os.path.join(args.out_dir, "ops.txt"), ops)
     print(f"profile: {args.model}, backend {args.backend}, {device} ({str(dtype).replace('torch.', '')}), "
           f"batch {args.batch}")
     print(_stage_table(result.timings))

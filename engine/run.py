@@ -19,20 +19,15 @@ import math
 import os
 import signal
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
+
+from engine.cli import Parser, one_line, read_prompts, run_main
 
 DEVICES_HELP = "cpu, cuda or cuda:N"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (raised as ValueError; main prints them and exits 2)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m engine.run", description="Generate videos from text with a CMD model.")
+    p = Parser(prog="python -m engine.run", description="Generate videos from text with a CMD model.")
     src = p.add_argument_group("prompts and outputs")
     src.add_argument("--prompt", help="the text of one video (or several with --num-videos)")
     src.add_argument("--prompts-file", help="a text file, one prompt a line (blank lines skipped); needs --out-dir")
@@ -80,20 +75,6 @@ def _count(flag: str, value: Optional[float]) -> Optional[int]:
     if not math.isfinite(value) or value != int(value) or value < 1:
         raise ValueError(f"{flag} must be a whole number >= 1, got {value:g}")
     return int(value)
-
-
-def _read_prompts(path: str) -> List[Tuple[int, str]]:
-    """(line number from 1, prompt) for each non-blank line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
-    except FileNotFoundError:
-        raise ValueError(f"prompts file not found: {path!r}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts file {path!r}: {e}") from None
-    if not prompts:
-        raise ValueError(f"no prompts in {path!r}")
-    return prompts
 
 
 def _outputs(args, n_prompts: int, per_prompt: int) -> List[List[str]]:
@@ -146,7 +127,7 @@ def _plan(args):
     if backend.name == "cudagraph" and device.type != "cuda":
         raise ValueError(f"backend 'cudagraph' needs --device cuda, got --device {args.device}")
 
-    numbered = [(None, args.prompt)] if args.prompt is not None else _read_prompts(args.prompts_file)
+    numbered = [(None, args.prompt)] if args.prompt is not None else read_prompts(args.prompts_file)
     prompts = [p for _, p in numbered]
     spec = resolve_model(args.model)
     config = spec.load_config()
@@ -173,10 +154,6 @@ def _format_timings(timings: Dict[str, float]) -> str:
     parts = [f"{k} {timings[k]:.3f}" for k in order if k in timings]
     total = sum(v for k, v in timings.items() if k != "total")
     return "timings (s): " + " | ".join(parts + [f"total {total:.3f}"])
-
-
-def _one_line(error: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def _check_prompt_lengths(encoder, plan, args) -> None:
@@ -219,7 +196,7 @@ def run(args, info=None) -> List[dict]:
     except Exception as e:  # noqa: BLE001 -- under torchrun every rank must hear of it; see below
         if not info.enabled:
             raise
-        error = (isinstance(e, (ValueError, FileNotFoundError)), _one_line(e))
+        error = (isinstance(e, (ValueError, FileNotFoundError)), one_line(e))
     if info.enabled:
         failed = first_error(error, info)
         if failed is not None:
@@ -302,31 +279,21 @@ def main(argv=None) -> int:
     torchrun = "WORLD_SIZE" in os.environ
     # Every rank finds the same bad input; rank 0 alone says so.
     speak = not torchrun or os.environ.get("RANK", "0") == "0"
-    info, code = None, 0
-    try:
+    joined = []
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         info = _join(args)
-        records = run(args, info)
-        code = _report(args, info, records, torchrun)
-    except (ValueError, FileNotFoundError) as e:
-        if speak:
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        if speak:
-            print("error: interrupted; no partial file was left", file=sys.stderr)
-        code = 130
-    except Exception:  # noqa: BLE001 -- under torchrun: report it, then leave the group (below)
-        if not torchrun:
-            raise
-        import traceback
+        joined.append(info)
+        return _report(args, info, run(args, info), torchrun)
 
-        traceback.print_exc()
-        code = 1
-    if info is not None:
+    # Under torchrun any other failure is reported (traceback) and the rank still leaves the group (below).
+    code = run_main(body, interrupted="interrupted; no partial file was left", speak=speak,
+                    crash_code=1 if torchrun else None)
+    if joined:
         from engine.distributed import finish
 
-        finish(info, code)  # leaves the process group; ends a torchrun worker at once (DESIGN 8)
+        finish(joined[0], code)  # leaves the process group; ends a torchrun worker at once (DESIGN 8)
     return code
 
 

@@ -14,9 +14,11 @@ import argparse
 import sys
 from typing import List, Optional
 
+from engine.cli import Parser, run_main
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", description="ONNX export, checks, TensorRT plans")
+    parser = Parser(prog="python -m export", description="ONNX export, checks, TensorRT plans")
     sub = parser.add_subparsers(dest="command", required=True)
 
     onnx = sub.add_parser("onnx", help="export every network of a model to ONNX")
@@ -124,12 +126,11 @@ def _cmd_tensorrt(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
+    def body() -> int:
+        args = _parser().parse_args(argv)
         return {"onnx": _cmd_onnx, "check": _cmd_check, "tensorrt": _cmd_tensorrt}[args.command](args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ then the diffusion stages were trained on other content frames and motion latent
         --motion runs/motion/model --out my-model [--config default]
 """
 
-import argparse
 import sys
 from typing import List, Optional
 
 import torch
 
+from engine.cli import Parser, run_main
 from engine.configs import load_config
 from engine.models import CMDModel
 
@@ -39,20 +39,20 @@ def compose(autoencoder: str, content: str, motion: str, out: str, config: Optio
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.compose", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m trainer.compose", description=__doc__.split("\n\n")[0])
     p.add_argument("--autoencoder", required=True, help="model folder whose autoencoder to take")
     p.add_argument("--content", required=True, help="model folder whose content UNet to take")
     p.add_argument("--motion", required=True, help="model folder whose motion DiT to take")
     p.add_argument("--out", required=True, help="the new model folder (written atomically)")
     p.add_argument("--config", help="config of the result (default: the content folder's)")
-    args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = p.parse_args(argv)
         compose(args.autoencoder, args.content, args.motion, args.out, args.config)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
+        print(f"wrote {args.out}")
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

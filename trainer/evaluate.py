@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.atomic import check_output, write_json
+from engine.cli import Parser, run_main
 from engine.distributed import DistInfo, finish, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
@@ -109,7 +110,7 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], seed: int, ba
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description="Evaluate a CMD model folder")
+    p = Parser(prog="python -m trainer.evaluate", description="Evaluate a CMD model folder")
     p.add_argument("--model", required=True, help="CMD model folder (written by trainer.train)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a video folder (captions CSV / UCF-101)")
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")
@@ -284,10 +285,11 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     info = DistInfo()
-    code = 0
-    try:
+
+    def body() -> int:
+        nonlocal info
+        args = build_parser().parse_args(argv)
         if args.out:
             check_output(args.out)  # before the evaluation, not after it
         info = init_distributed(args.device)
@@ -297,9 +299,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps(summary, indent=1))
             if args.out:
                 write_json(args.out, results, indent=1)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        return 0
+
+    code = run_main(body)  # bad input: one line, exit 2; Ctrl-C: exit 130
     finish(info, code)
     return code
 

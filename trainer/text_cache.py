@@ -11,7 +11,6 @@ MiniLM package) the trainer runs from such a file alone, computed on a CPU machi
     python -m trainer.text_cache --config default --data synthetic --num-clips 20000 --out captions.safetensors
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.atomic import atomic_path
+from engine.cli import Parser, run_main
 
 
 class CaptionEmbeddings:
@@ -103,25 +103,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     from engine.models.text import TextEncoder
     from trainer.data import SyntheticVideos
 
-    parser = argparse.ArgumentParser(description="Precompute caption embeddings of the synthetic data set")
+    parser = Parser(prog="python -m trainer.text_cache",
+                    description="Precompute caption embeddings of the synthetic data set")
     parser.add_argument("--config", default="default")
     parser.add_argument("--data", default="synthetic", choices=["synthetic"])
     parser.add_argument("--num-clips", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
+        args = parser.parse_args(argv)
         cfg = load_config(args.config)
         data = SyntheticVideos(args.num_clips, cfg.num_frames, cfg.height, cfg.width, seed=args.seed)
         captions = sorted({data[i]["caption"] for i in range(len(data))} | {""})
         cache = CaptionEmbeddings(lambda: TextEncoder.from_config(cfg.text_encoder))
         cache.add(captions)
         cache.save(args.out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(captions)} captions -> {args.out}")
-    return 0
+        print(f"{len(captions)} captions -> {args.out}")
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

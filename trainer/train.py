@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from engine.cli import Parser, UsageError, run_main
 from engine.configs import CMDConfig, load_config
 from engine.models import CMDModel
 from engine.models.bundle import CONFIG_FILE, build_motion_dit
@@ -52,12 +53,8 @@ from trainer.ema import EMA
 from trainer.stages import NETWORK_OF, STAGES, make_stage
 from trainer.text_cache import CaptionEmbeddings
 
-class UsageError(ValueError):
-    """Bad user input: reported as one line, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
     p.add_argument("--stage", required=True, choices=STAGES)
     p.add_argument("--config", help="config name or JSON file (default: the --init folder's, else 'default')")
     p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos with captions.csv, "
@@ -593,17 +590,18 @@ def write_samples(stage, ema: EMA, batch, path: str, fps: int, log: RunLog, step
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     info = DistInfo()
-    code = 0
-    try:
+
+    def body() -> int:
+        nonlocal info
+        args = build_parser().parse_args(argv)
         info = init_distributed(args.device)
         result = train(args, info)
         if info.is_main:
             print(f"model folder: {result.model_dir}")
-    except (UsageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        return 0
+
+    code = run_main(body)  # bad input: one line, exit 2; Ctrl-C: exit 130
     finish(info, code)
     return code
 
