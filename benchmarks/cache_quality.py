@@ -32,10 +32,11 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: the packages l
 import torch  # noqa: E402
 
 from engine.atomic import check_output, write_json  # noqa: E402
-from engine.bench import (DEFAULT_CACHE_SETTINGS, _environment, _jsonable, bench_cache, cache_flops,  # noqa: E402
+from engine.bench import (DEFAULT_CACHE_SETTINGS, _jsonable, bench_cache, cache_flops,  # noqa: E402
                           parse_cache_setting)
 from engine.pipeline import CMDPipeline  # noqa: E402
 from trainer.data import prompts_for  # noqa: E402
+from kernels.measure import environment  # noqa: E402
 from trainer.evaluate import attribute_accuracy  # noqa: E402
 
 PARAPHRASE = (False, True)  # each split's prompts canonical, then paraphrased
@@ -110,8 +111,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    env = _environment(pipe.device, pipe.dtype)
-    env["cpu_count"] = os.cpu_count()
+    env = environment(pipe.device, pipe.dtype)
     env["load_average_1_5_15_before"] = [round(v, 2) for v in load_before]
     env["load_average_1_5_15_after"] = [round(v, 2) for v in load_after]
     env["platform"] = platform.platform()

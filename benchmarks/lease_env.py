@@ -4,36 +4,21 @@
     python -m benchmarks.lease_env requirements DIST ...    # are DIST's requirements met here? (JSON)
 
 ``env`` measures the two ceilings the kernels are set against, in this run: on CUDA with
-:func:`kernels.bench.ceilings` (a 1 GiB device copy, read + write, and an 8192^3 bf16 matmul, both timed as
+:func:`kernels.measure.ceilings` (a 1 GiB device copy, read + write, and an 8192^3 bf16 matmul, both timed as
 CUDA-graph replays); on a CPU (the lease's dry run) a small wall-clock copy and float32 matmul, labelled as
 such, which say nothing about a GPU.
 """
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from engine.atomic import write_json
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _version(dist: str) -> Optional[str]:
-    """The installed version of a distribution, read from its metadata (importing transformers alone
-    would take seconds); None when it is not installed."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _run(cmd: List[str], timeout: float = 20) -> Optional[str]:
@@ -56,56 +41,32 @@ def nvidia_smi() -> Optional[Dict[str, str]]:
     return dict(zip(fields, values))
 
 
-def cpu_ceilings(repeats: int = 5) -> Dict[str, float]:
-    """The dry run's stand-in for :func:`kernels.bench.ceilings`: copy GB/s (read + write) of 64 MiB and
-    float32 matmul TFLOP/s at 512^3, best of ``repeats`` wall-clock runs on this CPU."""
-    import torch
-
-    src = torch.randn(1 << 24)  # 64 MiB of float32
-    dst = torch.empty_like(src)
-    n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    copy_s, mm_s = best(lambda: dst.copy_(src)), best(lambda: a @ b)
-    return {"copy_gbps": 2 * src.numel() * 4 / copy_s / 1e9, "matmul_tflops": 2 * n ** 3 / mm_s / 1e12}
-
-
 def environment() -> dict:
-    """Device, driver, versions and the ceilings measured now (stage a of the lease)."""
+    """Device, driver, versions and the ceilings measured now (stage a of the lease):
+    :func:`kernels.measure.environment` with the lease's settings (``CMD_AUTOTUNE``, ``TRITON_CACHE_DIR``,
+    ``TRITON_INTERPRET``), the card's properties and nvidia-smi's driver on CUDA, and
+    :func:`kernels.measure.ceilings`."""
     import torch
+
+    from kernels import measure
 
     cuda = torch.cuda.is_available()
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "triton": _version("triton"), "numpy": _version("numpy"), "diffusers": _version("diffusers"),
-           "transformers": _version("transformers"), "git_rev": _run(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
-           "cmd_autotune": os.environ.get("CMD_AUTOTUNE"), "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR"),
-           "triton_interpret": os.environ.get("TRITON_INTERPRET"), "device_type": "cuda" if cuda else "cpu",
-           "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    device = torch.device("cuda" if cuda else "cpu")
+    env = dict(measure.environment(device), cmd_autotune=os.environ.get("CMD_AUTOTUNE"),
+               triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"), triton_interpret=os.environ.get("TRITON_INTERPRET"))
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        env.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+        env.update(capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    memory_gb=round(props.total_memory / 1e9, 1), nvidia_smi=nvidia_smi())
         env["driver"] = (env["nvidia_smi"] or {}).get("driver_version")
-        from kernels.bench import ceilings
-
-        start = time.perf_counter()
-        env["ceilings"] = dict(ceilings(torch.device("cuda")), method="kernels.bench.ceilings: 1 GiB bf16 "
-                               "device copy (read + write) and 8192^3 bf16 matmul, CUDA-graph replays")
+        method = ("kernels.measure.ceilings: 1 GiB device copy (read + write) and 8192^3 bf16 matmul, "
+                  "CUDA-graph replays")
     else:
-        env.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                   capability=None, sms=None, memory_gb=None, nvidia_smi=None, driver=None)
-        start = time.perf_counter()
-        env["ceilings"] = dict(cpu_ceilings(), method="CPU wall clock: 64 MiB float32 copy and 512^3 float32 "
-                               "matmul (dry run; says nothing about a GPU)")
+        env.update(capability=None, sms=None, memory_gb=None, nvidia_smi=None, driver=None)
+        method = ("kernels.measure.ceilings on a CPU: 64 MiB float32 copy and 512^3 float32 matmul, best wall "
+                  "clock (dry run; says nothing about a GPU)")
+    start = time.perf_counter()
+    env["ceilings"] = dict(measure.ceilings(device), method=method)
     env["ceilings"]["seconds"] = round(time.perf_counter() - start, 2)
     return env
 

@@ -30,15 +30,11 @@ compile backend), with diffusers carried as a wheel (the GPU machines lack it).
 """
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -61,6 +57,8 @@ from engine.pipeline import CMDPipeline  # noqa: E402
 from engine.request import parse_device, parse_dtype  # noqa: E402
 from engine.profiling import StageTimer  # noqa: E402
 from engine.random_text import RandomTextEncoder  # noqa: E402
+from kernels import measure  # noqa: E402
+from kernels.measure import matmul_tflops, sync, wall_times  # noqa: E402
 
 GB = 1e9
 PROMPT = "a red panda climbing a snowy pine tree, cinematic lighting"
@@ -125,11 +123,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -153,57 +146,26 @@ def timed(run: Callable[[], Dict[str, float]], device: torch.device, repeats: in
     times (``run`` returns its per-stage seconds) and the peak memory over the timed runs."""
     for _ in range(warmup):
         run()
-    _sync(device)
+    sync(device)
     _free(device)  # cached blocks of earlier work (an fp32 build, other backends) must not count as reserved
     _reset_peak(device)
-    totals, stages = [], []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        stage = run()
-        _sync(device)
-        totals.append(time.perf_counter() - start)
-        stages.append(stage)
+    totals, stages = wall_times(run, device, repeats)
     names = [k for k in stages[0] if k != "total"]
     return {"latency_s": round(statistics.median(totals), 5), "latencies_s": [round(t, 5) for t in totals],
             "stages_s": {k: round(statistics.median(s[k] for s in stages), 5) for k in names}, **_peak(device)}
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> dict:
-    """TFLOP/s of a large square matmul in ``dtype``: the compute ceiling the stages are set against."""
+    """TFLOP/s of a large square matmul in ``dtype`` (:func:`kernels.measure.matmul_tflops`): the compute
+    ceiling the stages are set against."""
     n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": _sig(2 * n ** 3 / min(times) / 1e12)}
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": _sig(matmul_tflops(device, dtype, n))}
 
 
 def environment(device: torch.device) -> dict:
-    def version(module):
-        try:
-            return __import__(module).__version__
-        except Exception:  # noqa: BLE001 - absent or broken: record that, do not fail the benchmark
-            return None
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    return {"device": name, "device_type": device.type, "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
-            "diffusers": version("diffusers"), "transformers": version("transformers"), "git_rev": rev,
-            "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-            "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    """:func:`kernels.measure.environment` and the command line that ran."""
+    return dict(measure.environment(device),
+                command="python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
 
 
 def _sig(x: float, digits: int = 4) -> float:

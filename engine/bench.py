@@ -27,7 +27,6 @@ folder. ``--json`` prints the whole result as JSON on the last stdout line.
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 from typing import Dict, List, Optional
@@ -35,6 +34,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from engine.cli import Parser, read_prompts, run_main
+from kernels.measure import environment, sync, wall_times
 
 STAGES = ("text", "content", "motion", "decode", "vae")
 DEFAULT_CACHE_SETTINGS = ("none,static,static:0.3,dynamic:0.05,dynamic:0.1,dynamic:0.2,none@0.2-0.8,"
@@ -88,9 +88,13 @@ def call_kwargs(args, request) -> dict:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two frame arrays in [0, 1] (inf when equal)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    """PSNR in dB over the whole of two frame arrays in [0, 1] (:func:`engine.quality.psnr`), inf when equal."""
+    import torch
+
+    from engine.quality import psnr as video_psnr
+
+    x, y = (torch.as_tensor(np.asarray(v, np.float64)).reshape(1, -1) for v in (a, b))
+    return math.inf if torch.equal(x, y) else float(video_psnr(x, y, data_range=1.0))
 
 
 def _backends(text: Optional[str], device) -> List[str]:
@@ -107,41 +111,13 @@ def _backends(text: Optional[str], device) -> List[str]:
     return ["eager"] + names
 
 
-def _environment(device, dtype) -> dict:
-    import torch
-
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "dtype": str(dtype).replace("torch.", "")}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["threads"] = torch.get_num_threads()
-    return env
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_latency(pipe, names: List[str], call: dict, warmup: int, iters: int) -> Dict[str, dict]:
     """Per backend: median per-stage seconds, total, speed-up and PSNR vs eager. ``call``: keyword
     arguments of ``pipe.run`` (:func:`call_kwargs`)."""
     results, reference = {}, None
     for name in names:
         pipe.set_backend(name)
-        for _ in range(warmup):
-            pipe.run(**call)
-        runs = [pipe.run(**call) for _ in range(iters)]
+        _, runs = wall_times(lambda: pipe.run(**call), pipe.device, iters, warmup)
         stages = {k: statistics.median(r.timings[k] for r in runs) for k in runs[0].timings}
         frames = runs[-1].frames
         if reference is None:
@@ -167,11 +143,11 @@ def bench_memory(pipe, names: List[str], call: dict, warmup: int) -> Dict[str, d
         for _ in range(warmup):
             pipe.run(**call)
         if pipe.device.type == "cuda":
-            _sync(pipe.device)
+            sync(pipe.device)
             torch.cuda.reset_peak_memory_stats(pipe.device)
             before = torch.cuda.memory_allocated(pipe.device)
             pipe.run(**call)
-            _sync(pipe.device)
+            sync(pipe.device)
             results[name] = {"weights_and_cache_mb": before / 2**20,
                              "peak_allocated_mb": torch.cuda.max_memory_allocated(pipe.device) / 2**20,
                              "peak_reserved_mb": torch.cuda.max_memory_reserved(pipe.device) / 2**20}
@@ -223,8 +199,6 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
     (``videos``: (N, L, 3, H, W) in [-1, 1], e.g. attribute accuracy from the trainer, which the engine
     cannot import).
     ``call``: more pipeline keyword arguments (steps, guidance, negative_prompt, ...)."""
-    import time
-
     import torch
 
     from engine.quality import psnr as video_psnr, ssim as video_ssim
@@ -249,9 +223,9 @@ def bench_cache(pipe, prompts: List[str], settings: Dict[str, dict], seed: int =
         chunk = list(prompts[start:start + batch_size])
         gens = lambda: [torch.Generator().manual_seed(s) for s in seeds[start:start + len(chunk)]]  # noqa: E731
         for name in names:
-            t0 = time.perf_counter()
-            out = pipe.run(requests[name], chunk, generator=gens(), output_type="pt", progress=False, **call)
-            seconds[name].append((time.perf_counter() - t0) / len(chunk))
+            (wall,), (out,) = wall_times(lambda: pipe.run(requests[name], chunk, generator=gens(), output_type="pt",
+                                                          progress=False, **call), pipe.device, repeats=1)
+            seconds[name].append(wall / len(chunk))
             videos[name].append(out.frames.float().cpu())
             for key, value in out.evaluations.items():
                 counts[name][key] = counts[name].get(key, 0) + value
@@ -417,7 +391,7 @@ def _run_cache(args) -> int:
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
     results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
     flops = cache_flops(args.flops_config, results) if args.flops_config else None
-    report = {"kind": "cache", "model": args.model, "backend": backend, "environment": _environment(device, dtype),
+    report = {"kind": "cache", "model": args.model, "backend": backend, "environment": environment(device, dtype),
               "shape": {"videos": len(prompts), "batch": args.batch, "frames": req.num_frames, "height": req.height,
                         "width": req.width, "steps": req.steps, "motion_steps": req.motion_steps,
                         "scheduler": req.scheduler, "guidance": req.guidance, "motion_guidance": req.motion_guidance},
@@ -466,7 +440,7 @@ def _run_backends(args) -> int:
         results = bench_latency(pipe, names, call, args.warmup, args.iters)
     else:
         results = bench_memory(pipe, names, call, args.warmup)
-    report = {"kind": args.kind, "model": args.model, "environment": _environment(device, dtype),
+    report = {"kind": args.kind, "model": args.model, "environment": environment(device, dtype),
               "shape": {"batch": args.batch, "frames": req.num_frames, "height": req.height, "width": req.width,
                         "steps": req.steps, "motion_steps": req.motion_steps, "scheduler": req.scheduler,
                         "guidance": req.guidance, "motion_guidance": req.motion_guidance},

@@ -17,16 +17,15 @@ video with classifier-free guidance).
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from kernels.measure import ceilings, environment, time_ms  # noqa: F401 -- ceilings: kernels.bench.ceilings
 from kernels.testing import (TOL, attention_fp64, attention_inputs, content_frame_inputs, decoder_fusion_inputs,
                              modulated_layernorm_inputs, rel_err, within_tolerance)
 
@@ -138,57 +137,6 @@ def _check_row(name, config, shape, dtype, pass_, errs, torch_errs) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ timing
-
-def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds per call of ``fn`` on the GPU: replays of a CUDA graph holding enough calls
-    for ~20 ms (launch overhead removed, as in the engine's CUDA-graph backend); event timing with
-    L2 flushes (``triton.testing.do_bench``) where a function cannot be captured."""
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    n = max(1, min(500, int(20.0 / max(start.elapsed_time(end) / 5, 1e-3))))
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                fn()
-        times = []
-        for _ in range(10):
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / n)
-        return statistics.median(times)
-    except Exception:  # not capturable: per-call events
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, return_mode="median")
-
-
-def ceilings(device) -> Dict[str, float]:
-    """Measured in this run: copy bandwidth (GB/s, read + write) and bf16 matmul throughput (TFLOP/s)."""
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=device).normal_()  # 1 GiB
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src))
-    n = 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mm_ms = time_ms(lambda: a @ b)
-    del src, dst, a, b
-    torch.cuda.empty_cache()
-    return {"copy_gbps": 2 * (1 << 29) * 2 / copy_ms / 1e6, "matmul_tflops": 2 * n ** 3 / mm_ms / 1e9}
-
 
 def read_ceilings(path: str) -> Dict[str, float]:
     """Ceilings measured earlier (e.g. by the GPU lease's environment stage, with :func:`ceilings`): a JSON
@@ -337,21 +285,6 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
 
 # -------------------------------------------------------------------------------------------- main
 
-def _environment(device) -> dict:
-    import triton
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "kernels"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        rev += "+dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        rev = "unknown"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "git_rev": rev}
-
-
 def _write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
@@ -408,7 +341,7 @@ def main(argv=None) -> int:
             parser.error(str(e))
 
     device = torch.device("cuda" if cuda else "cpu")
-    env = _environment(device)
+    env = environment(device)
     dtype = getattr(torch, args.dtype)
     rows: List[dict] = []
     print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, git {env['git_rev']}")
