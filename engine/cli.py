@@ -92,6 +92,25 @@ def run_main(body: Callable[[], Optional[int]], *, interrupted: str = "interrupt
         return crash_code
 
 
+def run_ranks(body: Callable[[Callable], Optional[int]], **kwargs) -> int:
+    """:func:`run_main` for a CLI that may run under torchrun. ``body(joined)`` passes the
+    ``engine.distributed.DistInfo`` of the group it joins through ``joined(info)`` (which returns it); however
+    the body ends, a rank that joined then leaves the group with the exit code (``engine.distributed.finish``:
+    under torchrun the worker ends at once). ``kwargs``: those of :func:`run_main`."""
+    infos = []
+
+    def joined(info):
+        infos.append(info)
+        return info
+
+    code = run_main(lambda: body(joined), **kwargs)
+    if infos:
+        from engine.distributed import finish
+
+        finish(infos[-1], code)
+    return code
+
+
 def read_prompts(path: str) -> List[Tuple[int, str]]:
     """(line number from 1, prompt) for each non-blank line of a UTF-8 text file (stripped). ValueError naming
     the file when it is missing, unreadable or holds no prompt."""

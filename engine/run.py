@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Dict, List, Optional
 
-from engine.cli import Parser, one_line, read_prompts, run_main
+from engine.cli import Parser, one_line, read_prompts, run_ranks
 
 DEVICES_HELP = "cpu, cuda or cuda:N"
 
@@ -277,24 +277,16 @@ def _join(args):
 
 def main(argv=None) -> int:
     torchrun = "WORLD_SIZE" in os.environ
-    # Every rank finds the same bad input; rank 0 alone says so.
-    speak = not torchrun or os.environ.get("RANK", "0") == "0"
-    joined = []
 
-    def body() -> int:
+    def body(joined) -> int:
         args = build_parser().parse_args(argv)
-        info = _join(args)
-        joined.append(info)
+        info = joined(_join(args))
         return _report(args, info, run(args, info), torchrun)
 
-    # Under torchrun any other failure is reported (traceback) and the rank still leaves the group (below).
-    code = run_main(body, interrupted="interrupted; no partial file was left", speak=speak,
-                    crash_code=1 if torchrun else None)
-    if joined:
-        from engine.distributed import finish
-
-        finish(joined[0], code)  # leaves the process group; ends a torchrun worker at once (DESIGN 8)
-    return code
+    # Every rank finds the same bad input; rank 0 alone says so. Under torchrun any other failure is
+    # reported (traceback) and the rank still leaves the group (DESIGN 8).
+    return run_ranks(body, interrupted="interrupted; no partial file was left",
+                     speak=not torchrun or os.environ.get("RANK", "0") == "0", crash_code=1 if torchrun else None)
 
 
 if __name__ == "__main__":

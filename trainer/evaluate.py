@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from engine.atomic import check_output, write_json
-from engine.cli import Parser, run_main
-from engine.distributed import DistInfo, finish, gather_objects, init_distributed, shard_batches
+from engine.cli import Parser, run_ranks
+from engine.distributed import DistInfo, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
 METRICS = ("recon", "attributes", "fvd", "clipsim")
@@ -285,14 +285,11 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    info = DistInfo()
-
-    def body() -> int:
-        nonlocal info
+    def body(joined) -> int:
         args = build_parser().parse_args(argv)
         if args.out:
             check_output(args.out)  # before the evaluation, not after it
-        info = init_distributed(args.device)
+        info = joined(init_distributed(args.device))
         results = evaluate(args, info)
         if info.is_main:
             summary = {k: v for k, v in results.items() if k != "attribute_rows"}
@@ -301,9 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 write_json(args.out, results, indent=1)
         return 0
 
-    code = run_main(body)  # bad input: one line, exit 2; Ctrl-C: exit 130
-    finish(info, code)
-    return code
+    return run_ranks(body)  # bad input: one line, exit 2; Ctrl-C: exit 130; the rank leaves its group
 
 
 if __name__ == "__main__":

@@ -41,14 +41,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from engine.cli import Parser, UsageError, run_main
+from engine.cli import Parser, UsageError, run_ranks
 from engine.configs import CMDConfig, load_config
 from engine.models import CMDModel
 from engine.models.bundle import CONFIG_FILE, build_motion_dit
 from engine.models.content import build_content_unet, load_content_unet
 from engine.models.vae import load_vae
 from trainer import checkpoint as ckpt
-from trainer.distributed import DistInfo, barrier, finish, gather_objects, init_distributed, mean_across_ranks
+from trainer.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across_ranks
 from trainer.ema import EMA
 from trainer.stages import NETWORK_OF, STAGES, make_stage
 from trainer.text_cache import CaptionEmbeddings
@@ -590,20 +590,15 @@ def write_samples(stage, ema: EMA, batch, path: str, fps: int, log: RunLog, step
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    info = DistInfo()
-
-    def body() -> int:
-        nonlocal info
+    def body(joined) -> int:
         args = build_parser().parse_args(argv)
-        info = init_distributed(args.device)
+        info = joined(init_distributed(args.device))
         result = train(args, info)
         if info.is_main:
             print(f"model folder: {result.model_dir}")
         return 0
 
-    code = run_main(body)  # bad input: one line, exit 2; Ctrl-C: exit 130
-    finish(info, code)
-    return code
+    return run_ranks(body)  # bad input: one line, exit 2; Ctrl-C: exit 130; the rank leaves its group
 
 
 if __name__ == "__main__":

@@ -91,3 +91,22 @@ def test_read_prompts(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(ValueError, match="cannot read prompts file"):
         cli.read_prompts(str(tmp_path / "bin.txt"))
+
+
+def test_run_ranks_leaves_the_group_with_the_exit_code(monkeypatch, capsys):
+    import engine.distributed as dist
+
+    left = []
+    monkeypatch.setattr(dist, "finish", lambda info, code: left.append((info, code)))
+    info = dist.DistInfo()
+    value = random.randrange(3, 100)
+    assert cli.run_ranks(lambda joined: joined(info) and value) == value and left == [(info, value)]
+
+    def bad(joined):
+        joined(info)
+        raise ValueError("bad --device")
+
+    assert cli.run_ranks(bad) == 2 and left[-1] == (info, 2)
+    assert capsys.readouterr().err == "error: bad --device\n"
+    left.clear()
+    assert cli.run_ranks(lambda joined: 0) == 0 and left == []  # never joined: nothing to leave
