@@ -18,7 +18,6 @@ reproduces the model card's evaluation.
 Writes ``<out>/<name>.json`` (raw) and prints a Markdown table (the one in BENCHMARKS.md).
 """
 
-import argparse
 import os
 import platform
 import sys
@@ -34,9 +33,10 @@ import torch  # noqa: E402
 from engine.atomic import check_output, write_json  # noqa: E402
 from engine.bench import (DEFAULT_CACHE_SETTINGS, _jsonable, bench_cache, cache_flops,  # noqa: E402
                           parse_cache_setting)
+from engine.cli import Parser, run_main  # noqa: E402
 from engine.pipeline import CMDPipeline  # noqa: E402
-from trainer.data import prompts_for  # noqa: E402
 from kernels.measure import environment  # noqa: E402
+from trainer.data import prompts_for  # noqa: E402
 from trainer.evaluate import attribute_accuracy  # noqa: E402
 
 PARAPHRASE = (False, True)  # each split's prompts canonical, then paraphrased
@@ -66,7 +66,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python benchmarks/cache_quality.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
     p.add_argument("--num-clips", type=int, default=64, help="prompts per part (canonical, paraphrased)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"),
@@ -79,38 +79,37 @@ def main(argv=None) -> int:
                    "('' to skip)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="cache-default-cpu")
-    args = p.parse_args(argv)
-    try:
-        if args.num_clips < 1:
-            raise ValueError(f"--num-clips must be >= 1, got {args.num_clips}")
-        check_output(args.out, folder=True)  # before the long run, not after it
-        settings = {t.strip(): parse_cache_setting(t) for t in args.settings.split(",") if t.strip()}
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        pipe = CMDPipeline.from_pretrained(args.model)
-        cfg = pipe.config
-        prompts, truths, seeds, bounds = [], [], [], {}
-        for paraphrase in PARAPHRASE:
-            split = args.split + ("_paraphrase" if paraphrase else "")
-            items = prompts_for(args.split, args.num_clips, seed=args.seed, paraphrase=paraphrase,
-                                num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
-            bounds[split] = (len(prompts), len(prompts) + len(items))
-            prompts += [c for c, _ in items]
-            truths += [s for _, s in items]
-            seeds += [args.seed + i for i in range(len(items))]
+    return run_main(lambda: _run(p.parse_args(argv)))
 
-        def score(videos):
-            return {split: attribute_accuracy(videos[a:b], truths[a:b]) for split, (a, b) in bounds.items()}
 
-        load_before = os.getloadavg()
-        t0 = time.perf_counter()
-        results = bench_cache(pipe, prompts, settings, args.seed, args.batch_size, score=score, seeds=seeds)
-        wall = time.perf_counter() - t0
-        load_after = os.getloadavg()
-        flops = cache_flops(args.flops_config, results) if args.flops_config else None
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(args) -> int:
+    if args.num_clips < 1:
+        raise ValueError(f"--num-clips must be >= 1, got {args.num_clips}")
+    check_output(args.out, folder=True)  # before the long run, not after it
+    settings = {t.strip(): parse_cache_setting(t) for t in args.settings.split(",") if t.strip()}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = CMDPipeline.from_pretrained(args.model)
+    cfg = pipe.config
+    prompts, truths, seeds, bounds = [], [], [], {}
+    for paraphrase in PARAPHRASE:
+        split = args.split + ("_paraphrase" if paraphrase else "")
+        items = prompts_for(args.split, args.num_clips, seed=args.seed, paraphrase=paraphrase,
+                            num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+        bounds[split] = (len(prompts), len(prompts) + len(items))
+        prompts += [c for c, _ in items]
+        truths += [s for _, s in items]
+        seeds += [args.seed + i for i in range(len(items))]
+
+    def score(videos):
+        return {split: attribute_accuracy(videos[a:b], truths[a:b]) for split, (a, b) in bounds.items()}
+
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    results = bench_cache(pipe, prompts, settings, args.seed, args.batch_size, score=score, seeds=seeds)
+    wall = time.perf_counter() - t0
+    load_after = os.getloadavg()
+    flops = cache_flops(args.flops_config, results) if args.flops_config else None
     env = environment(pipe.device, pipe.dtype)
     env["load_average_1_5_15_before"] = [round(v, 2) for v in load_before]
     env["load_average_1_5_15_after"] = [round(v, 2) for v in load_after]

@@ -9,7 +9,6 @@ CUDA-graph replays); on a CPU (the lease's dry run) a small wall-clock copy and 
 such, which say nothing about a GPU.
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ import time
 from typing import Dict, List, Optional
 
 from engine.atomic import write_json
+from engine.cli import Parser, run_main
 
 
 def _run(cmd: List[str], timeout: float = 20) -> Optional[str]:
@@ -108,14 +108,17 @@ def requirements(dists: List[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lease_env", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m benchmarks.lease_env", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("env", help="device, driver, versions and the ceilings measured now")
     e.add_argument("--json", required=True)
     r = sub.add_parser("requirements", help="check that installed distributions have their requirements met")
     r.add_argument("dists", nargs="+")
     r.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return run_main(lambda: _command(p.parse_args(argv)))
+
+
+def _command(args) -> int:
     if args.cmd == "env":
         env = environment()
         write_json(args.json, env, indent=1)

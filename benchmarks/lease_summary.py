@@ -23,7 +23,6 @@ lines that start with ``$ ``), ``results/`` (``<stage>.json`` or ``<stage>.xml``
 ``paper_scale``, ``kernel_bench``.
 """
 
-import argparse
 import ast
 import io
 import json
@@ -40,6 +39,7 @@ if __package__ in (None, ""):  # run as a file: the repository root holds the be
 
 from benchmarks.targets import KERNEL_TARGETS, PAPER_TARGETS, check_paper, meets  # noqa: E402
 from engine.atomic import write_bytes, write_json, write_text  # noqa: E402
+from engine.cli import Parser, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_FILES = ("summary.md", "lease.json", "lease.log", "raw.tar.gz")
@@ -545,7 +545,7 @@ def note(path: Path, pairs: List[str]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lease_summary", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m benchmarks.lease_summary", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="merge the stages' outputs in WORK into OUT")
     c.add_argument("--work", required=True)
@@ -557,16 +557,16 @@ def main(argv=None) -> int:
     n = sub.add_parser("note", help="add KEY=VALUE pairs to a JSON file")
     n.add_argument("file")
     n.add_argument("pairs", nargs="+")
-    args = p.parse_args(argv)
-    if args.cmd == "note":
-        try:
+
+    def body() -> int:
+        args = p.parse_args(argv)
+        if args.cmd == "note":
             note(Path(args.file), args.pairs)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        else:
+            collect(Path(args.work), Path(args.out), args.dry_run, args.command, args.budget_s, args.elapsed_s)
         return 0
-    collect(Path(args.work), Path(args.out), args.dry_run, args.command, args.budget_s, args.elapsed_s)
-    return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":
