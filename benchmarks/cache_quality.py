@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: the packages l
 import torch  # noqa: E402
 
 from engine.atomic import check_output, write_json  # noqa: E402
-from engine.bench import (DEFAULT_CACHE_SETTINGS, _jsonable, bench_cache, cache_flops,  # noqa: E402
+from engine.bench import (DEFAULT_CACHE_SETTINGS, jsonable, bench_cache, cache_flops,  # noqa: E402
                           parse_cache_setting)
 from engine.cli import Parser, run_main  # noqa: E402
 from engine.pipeline import CMDPipeline  # noqa: E402
@@ -124,7 +124,7 @@ def _run(args) -> int:
               "settings": results, "flops": flops}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.name}.json")
-    write_json(path, _jsonable(report), indent=1)
+    write_json(path, jsonable(report), indent=1)
     print(markdown(report))
     print(f"wrote {path}")
     return 0

@@ -303,12 +303,12 @@ def cache_flops(config, results: Dict[str, dict]) -> dict:
     return out
 
 
-def _jsonable(obj):
+def jsonable(obj):
     """JSON has no inf/nan: write them as null (PSNR of identical outputs is inf)."""
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -401,7 +401,7 @@ def _run_cache(args) -> int:
           f"steps {req.steps}/{req.motion_steps} {req.scheduler}")
     print(_cache_table(results, flops))
     if args.json:
-        print(json.dumps(_jsonable(report)))
+        print(json.dumps(jsonable(report)))
     return 0
 
 
@@ -450,7 +450,7 @@ def _run_backends(args) -> int:
           f"{req.scheduler}")
     print(_table(args.kind, results))
     if args.json:
-        print(json.dumps(_jsonable(report)))
+        print(json.dumps(jsonable(report)))
     return 0
 
 
