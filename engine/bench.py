@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from engine.cli import Parser, read_prompts, run_main
+from engine.cli import Parser, print_error, read_prompts, run_main
 from kernels.measure import environment, sync, wall_times
 
 STAGES = ("text", "content", "motion", "decode", "vae")
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         try:
             from engine import flops
         except ImportError as e:
-            print(f"error: the FLOP counter (engine.flops) is not available in this version: {e}", file=sys.stderr)
+            print_error(f"the FLOP counter (engine.flops) is not available in this version: {e}")
             return 2
         return flops.main(argv[1:])
     parser = Parser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
