@@ -13,6 +13,7 @@ from engine.cache import (DiTParts, DynamicStep, Evaluations, OutputHistory, Sta
 from engine.configs import load_config
 from engine.models import CMDModel
 from engine.pipeline import CMDPipeline
+from test_pipeline import _spy  # noqa: E402  (tests/engine is on sys.path under pytest)
 
 TINY = "random:" + os.path.join(os.path.dirname(__file__), "tiny_config.json")
 STEPS = 6
@@ -51,18 +52,6 @@ def pipe():
     wake(p.model.motion_dit)
     p.config.sampling["cache"] = cache_entry()
     return p
-
-
-def _spy(monkeypatch, backend, method):
-    calls = []
-    real = getattr(backend, method)
-
-    def spy(*args):
-        calls.append([a.clone() for a in args])
-        return real(*args)
-
-    monkeypatch.setattr(backend, method, spy)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------ schedules
