@@ -217,7 +217,11 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     # This rank's batches, flattened: generate() and the loops below cut them again at --batch-size, which
     # gives back the same batches (only the last batch of all is short, and it is its rank's last).
     mine = [i for batch in shard_batches(len(captions), args.batch_size, info) for i in batch]
-    results: Dict[str, Any] = {"model": os.path.abspath(args.model), "data": args.data, "clips": len(captions),
+    from engine.default_model import resolve_model
+
+    spec = resolve_model(args.model)
+    model = os.path.abspath(spec.path) if spec.path else args.model  # "default" -> the shipped folder
+    results: Dict[str, Any] = {"model": model, "data": args.data, "clips": len(captions),
                                "split": args.split, "paraphrase": args.paraphrase, "size": str(size),
                                "served": served, "world_size": info.world_size,
                                **({"sampling_cache": cache} if cache else {})}

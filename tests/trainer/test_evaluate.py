@@ -2,6 +2,7 @@
 independent of how prompts are sharded, and a whole evaluation runs on a tiny model folder."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,6 +90,7 @@ def test_full_evaluation_writes_json(tmp_path, model_folder):
     assert code == 0
     results = json.loads(out.read_text())
     assert results["clips"] == 4 and len(results["attribute_rows"]) == 4
+    assert results["model"] == os.path.abspath(str(model_folder))
     assert 0 < results["recon_psnr"] < 60 and -1 <= results["recon_ssim"] <= 1
     assert set(results["attributes"]) == {"colour_accuracy", "shape_accuracy", "motion_accuracy", "all_accuracy",
                                           "content_stability", "clips"}
