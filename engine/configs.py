@@ -189,7 +189,8 @@ class StageTrainConfig(_DictAccess):
     ``grad_clip``: the largest gradient norm; ``ema_decay``: of the weights saved; ``batch_size``: clips
     per step per process; ``precision``: the autocast dtype, "bf16" (where it pays, measured on a 2-core
     CPU with 1 thread, CPU seconds per step, default config: content UNet bs 32 5.8 bf16 vs 8.6 fp32;
-    motion DiT bs 32 equal) or "fp32"."""
+    motion DiT bs 32 equal) or "fp32". ``sizes``: the clip sizes ("FxHxW") the batches take in turn
+    (``trainer.train --sizes``; None: the config's own size)."""
 
     lr: float = 1e-4
     betas: Tuple[float, float] = (0.9, 0.999)
@@ -202,6 +203,7 @@ class StageTrainConfig(_DictAccess):
     checkpoint_every: int = 500
     log_every: int = 10
     precision: str = "bf16"
+    sizes: Optional[List[str]] = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -324,6 +326,8 @@ class CMDConfig:
         data = dataclasses.asdict(self)
         # A sampling value left unset is written as absent, as it was read (e.g. no step-caching data).
         data["sampling"] = {k: v for k, v in data["sampling"].items() if v is not None}
+        data["train"] = {stage: {k: v for k, v in section.items() if v is not None}
+                         for stage, section in data["train"].items()}
         return data
 
     @classmethod

@@ -107,7 +107,8 @@ class AutoencoderStage(Stage):
 
 class _DiffusionStage(Stage):
     """Shared by the content and motion stages: the frozen encoder's (xbar, z), optionally cached per
-    clip index (for data sets whose item i never changes, like the synthetic one), and the noising."""
+    clip (its index, or (index, size) in a mixed-size run; for data sets whose item i never changes, like the
+    synthetic one), and the noising."""
 
     scheduler_section = ""
 
@@ -126,7 +127,9 @@ class _DiffusionStage(Stage):
         indices = batch.get("index")
         if not self.cache_encodings or indices is None:
             return self._encode(batch)
-        indices = [int(i) for i in indices]
+        # A clip's key: its index, or (index, size) when a run trains at several sizes (trainer.train.Indexed).
+        indices = [tuple(key) if isinstance(key, (tuple, list)) else int(key)
+                   for key in batch.get("key", [int(i) for i in indices])]
         for k, i in enumerate(indices):
             if i in self._encoded:
                 continue

@@ -21,7 +21,14 @@ trains on its shard of each epoch (DistributedSampler) with DDP (gloo on CPU, nc
 Video folders are checked before training (every video probed, without decoding): the unusable ones
 (missing, unreadable, too short for one clip) are left out and counted in the start record of the log
 and on stderr; with none left, or fewer than one batch, the run stops with one line ``error: ...`` naming
-the folder and the counts (exit code 2). ``--resume`` continues exactly: weights, optimizer, EMA, the data
+the folder and the counts (exit code 2).
+
+``--sizes`` trains at several clip sizes (synthetic data): each batch holds clips of one size, the sizes taken
+in turn batch by batch (``--sizes 16x32x32,16x64x64,16x64x64`` gives 64x64 two batches in three); clip i is
+the same scene at every size (the synthetic spec scales with the frame), and the (xbar, z) cache holds it
+per size. The config's ``train.<stage>.sizes`` gives the default, else the config's own size alone.
+
+``--resume`` continues exactly: weights, optimizer, EMA, the data
 position and every random state (the noise generator, torch CPU/CUDA, numpy, Python ``random``) are those
 of an uninterrupted run at the same step.
 """
@@ -62,11 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (model/, checkpoints/, logs/, samples/)")
     p.add_argument("--init", help="model folder of the previous stage (content/motion; default <out>/model); "
                                   "for the autoencoder stage, a model folder to continue from")
+    p.add_argument("--finetune", action="store_true",
+                   help="content/motion stage: continue training the --init folder's network of this stage "
+                        "instead of a freshly initialised one")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="autoencoder stage: train the decoder only (the encodings of --init stay valid)")
     p.add_argument("--steps", type=int, help="total optimizer steps (config: train.<stage>.steps)")
     p.add_argument("--batch-size", type=int, help="clips per step per process (config: train.<stage>.batch_size)")
     p.add_argument("--lr", type=float, help="peak learning rate (config: train.<stage>.lr)")
+    p.add_argument("--sizes", help="comma-separated clip sizes FxHxW, one per batch in turn, a size repeated to "
+                                   "weight it (config: train.<stage>.sizes; default: the config's own size); "
+                                   "other sizes than the own need --data synthetic")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (config: train.<stage>.precision)")
@@ -108,11 +121,39 @@ def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
     if args.keep < 1:
         raise UsageError(f"--keep must be at least 1, got {args.keep}")
     hp["betas"] = tuple(hp["betas"])
+    sizes = getattr(args, "sizes", None)
+    hp["sizes"] = train_sizes(cfg, sizes if sizes is not None else hp.get("sizes"))
+    if hp["sizes"] != [str(cfg.default_size)] and getattr(args, "data", "synthetic") != "synthetic":
+        raise UsageError(f"--sizes {','.join(hp['sizes'])}: sizes other than the config's own "
+                         f"({cfg.default_size}) need --data synthetic")
     if getattr(args, "freeze_encoder", False):
         if args.stage != "autoencoder":
             raise UsageError("--freeze-encoder applies to the autoencoder stage only")
         hp["freeze_encoder"] = True
+    if getattr(args, "finetune", False):
+        if args.stage == "autoencoder":
+            raise UsageError("--finetune applies to the content and motion stages (the autoencoder stage "
+                             "continues from --init already)")
+        if getattr(args, "pretrained_unet", None):
+            raise UsageError("--finetune and --pretrained-unet both choose the starting UNet: give one")
     return hp
+
+
+def train_sizes(cfg: CMDConfig, sizes) -> List[str]:
+    """The per-batch size cycle: ``sizes`` ("FxHxW,FxHxW" or a list of sizes; None: the config's own size)
+    as "FxHxW" strings, each checked to fit the config's networks (:func:`engine.geometry.check_fits`).
+    Repeats are kept (they weight a size). Raises UsageError naming the bad size."""
+    from engine.geometry import ClipSize, check_fits
+
+    if sizes is None:
+        return [str(cfg.default_size)]
+    items = [s.strip() for s in sizes.split(",")] if isinstance(sizes, str) else list(sizes)
+    if not items or any(s == "" for s in items):
+        raise UsageError(f"--sizes is a comma-separated list of FxHxW sizes, got {sizes!r}")
+    try:
+        return [str(check_fits(cfg, ClipSize.coerce(s))) for s in items]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,6 +192,8 @@ def load_model(args, stage: str, out: str) -> CMDModel:
     model.config = cfg
     _fill_clip_path(cfg, args)
     torch.manual_seed(args.seed)
+    if getattr(args, "finetune", False):
+        return _finetuned(model, stage, init, cfg)
     if stage == "content":
         if args.pretrained_unet:
             model.content_unet = load_content_unet(args.pretrained_unet)
@@ -158,6 +201,18 @@ def load_model(args, stage: str, out: str) -> CMDModel:
             model.content_unet = build_content_unet(cfg.content_unet)
     else:
         model.motion_dit = build_motion_dit(cfg)
+    return model
+
+
+def _finetuned(model: CMDModel, stage: str, init: str, cfg: CMDConfig) -> CMDModel:
+    """``model`` (loaded from ``init``) with its own network of ``stage`` kept for fine-tuning; a UsageError
+    when the folder has none or ``cfg`` describes another architecture than the folder's."""
+    name = NETWORK_OF[stage]
+    if getattr(model, name) is None:
+        raise UsageError(f"--finetune: the model folder {init!r} has no {name} to continue from")
+    section = {"content": "content_unet", "motion": "motion_dit"}[stage]
+    if cfg.to_dict()[section] != load_config(os.path.join(init, CONFIG_FILE)).to_dict()[section]:
+        raise UsageError(f"--finetune: config {cfg.name!r} describes another {section} than the one in {init!r}")
     return model
 
 
@@ -195,23 +250,31 @@ def export_model(model: CMDModel, stage_name: str, ema: EMA, path: str) -> None:
 
 
 class Indexed(Dataset):
-    """Adds the item's index (for the per-clip encoding cache); failing items (corrupt videos) become None."""
+    """Adds the item's index and key (for the per-clip encoding cache); failing items (corrupt videos) become
+    None. ``dataset``: one data set, or a list of data sets of the same clips at different sizes (one per
+    size of the run, equal lengths); an item is then asked for as ``(index, k)``, clip ``index`` of the
+    k-th set, and its key is that pair. A plain index means ``(index, 0)``."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset):
+        self.datasets = list(dataset) if isinstance(dataset, (list, tuple)) else [dataset]
+        if len({len(d) for d in self.datasets}) != 1:
+            raise ValueError(f"the per-size data sets differ in length: {[len(d) for d in self.datasets]}")
+        self.dataset = self.datasets[0]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+        for dataset in self.datasets:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
 
-    def __getitem__(self, index: int):
-        item = self.dataset[index]
+    def __getitem__(self, key):
+        index, k = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+        item = self.datasets[k][index]
         if item is None:
             return None
-        out = {"index": index, "caption": item["caption"]}
+        out = {"index": index, "key": (index, k), "caption": item["caption"]}
         for key in ("video", "latents"):
             if key in item:
                 out[key] = item[key]
@@ -222,15 +285,17 @@ def collate(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
     """Stack a batch; items that failed to load (None) are dropped and counted in ``skipped``."""
     good = [x for x in items if x is not None]
     batch: Dict[str, Any] = {"skipped": len(items) - len(good), "caption": [x["caption"] for x in good],
-                             "index": torch.tensor([x["index"] for x in good], dtype=torch.long)}
+                             "index": torch.tensor([x["index"] for x in good], dtype=torch.long),
+                             "key": [x.get("key", x["index"]) for x in good]}
     for key in ("video", "latents"):
         if good and key in good[0]:
             batch[key] = torch.stack([x[key] for x in good])
     return batch
 
 
-def make_dataset(args, cfg: CMDConfig, model: CMDModel, info: DistInfo) -> Tuple[Dataset, Optional[Any]]:
-    """(data set, counts): the synthetic set (counts None), or a video folder (captions CSV or UCF-101)
+def make_dataset(args, cfg: CMDConfig, model: CMDModel, info: DistInfo, size=None) -> Tuple[Dataset, Optional[Any]]:
+    """(data set, counts): the synthetic set at ``size`` (a ClipSize; default the config's own; counts None),
+    or a video folder (captions CSV or UCF-101)
     with its unusable videos left out and counted (:class:`trainer.data.videos.ClipCounts`; each rank
     probes its share, all ranks agree on the result); in latent mode with --latent-cache, the folder's
     videos are VAE-encoded once (each rank its share) and served as cached latents. Raises ValueError
@@ -240,7 +305,8 @@ def make_dataset(args, cfg: CMDConfig, model: CMDModel, info: DistInfo) -> Tuple
 
         if args.num_clips < 1:
             raise UsageError(f"--num-clips must be at least 1, got {args.num_clips}")
-        return SyntheticVideos(args.num_clips, cfg.num_frames, cfg.height, cfg.width, seed=args.seed), None
+        size = size or cfg.default_size
+        return SyntheticVideos(args.num_clips, size.frames, size.height, size.width, seed=args.seed), None
     if not os.path.isdir(args.data):
         raise UsageError(f"--data must be 'synthetic' or a folder, got {args.data!r}")
     if args.frame_stride < 1:
@@ -280,11 +346,16 @@ class Batches:
     when a batch had to be skipped because none of its clips loaded). ``generator``: the current epoch's
     loader generator (its state is saved with the others, for comparison). Raises :class:`UsageError` when
     the data set has fewer clips than one batch per process; ``about`` (the data's counts) completes that
-    message."""
+    message.
+
+    ``cycle``: the size of each batch (mixed-size training), a list of indices into the :class:`Indexed`
+    set's per-size data sets: loader batch g (counted over the whole run) holds clips ``(i, cycle[g mod
+    len(cycle)])``, so the sizes follow the run's batch count, across epochs and resumes alike. Default [0]."""
 
     def __init__(self, dataset: Dataset, batch_size: int, info: DistInfo, seed: int, start: int, workers: int,
-                 about: str = ""):
+                 about: str = "", cycle: Optional[List[int]] = None):
         self.dataset, self.batch_size, self.info, self.seed, self.workers = dataset, batch_size, info, seed, workers
+        self.cycle = list(cycle) if cycle else [0]
         self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=seed, drop_last=True)
         self.per_epoch = len(self.sampler) // batch_size
@@ -304,8 +375,11 @@ class Batches:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         indices = list(self.sampler)[skip * self.batch_size: self.per_epoch * self.batch_size]
+        bs, first = self.batch_size, epoch * self.per_epoch + skip  # the run-wide number of the first batch
+        batches = [[(i, self.cycle[(first + j) % len(self.cycle)]) for i in indices[j * bs:(j + 1) * bs]]
+                   for j in range(len(indices) // bs)]
         self.generator = torch.Generator().manual_seed(loader_seed(self.seed, epoch, self.info.rank))
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
+        loader = DataLoader(self.dataset, batch_sampler=batches,
                             num_workers=self.workers, collate_fn=collate, persistent_workers=False,
                             pin_memory=self.info.device.type == "cuda", generator=self.generator)
         self._it, self._epoch = iter(loader), epoch
@@ -467,6 +541,10 @@ def train(args, info: DistInfo) -> TrainResult:
                 # but no longer repeats what the uninterrupted run would have seen.
                 print(f"note: resuming with batch size {hp['batch_size']} / seed {args.seed} (checkpoint: "
                       f"{saved.get('batch_size')} / {saved.get('seed')}): the data order differs", file=sys.stderr)
+            saved_sizes = saved.get("sizes", [str(cfg.default_size)])  # older checkpoints: the own size
+            if list(saved_sizes) != hp["sizes"] and info.is_main:
+                print(f"note: resuming with sizes {','.join(hp['sizes'])} (checkpoint: {','.join(saved_sizes)}): "
+                      "the batches' sizes differ from the uninterrupted run's", file=sys.stderr)
             net.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"], state["state"]["ema_updates"])
             rng_saved = state["rng"]  # set just before the first step: nothing may draw after it
@@ -480,14 +558,22 @@ def train(args, info: DistInfo) -> TrainResult:
 
         train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset, counts = make_dataset(args, cfg, model, info)
-    dataset = Indexed(dataset)
+    from engine.geometry import ClipSize
+
+    distinct = list(dict.fromkeys(hp["sizes"]))  # the run's sizes, each once, in order of first use
+    if distinct == [str(cfg.default_size)]:
+        dataset, counts = make_dataset(args, cfg, model, info)
+        dataset = Indexed(dataset)
+    else:  # synthetic only (hyperparams checked): the same clips rendered at each size
+        counts = None
+        dataset = Indexed([make_dataset(args, cfg, model, info, ClipSize.parse(s))[0] for s in distinct])
+    cycle = [distinct.index(s) for s in hp["sizes"]]
     workers = args.workers if args.workers is not None else (0 if args.data == "synthetic" else 2)
     about = f"; {counts.root}: {counts.summary()}" if counts is not None else ""
-    data = Batches(dataset, int(hp["batch_size"]), info, args.seed, start_batches, workers, about)
+    data = Batches(dataset, int(hp["batch_size"]), info, args.seed, start_batches, workers, about, cycle)
     if counts is not None and info.is_main and counts.usable < counts.found:
         print(f"note: {counts.root}: {counts.summary()}", file=sys.stderr)
-    preview_batch = None
+    preview_batches: Optional[List[Dict[str, Any]]] = None
     sample_every = args.sample_every if args.sample_every is not None else int(hp["checkpoint_every"])
 
     log = RunLog(os.path.join(out, "logs", f"{stage_name}.jsonl"), info.is_main)
@@ -542,6 +628,7 @@ def train(args, info: DistInfo) -> TrainResult:
             record = {"step": done, "loss": mean_loss, "rank0_loss": value, "lr": lr,
                       "grad_norm": float(grad_norm), "clips_per_s": clips / max(now - t_log, 1e-9),
                       "batch_clips": len(batch["caption"]), "skipped_clips": skipped, "time": time.time(),
+                      "size": str(ClipSize(*_clip_size(batch, cfg.vae_scale))),
                       **extra}
             log.write(record)
             clips, t_log = 0, now
@@ -557,18 +644,22 @@ def train(args, info: DistInfo) -> TrainResult:
                 path = ckpt.save_checkpoint(
                     ckpt_root, done, net.state_dict(), ema.state_dict(), optimizer, rng,
                     {"stage": stage_name, "ema_updates": ema.num_updates, "config": cfg.name, "seed": args.seed,
-                     "batch_size": int(hp["batch_size"]), "world_size": info.world_size, "data_batches": taken},
+                     "batch_size": int(hp["batch_size"]), "world_size": info.world_size, "data_batches": taken,
+                     "sizes": hp["sizes"]},
                     keep=args.keep)
                 export_model(model, stage_name, ema, model_dir)
                 log.write({"event": "checkpoint", "step": done, "path": path, "model": model_dir})
             barrier(info)
         if info.is_main and sample_every > 0 and (done % sample_every == 0 or done == total):
-            if preview_batch is None:
-                preview_batch = collate([dataset[i] for i in range(min(args.num_samples, len(dataset)))])
-            if preview_batch["caption"]:  # (none when the first clips all failed to decode)
+            if preview_batches is None:  # the first clips, at each size of the run
+                n = min(args.num_samples, len(dataset))
+                preview_batches = [collate([dataset[(i, k)] for i in range(n)]) for k in range(len(distinct))]
+            for k, preview_batch in enumerate(preview_batches):
+                if not preview_batch["caption"]:  # (none when the first clips all failed to decode)
+                    continue
+                name = f"step-{done:08d}" + (f"-{distinct[k]}" if len(distinct) > 1 else "")
                 with ckpt.preserved_rng():  # samples draw nothing from the training's random states
-                    write_samples(stage, ema, preview_batch,
-                                  os.path.join(out, "samples", stage_name, f"step-{done:08d}"),
+                    write_samples(stage, ema, preview_batch, os.path.join(out, "samples", stage_name, name),
                                   cfg.sampling.fps, log, done)
     if bar is not None:
         bar.close()
@@ -576,6 +667,16 @@ def train(args, info: DistInfo) -> TrainResult:
                **({"data": counts.to_dict()} if counts is not None else {})})
     log.close()
     return TrainResult(model_dir, net, ema, total, value)
+
+
+def _clip_size(batch: Dict[str, Any], vae_scale: int) -> Tuple[int, int, int]:
+    """(frames, height, width) in pixels of a batch's clips: its videos' (B, L, 3, H, W), or its cached
+    VAE latents' (B, L, c, h, w) times the VAE's downsampling."""
+    if "video" in batch:
+        _, frames, _, height, width = batch["video"].shape
+        return frames, height, width
+    _, frames, _, height, width = batch["latents"].shape
+    return frames, height * vae_scale, width * vae_scale
 
 
 def write_samples(stage, ema: EMA, batch, path: str, fps: int, log: RunLog, step: int) -> None:

@@ -180,3 +180,15 @@ def test_sections_read_like_dicts():
     assert cfg.train["content"] is cfg.train.content
     assert cfg.train.content["text_dropout"] == cfg.train.content.text_dropout
     assert dataclasses.asdict(cfg.train.stage("autoencoder"))["l1_weight"] == 1.0
+
+
+def test_a_stage_may_declare_its_training_sizes():
+    """``train.<stage>.sizes`` is the trainer's default for ``--sizes`` (trainer/train.py); left out, it is
+    not written back."""
+    cfg = load_config("default")
+    assert cfg.train.content.sizes is None and "sizes" not in cfg.to_dict()["train"]["content"]
+    raw = cfg.to_dict()
+    raw["train"]["content"]["sizes"] = ["16x32x32", "16x64x64"]
+    again = CMDConfig.from_dict(raw)
+    assert again.train.content.sizes == ["16x32x32", "16x64x64"] and again.train.motion.sizes is None
+    assert again.to_dict()["train"]["content"]["sizes"] == ["16x32x32", "16x64x64"]

@@ -1,7 +1,8 @@
 """Regression guard for the shipped default model (engine/weights/default/).
 
-Generates held-out (colour, shape, motion) prompts, canonical and paraphrased, with the shipped weights and
-measures colour and direction from the pixels with the evaluator's own measurement. The thresholds sit
+Generates held-out (colour, shape, motion) prompts, canonical and paraphrased, at every size the shipped model
+serves (its config's ``sizes``), and measures colour and direction from the pixels with the evaluator's own
+measurement. The thresholds sit
 below what the model card reports on 64 clips, so a change that breaks prompt following (weights, sampler,
 text encoder, kernels' references) fails here in seconds; a flip of one borderline clip does not.
 """
@@ -15,6 +16,8 @@ import torch
 import engine.default_model
 import kernels
 from engine.backends.eager import EagerBackend
+from engine.default_model import resolve_model
+from engine.geometry import ClipSize
 from engine.pipeline import CMDPipeline
 from engine.run import main as run_main
 from engine.video_io import read_video
@@ -22,6 +25,8 @@ from trainer.attributes import measure_attributes
 from trainer.data.synthetic import HELDOUT_COMBOS, prompts_for
 from trainer.evaluate import attribute_row, generate
 
+# Every size the shipped model serves (read from its config, so a size added there is tested here).
+SERVED_SIZES = [str(s) for s in resolve_model("default").load_config().served_sizes]
 # Eight clips: every held-out triple once.
 NUM_CLIPS = len(HELDOUT_COMBOS)
 MIN_COLOUR_ACCURACY = 0.75
@@ -47,12 +52,16 @@ def test_default_weights_ship_with_the_package():
     assert os.path.isfile(os.path.join(folder, "README.md")), "the default model needs its model card"
 
 
+@pytest.mark.parametrize("size", SERVED_SIZES)
 @pytest.mark.parametrize("paraphrase", [False, True], ids=["canonical", "paraphrase"])
-def test_default_model_follows_heldout_prompts(default_pipe, paraphrase):
-    items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=paraphrase)
+def test_default_model_follows_heldout_prompts(default_pipe, paraphrase, size):
+    size = ClipSize.parse(size)
+    items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=paraphrase, num_frames=size.frames,
+                        height=size.height, width=size.width)
     captions = [caption for caption, _ in items]
-    videos = generate(default_pipe, captions, range(NUM_CLIPS), seed=0, batch_size=NUM_CLIPS)
-    assert videos.shape == (NUM_CLIPS, 16, 3, 32, 32)
+    videos = generate(default_pipe, captions, range(NUM_CLIPS), seed=0, batch_size=NUM_CLIPS,
+                      num_frames=size.frames, height=size.height, width=size.width)
+    assert videos.shape == (NUM_CLIPS, size.frames, 3, size.height, size.width)
     rows = [attribute_row(video, spec) for video, (_, spec) in zip(videos, items)]
     colour = np.mean([row["colour"] for row in rows])
     motion = np.mean([row["motion"] for row in rows])
