@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from engine.atomic import check_output
 from engine.cli import Parser, UsageError, run_ranks
 from engine.configs import CMDConfig, load_config
 from engine.models import CMDModel
@@ -496,7 +497,7 @@ class TrainResult:
 
 def train(args, info: DistInfo) -> TrainResult:
     """Run one stage (the library entry point of the CLI; ``args`` from :func:`build_parser`)."""
-    out = args.out
+    out = check_output(args.out, folder=True, flag="--out")  # before any work
     stage_name = args.stage
     random.seed(args.seed)  # torch's global generator is seeded where the networks are built (load_model)
     np.random.seed(args.seed)

@@ -128,6 +128,17 @@ def test_later_stage_needs_the_stage_one_folder(tmp_path, capsys):
     assert len(err) == 1 and "stage-1 model folder" in err[0]
 
 
+def test_an_out_that_is_a_file_is_one_line_exit_2(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    code = main(["--stage", "autoencoder", "--config", tiny_config(tmp_path / "tiny.json"), "--out", str(a_file),
+                 "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out is a folder" in err[0], err
+    assert a_file.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--batch-size", "-1"), ("--config", "no-such-config")])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flag, value):
     argv = ["--stage", "autoencoder", "--config", tiny_config(tmp_path / "tiny.json"), "--out", str(tmp_path / "o"),
