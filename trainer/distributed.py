@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from engine.distributed import (  # noqa: F401  (the names the trainer has always imported from here)
-    DistInfo, barrier, broadcast_object, finish, gather_objects, init_distributed, shard)
+    DistInfo, barrier, finish, gather_objects, init_distributed)
 
 
 def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

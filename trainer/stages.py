@@ -23,7 +23,7 @@ from engine.configs import TrainConfig
 from engine.models import CMDModel
 from engine.models.vae import encode_frames
 
-STAGES = ("autoencoder", "content", "motion")
+TRAINING_STAGES = ("autoencoder", "content", "motion")
 NETWORK_OF = {"autoencoder": "autoencoder", "content": "content_unet", "motion": "motion_dit"}
 
 
@@ -207,7 +207,7 @@ def make_stage(name: str, model: CMDModel, hparams: Dict[str, Any], device: torc
     """``hparams``: the stage's training hyper-parameters (``train.<stage>`` of the config); keys left out
     take their defaults (:class:`engine.configs.StageTrainConfig`). ``amp``: bf16 autocast in the frozen
     encoders; ``cache_encodings``: keep (xbar, z) per clip index."""
-    if name in STAGES:
+    if name in TRAINING_STAGES:
         hparams = dict(dataclasses.asdict(TrainConfig().stage(name)), **hparams)
     if name == "autoencoder":
         return AutoencoderStage(model, hparams, device, text, amp)
@@ -215,4 +215,4 @@ def make_stage(name: str, model: CMDModel, hparams: Dict[str, Any], device: torc
         return ContentStage(model, hparams, device, text, amp, cache_encodings)
     if name == "motion":
         return MotionStage(model, hparams, device, text, amp, cache_encodings)
-    raise ValueError(f"unknown stage {name!r}; choose from {STAGES}")
+    raise ValueError(f"unknown stage {name!r}; choose from {TRAINING_STAGES}")

@@ -58,12 +58,12 @@ from engine.models.vae import load_vae
 from trainer import checkpoint as ckpt
 from trainer.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across_ranks
 from trainer.ema import EMA
-from trainer.stages import NETWORK_OF, STAGES, make_stage
+from trainer.stages import NETWORK_OF, TRAINING_STAGES, make_stage
 from trainer.text_cache import CaptionEmbeddings
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
-    p.add_argument("--stage", required=True, choices=STAGES)
+    p.add_argument("--stage", required=True, choices=TRAINING_STAGES)
     p.add_argument("--config", help="config name or JSON file (default: the --init folder's, else 'default')")
     p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos with captions.csv, "
                    "or a UCF-101 folder")
@@ -167,7 +167,7 @@ def _frozen_fields(cfg: CMDConfig) -> Dict[str, Any]:
     return {k: d[k] for k in ("space", "channels", "num_frames", "height", "width", "vae_scale", "autoencoder")}
 
 
-def load_model(args, stage: str, out: str) -> CMDModel:
+def stage_model(args, stage: str, out: str) -> CMDModel:
     """The model bundle for a stage: stage 1 builds it from the config; stages 2a/2b load the previous
     stage's folder and put a freshly initialised (or --pretrained-unet) network in their slot."""
     if stage == "autoencoder" and args.init:  # continue from a model folder (e.g. decoder fine-tuning)
@@ -235,7 +235,7 @@ def _config(name: str) -> CMDConfig:
         raise UsageError(str(e)) from None
 
 
-def export_model(model: CMDModel, stage_name: str, ema: EMA, path: str) -> None:
+def write_model_folder(model: CMDModel, stage_name: str, ema: EMA, path: str) -> None:
     """Write the model folder with the EMA weights in the trained network's slot."""
     name = NETWORK_OF[stage_name]
     trained = getattr(model, name)
@@ -282,7 +282,7 @@ class Indexed(Dataset):
         return out
 
 
-def collate(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+def collate_clips(items: List[Optional[Dict[str, Any]]]) -> Dict[str, Any]:
     """Stack a batch; items that failed to load (None) are dropped and counted in ``skipped``."""
     good = [x for x in items if x is not None]
     batch: Dict[str, Any] = {"skipped": len(items) - len(good), "caption": [x["caption"] for x in good],
@@ -381,7 +381,7 @@ class Batches:
                    for j in range(len(indices) // bs)]
         self.generator = torch.Generator().manual_seed(loader_seed(self.seed, epoch, self.info.rank))
         loader = DataLoader(self.dataset, batch_sampler=batches,
-                            num_workers=self.workers, collate_fn=collate, persistent_workers=False,
+                            num_workers=self.workers, collate_fn=collate_clips, persistent_workers=False,
                             pin_memory=self.info.device.type == "cuda", generator=self.generator)
         self._it, self._epoch = iter(loader), epoch
 
@@ -499,9 +499,9 @@ def train(args, info: DistInfo) -> TrainResult:
     """Run one stage (the library entry point of the CLI; ``args`` from :func:`build_parser`)."""
     out = check_output(args.out, folder=True, flag="--out")  # before any work
     stage_name = args.stage
-    random.seed(args.seed)  # torch's global generator is seeded where the networks are built (load_model)
+    random.seed(args.seed)  # torch's global generator is seeded where the networks are built (stage_model)
     np.random.seed(args.seed)
-    model = load_model(args, stage_name, out)
+    model = stage_model(args, stage_name, out)
     cfg = model.config
     hp = hyperparams(cfg, args)
     device = info.device
@@ -648,13 +648,13 @@ def train(args, info: DistInfo) -> TrainResult:
                      "batch_size": int(hp["batch_size"]), "world_size": info.world_size, "data_batches": taken,
                      "sizes": hp["sizes"]},
                     keep=args.keep)
-                export_model(model, stage_name, ema, model_dir)
+                write_model_folder(model, stage_name, ema, model_dir)
                 log.write({"event": "checkpoint", "step": done, "path": path, "model": model_dir})
             barrier(info)
         if info.is_main and sample_every > 0 and (done % sample_every == 0 or done == total):
             if preview_batches is None:  # the first clips, at each size of the run
                 n = min(args.num_samples, len(dataset))
-                preview_batches = [collate([dataset[(i, k)] for i in range(n)]) for k in range(len(distinct))]
+                preview_batches = [collate_clips([dataset[(i, k)] for i in range(n)]) for k in range(len(distinct))]
             for k, preview_batch in enumerate(preview_batches):
                 if not preview_batch["caption"]:  # (none when the first clips all failed to decode)
                     continue

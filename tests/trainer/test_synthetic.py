@@ -22,7 +22,7 @@ from trainer.data import (
     ClipSpec,
     SyntheticVideos,
     canonical_caption,
-    collate,
+    collate_synthetic,
     is_heldout,
     make_caption,
     prompts_for,
@@ -305,9 +305,9 @@ def test_make_caption_uses_synonyms():
 # ---------------------------------------------------------------------------
 
 
-def test_dataloader_with_collate():
+def test_dataloader_with_collate_synthetic():
     ds = SyntheticVideos(num_clips=10, num_frames=4, height=32, width=64)
-    batches = list(DataLoader(ds, batch_size=4, collate_fn=collate))
+    batches = list(DataLoader(ds, batch_size=4, collate_fn=collate_synthetic))
     assert [b["video"].shape for b in batches] == [(4, 4, 3, 32, 64)] * 2 + [(2, 4, 3, 32, 64)]
     first = batches[0]
     assert first["video"].dtype == torch.float32

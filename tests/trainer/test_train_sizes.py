@@ -10,7 +10,7 @@ import torch
 from trainer.data import SyntheticVideos
 from trainer.stages import make_stage
 from trainer.text_cache import CaptionEmbeddings
-from trainer.train import Indexed, build_parser, collate, load_model, main
+from trainer.train import Indexed, build_parser, collate_clips, stage_model, main
 from test_train_resume import losses  # noqa: E402  (tests/trainer is on sys.path under pytest)
 from test_train_stages import tiny_config  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_a_size_repeated_in_the_list_weights_it(tmp_path, stage_one):
 def test_the_encoding_cache_keeps_each_clip_per_size(tmp_path, stage_one):
     config, init = stage_one
     args = build_parser().parse_args(["--stage", "motion", "--config", config, "--out", str(tmp_path), "--init", init])
-    model = load_model(args, "motion", str(tmp_path))
+    model = stage_model(args, "motion", str(tmp_path))
     from engine.models.text import TextEncoder
 
     text = CaptionEmbeddings(lambda: TextEncoder.from_config(model.config.text_encoder))
@@ -74,13 +74,13 @@ def test_the_encoding_cache_keeps_each_clip_per_size(tmp_path, stage_one):
     assert small["caption"] == large["caption"]  # one scene, rendered at each size
     assert small["video"].shape == (4, 3, 16, 16) and large["video"].shape == (4, 3, 32, 32)
     for k, size in enumerate(("4x16x16", "4x32x32")):
-        content, motion = stage.encode(collate([data[(i, k)] for i in (2, 1)]))
+        content, motion = stage.encode(collate_clips([data[(i, k)] for i in (2, 1)]))
         geometry = model.config.geometry(size)
         assert content.shape == (2, *geometry.content_shape) and motion.shape == (2, *geometry.motion_shape)
     assert set(stage._encoded) == {(2, 0), (1, 0), (2, 1), (1, 1)}
     # The cached value is the clip's own encoding at its size.
-    want_c, want_m = stage._encode(collate([data[(1, 1)]]))
-    got_c, got_m = stage.encode(collate([data[(1, 1)]]))
+    want_c, want_m = stage._encode(collate_clips([data[(1, 1)]]))
+    got_c, got_m = stage.encode(collate_clips([data[(1, 1)]]))
     torch.testing.assert_close(got_c, want_c, atol=1e-2, rtol=0)
     torch.testing.assert_close(got_m, want_m, atol=1e-2, rtol=0)
 

@@ -13,7 +13,7 @@ from trainer import checkpoint as ckpt
 from trainer.data import SyntheticVideos
 from trainer.stages import make_stage
 from trainer.text_cache import CaptionEmbeddings
-from trainer.train import Indexed, build_parser, collate, load_model, main
+from trainer.train import Indexed, build_parser, collate_clips, stage_model, main
 
 STEPS = {"autoencoder": 12, "content": 12, "motion": 20}
 
@@ -46,7 +46,7 @@ def run(stage, out, config, steps, *extra):
 def fixed_loss(stage_name, config, out, weights=None, draws=6):
     """Mean loss of the stage's network over fixed batches and fixed noise draws (the same for every call)."""
     args = build_parser().parse_args(["--stage", stage_name, "--config", config, "--out", str(out)])
-    model = load_model(args, stage_name, str(out))  # the initial network the run started from
+    model = stage_model(args, stage_name, str(out))  # the initial network the run started from
     text = None
     if stage_name != "autoencoder":
         from engine.models.text import TextEncoder
@@ -56,7 +56,7 @@ def fixed_loss(stage_name, config, out, weights=None, draws=6):
     if weights is not None:
         stage.network.load_state_dict(weights)
     data = Indexed(SyntheticVideos(4, 4, 16, 16, seed=0))
-    batch = collate([data[i] for i in range(4)])
+    batch = collate_clips([data[i] for i in range(4)])
     generator = torch.Generator().manual_seed(123)
     with torch.no_grad():
         inputs = stage.prepare(batch)
@@ -176,7 +176,7 @@ def test_previews_sample_with_the_config_defaults(trained, monkeypatch):
     sampling.steps, sampling.motion_steps, sampling.guidance, sampling.motion_guidance = 2, None, guidance, None
     text = CaptionEmbeddings(lambda: TextEncoder.from_config(model.config.text_encoder))
     data = Indexed(SyntheticVideos(4, 4, 16, 16, seed=0))
-    batch = collate([data[i] for i in range(2)])
+    batch = collate_clips([data[i] for i in range(2)])
     for stage_name in ("content", "motion"):
         stage = make_stage(stage_name, model, {}, torch.device("cpu"), text)
         frames = preview(stage, stage.network, batch)

@@ -179,7 +179,7 @@ def test_clips_are_windows_of_stored_frames(tmp_path):
         mp4 = usable[1]["video"]
         steps = ((mp4[1:, :, -1, 8] - mp4[:-1, :, -1, 8]).mean(dim=1) * 127.5).numpy()
         np.testing.assert_allclose(steps, 12.0, atol=4)  # consecutive stored frames: level steps of 12
-    # Without the check, the too-short ones give None (dropped and counted by the trainer's collate).
+    # Without the check, the too-short ones give None (dropped and counted by the trainer's collate_clips).
     assert [clips[i] is None for i in range(len(clips))] == [True, False, True, True, True, False]
 
 
@@ -349,7 +349,7 @@ def test_latent_mode_training_with_cache_and_pretrained_unet(tmp_path, csv_folde
     from diffusers import UNet2DConditionModel
 
     from engine.configs import load_config
-    from trainer.train import build_parser, load_model
+    from trainer.train import build_parser, stage_model
 
     sd = tiny_vae_folder(tmp_path / "sd")
     vae_kwargs = json.load(open(os.path.join(sd, "vae", "config.json")))
@@ -367,7 +367,7 @@ def test_latent_mode_training_with_cache_and_pretrained_unet(tmp_path, csv_folde
     unet = UNet2DConditionModel(**load_config(config).content_unet)
     unet.save_pretrained(str(tmp_path / "sd" / "unet"))
     args = build_parser().parse_args(["--stage", "content", "--pretrained-unet", sd, *common])
-    model = load_model(args, "content", str(out))
+    model = stage_model(args, "content", str(out))
     for name, value in unet.state_dict().items():
         assert torch.equal(model.content_unet.state_dict()[name], value)
     assert model.vae is not None

@@ -17,7 +17,7 @@ from .synthetic import (
     ClipSpec,
     SyntheticVideos,
     canonical_caption,
-    collate,
+    collate_synthetic,
     frames_to_tensor,
     is_heldout,
     make_caption,

@@ -10,7 +10,7 @@ file; stale files are harmless.
 :class:`LatentClips` then serves random windows of cached latents, ``{"latents": (L, c, h, w), "caption"}``,
 with no VAE in the data loader. Videos that cannot be decoded are left out of the cache and counted
 (:func:`cached_clips`); a cached video shorter than one window gives ``None`` (dropped and counted by the
-trainer's collate).
+trainer's collate_clips).
 """
 
 import hashlib

@@ -403,7 +403,7 @@ class SyntheticVideos(Dataset):
         return {"video": frames_to_tensor(frames), "caption": caption, "attributes": spec.attributes()}
 
 
-def collate(batch: List[Dict[str, object]]) -> Dict[str, object]:
+def collate_synthetic(batch: List[Dict[str, object]]) -> Dict[str, object]:
     """DataLoader collate: stacked ``video`` (B, L, 3, H, W), lists of captions and attributes."""
     return {
         "video": torch.stack([item["video"] for item in batch]),
@@ -457,7 +457,7 @@ __all__ = [
     "SPLITS",
     "SyntheticVideos",
     "canonical_caption",
-    "collate",
+    "collate_synthetic",
     "frames_to_tensor",
     "is_heldout",
     "make_caption",

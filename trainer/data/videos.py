@@ -11,7 +11,7 @@ Before training, :meth:`VideoClips.check` probes every video without decoding it
 frames) and :meth:`VideoClips.usable` keeps the usable ones, counting the others by reason ("missing",
 "unreadable", "too short" for one window); with none left it raises :class:`NoUsableClips`, a ValueError
 naming the folder and the counts. A video that passes the probe but then fails to decode gives ``None``
-from ``__getitem__``: the trainer's collate drops it and counts it (``skipped_clips`` in the log).
+from ``__getitem__``: the trainer's collate_clips drops it and counts it (``skipped_clips`` in the log).
 Decoding uses imageio-ffmpeg (its own ffmpeg binary, no system install needed).
 
 Layouts (:func:`open_video_folder` tells them apart):
