@@ -495,13 +495,93 @@ class TrainResult:
     loss: Optional[float]  # this rank's loss at the last step run (None if no step ran)
 
 
+@dataclass
+class _Run:
+    """One stage's training run, as the steps of :func:`train` build it up and use it."""
+
+    args: Any
+    info: DistInfo
+    out: str  # the run folder (--out)
+    model: CMDModel  # the bundle: the trained network in its slot, the frozen ones beside it
+    hp: Dict[str, Any]  # :func:`hyperparams`
+    stage: Any  # trainer.stages.Stage
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # this rank's noise draws
+    start: int = 0  # the first step to run (resume: the checkpoint's)
+    start_batches: int = 0  # loader batches this rank took before ``start``
+    rng_saved: Optional[Dict[str, torch.Tensor]] = None  # the checkpoint's random states, set before step 1
+    train_net: Optional[torch.nn.Module] = None  # the network, DDP-wrapped under torchrun
+    dataset: Optional["Indexed"] = None
+    sizes: Optional[List[str]] = None  # the run's sizes, each once, in order of first use
+    counts: Any = None  # a video folder's ClipCounts (None for synthetic data)
+    data: Optional["Batches"] = None
+    log: Optional["RunLog"] = None
+    bar: Any = None  # tqdm progress bar (rank 0, unless --no-progress)
+    preview_batches: Optional[List[Dict[str, Any]]] = None  # the sample grids' clips, made at the first samples
+    skipped: int = 0  # clips that failed to load so far
+
+    @property
+    def name(self) -> str:
+        return self.args.stage
+
+    @property
+    def cfg(self) -> CMDConfig:
+        return self.model.config
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.stage.network
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.out, "checkpoints", self.name)
+
+    @property
+    def model_dir(self) -> str:
+        return os.path.join(self.out, "model")
+
+    @property
+    def total(self) -> int:
+        return int(self.hp["steps"])
+
+
 def train(args, info: DistInfo) -> TrainResult:
     """Run one stage (the library entry point of the CLI; ``args`` from :func:`build_parser`)."""
+    run = _setup(args, info)
+    _resume(run)
+    _build_data(run)
+    _start_log(run)
+    if run.rng_saved is not None:  # nothing may draw from the random states after this
+        _set_rng_state(run.generator, run.rng_saved, info)
+    sample_every = args.sample_every if args.sample_every is not None else int(run.hp["checkpoint_every"])
+    smooth, value, clips, t_log = None, None, 0, time.perf_counter()
+    for step in range(run.start, run.total):
+        batch = _next_batch(run)
+        loss, extra, lr, grad_norm = _train_step(run, step, batch)
+        clips += len(batch["caption"]) * info.world_size
+        done = step + 1
+        value = loss.item()
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        if done % int(run.hp["log_every"]) == 0 or done == run.total or done == run.start + 1:
+            t_log = _log_step(run, done, batch, loss, value, smooth, lr, grad_norm, clips, t_log, extra)
+            clips = 0
+        if run.bar is not None:
+            run.bar.update(1)
+        if done % int(run.hp["checkpoint_every"]) == 0 or done == run.total:
+            _checkpoint(run, done)
+        if info.is_main and sample_every > 0 and (done % sample_every == 0 or done == run.total):
+            _samples(run, done)
+    _finish(run)
+    return TrainResult(run.model_dir, run.net, run.ema, run.total, value)
+
+
+def _setup(args, info: DistInfo) -> _Run:
+    """The run's model, hyper-parameters, stage, EMA, optimizer and noise generator (seeded from --seed)."""
     out = check_output(args.out, folder=True, flag="--out")  # before any work
-    stage_name = args.stage
     random.seed(args.seed)  # torch's global generator is seeded where the networks are built (stage_model)
     np.random.seed(args.seed)
-    model = stage_model(args, stage_name, out)
+    model = stage_model(args, args.stage, out)
     cfg = model.config
     hp = hyperparams(cfg, args)
     device = info.device
@@ -509,165 +589,193 @@ def train(args, info: DistInfo) -> TrainResult:
         torch.set_num_threads(args.threads or default_threads())
 
     text = None
-    if stage_name != "autoencoder":
+    if args.stage != "autoencoder":
         from engine.models.text import TextEncoder
 
         text = CaptionEmbeddings(lambda: TextEncoder.from_config(cfg.text_encoder), device=device)
         if args.text_cache:
             text.load(args.text_cache)
-    amp = hp["precision"] == "bf16"
-    stage = make_stage(stage_name, model, hp, device, text, amp=amp,
+    stage = make_stage(args.stage, model, hp, device, text, amp=hp["precision"] == "bf16",
                        cache_encodings=args.data == "synthetic" and not args.no_encoding_cache)
     net = stage.network
     ema = EMA(net, float(hp["ema_decay"]))
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=hp["lr"], betas=hp["betas"],
                                   weight_decay=float(hp["weight_decay"]))
     generator = torch.Generator().manual_seed(args.seed + 100_003 * info.rank)  # per-rank draws
+    return _Run(args, info, out, model, hp, stage, ema, optimizer, generator)
 
-    ckpt_root = os.path.join(out, "checkpoints", stage_name)
-    model_dir = os.path.join(out, "model")
-    start, start_batches, rng_saved = 0, 0, None
-    if args.resume:
-        path = ckpt.latest_checkpoint(ckpt_root)
-        if path is None:
-            if info.is_main:
-                print(f"note: no checkpoint under {ckpt_root}: starting from step 0", file=sys.stderr)
-        else:
-            state = ckpt.load_checkpoint(path, optimizer)
-            saved = state["state"]
-            if saved.get("stage") != stage_name:
-                raise UsageError(f"checkpoint {path!r} is of stage {saved.get('stage')!r}, not {stage_name!r}")
-            if (saved.get("batch_size"), saved.get("seed")) != (int(hp["batch_size"]), args.seed) and info.is_main:
-                # The data position is recomputed from the step, batch size and seed: a change still trains,
-                # but no longer repeats what the uninterrupted run would have seen.
-                print(f"note: resuming with batch size {hp['batch_size']} / seed {args.seed} (checkpoint: "
-                      f"{saved.get('batch_size')} / {saved.get('seed')}): the data order differs", file=sys.stderr)
-            saved_sizes = saved.get("sizes", [str(cfg.default_size)])  # older checkpoints: the own size
-            if list(saved_sizes) != hp["sizes"] and info.is_main:
-                print(f"note: resuming with sizes {','.join(hp['sizes'])} (checkpoint: {','.join(saved_sizes)}): "
-                      "the batches' sizes differ from the uninterrupted run's", file=sys.stderr)
-            net.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"], state["state"]["ema_updates"])
-            rng_saved = state["rng"]  # set just before the first step: nothing may draw after it
-            start = int(saved["step"])
-            # Loader batches taken (per rank): more than the steps when a batch had no loadable clip.
-            start_batches = int((saved.get("data_batches") or [start] * info.world_size)[info.rank])
 
-    train_net = net
+def _resume(run: _Run) -> None:
+    """--resume: the newest checkpoint's weights, optimizer and EMA, and where the run stood (step, data
+    position, random states); notes on stderr where this run's batch size, seed or sizes differ from it."""
+    args, info, hp = run.args, run.info, run.hp
+    if not args.resume:
+        return
+    path = ckpt.latest_checkpoint(run.ckpt_root)
+    if path is None:
+        if info.is_main:
+            print(f"note: no checkpoint under {run.ckpt_root}: starting from step 0", file=sys.stderr)
+        return
+    state = ckpt.load_checkpoint(path, run.optimizer)
+    saved = state["state"]
+    if saved.get("stage") != run.name:
+        raise UsageError(f"checkpoint {path!r} is of stage {saved.get('stage')!r}, not {run.name!r}")
+    if (saved.get("batch_size"), saved.get("seed")) != (int(hp["batch_size"]), args.seed) and info.is_main:
+        # The data position is recomputed from the step, batch size and seed: a change still trains,
+        # but no longer repeats what the uninterrupted run would have seen.
+        print(f"note: resuming with batch size {hp['batch_size']} / seed {args.seed} (checkpoint: "
+              f"{saved.get('batch_size')} / {saved.get('seed')}): the data order differs", file=sys.stderr)
+    saved_sizes = saved.get("sizes", [str(run.cfg.default_size)])  # older checkpoints: the own size
+    if list(saved_sizes) != hp["sizes"] and info.is_main:
+        print(f"note: resuming with sizes {','.join(hp['sizes'])} (checkpoint: {','.join(saved_sizes)}): "
+              "the batches' sizes differ from the uninterrupted run's", file=sys.stderr)
+    run.net.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"], state["state"]["ema_updates"])
+    run.rng_saved = state["rng"]  # set just before the first step: nothing may draw after it
+    run.start = int(saved["step"])
+    # Loader batches taken (per rank): more than the steps when a batch had no loadable clip.
+    run.start_batches = int((saved.get("data_batches") or [run.start] * info.world_size)[info.rank])
+
+
+def _build_data(run: _Run) -> None:
+    """The DDP-wrapped network and this rank's batches, from where the run stands (one data set per size of
+    the run, each size's clips the same scenes); a note on stderr counting a video folder's unusable videos."""
+    from engine.geometry import ClipSize
+
+    args, info, cfg, hp = run.args, run.info, run.cfg, run.hp
+    run.train_net = run.net
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    from engine.geometry import ClipSize
-
-    distinct = list(dict.fromkeys(hp["sizes"]))  # the run's sizes, each once, in order of first use
-    if distinct == [str(cfg.default_size)]:
-        dataset, counts = make_dataset(args, cfg, model, info)
-        dataset = Indexed(dataset)
+        device = info.device
+        run.train_net = DDP(run.net, device_ids=[device.index] if device.type == "cuda" else None)
+    run.sizes = list(dict.fromkeys(hp["sizes"]))
+    if run.sizes == [str(cfg.default_size)]:
+        dataset, run.counts = make_dataset(args, cfg, run.model, info)
+        run.dataset = Indexed(dataset)
     else:  # synthetic only (hyperparams checked): the same clips rendered at each size
-        counts = None
-        dataset = Indexed([make_dataset(args, cfg, model, info, ClipSize.parse(s))[0] for s in distinct])
-    cycle = [distinct.index(s) for s in hp["sizes"]]
+        run.dataset = Indexed([make_dataset(args, cfg, run.model, info, ClipSize.parse(s))[0] for s in run.sizes])
+    cycle = [run.sizes.index(s) for s in hp["sizes"]]
     workers = args.workers if args.workers is not None else (0 if args.data == "synthetic" else 2)
+    counts = run.counts
     about = f"; {counts.root}: {counts.summary()}" if counts is not None else ""
-    data = Batches(dataset, int(hp["batch_size"]), info, args.seed, start_batches, workers, about, cycle)
+    run.data = Batches(run.dataset, int(hp["batch_size"]), info, args.seed, run.start_batches, workers, about, cycle)
     if counts is not None and info.is_main and counts.usable < counts.found:
         print(f"note: {counts.root}: {counts.summary()}", file=sys.stderr)
-    preview_batches: Optional[List[Dict[str, Any]]] = None
-    sample_every = args.sample_every if args.sample_every is not None else int(hp["checkpoint_every"])
 
-    log = RunLog(os.path.join(out, "logs", f"{stage_name}.jsonl"), info.is_main)
-    n_params = sum(p.numel() for p in net.parameters())
-    log.write({"event": "start", "stage": stage_name, "config": cfg.name, "start_step": start,
-               "params": n_params, "world_size": info.world_size, "threads": torch.get_num_threads(), "hparams": {k: v for k, v in hp.items()},
-               "device": str(device), **({"data": counts.to_dict()} if counts is not None else {})})
-    total = int(hp["steps"])
-    bar = None
-    if info.is_main and not args.no_progress:
+
+def _start_log(run: _Run) -> None:
+    """Open the log with its start record, and the progress bar."""
+    counts = run.counts
+    run.log = RunLog(os.path.join(run.out, "logs", f"{run.name}.jsonl"), run.info.is_main)
+    n_params = sum(p.numel() for p in run.net.parameters())
+    run.log.write({"event": "start", "stage": run.name, "config": run.cfg.name, "start_step": run.start,
+                   "params": n_params, "world_size": run.info.world_size, "threads": torch.get_num_threads(),
+                   "hparams": {k: v for k, v in run.hp.items()}, "device": str(run.info.device),
+                   **({"data": counts.to_dict()} if counts is not None else {})})
+    if run.info.is_main and not run.args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=stage_name, unit="step", dynamic_ncols=True)
+        run.bar = tqdm(total=run.total, initial=run.start, desc=run.name, unit="step", dynamic_ncols=True)
 
-    if rng_saved is not None:
-        _set_rng_state(generator, rng_saved, info)
-    smooth, value, clips, skipped, t_log = None, None, 0, 0, time.perf_counter()
-    for step in range(start, total):
+
+def _next_batch(run: _Run) -> Dict[str, Any]:
+    """The next batch with at least one clip (batches whose clips all failed to load are passed over);
+    raises ValueError when a whole epoch's worth of batches in a row loaded nothing."""
+    data = run.data
+    batch = next(data)
+    run.skipped += batch["skipped"]
+    empty = 0
+    while batch["caption"] == []:  # every clip of the batch failed to load: take the next batch
+        empty += 1
+        if empty >= 2 * data.per_epoch:  # so long a run of empty batches holds a whole epoch: nothing loads
+            where = f" in {run.counts.root!r}" if run.counts is not None else ""
+            raise ValueError(f"no clip loaded{where} in the last {empty} batches of {data.batch_size} "
+                             f"({run.skipped} clips skipped so far)")
         batch = next(data)
-        skipped += batch["skipped"]
-        empty = 0
-        while batch["caption"] == []:  # every clip of the batch failed to load: take the next batch
-            empty += 1
-            if empty >= 2 * data.per_epoch:  # so long a run of empty batches holds a whole epoch: nothing loads
-                where = f" in {counts.root!r}" if counts is not None else ""
-                raise ValueError(f"no clip loaded{where} in the last {empty} batches of {data.batch_size} "
-                                 f"({skipped} clips skipped so far)")
-            batch = next(data)
-            skipped += batch["skipped"]
-        lr = lr_at(step, hp)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.no_grad():
-            inputs = stage.prepare(batch)
-        with stage.autocast():
-            loss, extra = stage.loss(train_net, inputs, generator)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"step {step}: the loss is {loss.item()}; lower the learning rate")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float(hp["grad_clip"]))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(net)
-        clips += len(batch["caption"]) * info.world_size
-        done = step + 1
+        run.skipped += batch["skipped"]
+    return batch
 
-        value = loss.item()
-        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-        if done % int(hp["log_every"]) == 0 or done == total or done == start + 1:
-            mean_loss = mean_across_ranks(loss.detach(), info).item()
-            now = time.perf_counter()
-            record = {"step": done, "loss": mean_loss, "rank0_loss": value, "lr": lr,
-                      "grad_norm": float(grad_norm), "clips_per_s": clips / max(now - t_log, 1e-9),
-                      "batch_clips": len(batch["caption"]), "skipped_clips": skipped, "time": time.time(),
-                      "size": str(ClipSize(*_clip_size(batch, cfg.vae_scale))),
-                      **extra}
-            log.write(record)
-            clips, t_log = 0, now
-            if bar is not None:
-                bar.set_postfix(loss=f"{smooth:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
-        if bar is not None:
-            bar.update(1)
 
-        if done % int(hp["checkpoint_every"]) == 0 or done == total:
-            rng = _rng_state(generator, data, info)  # collectives: every rank takes part
-            taken = gather_objects([data.taken], info)
-            if info.is_main:
-                path = ckpt.save_checkpoint(
-                    ckpt_root, done, net.state_dict(), ema.state_dict(), optimizer, rng,
-                    {"stage": stage_name, "ema_updates": ema.num_updates, "config": cfg.name, "seed": args.seed,
-                     "batch_size": int(hp["batch_size"]), "world_size": info.world_size, "data_batches": taken,
-                     "sizes": hp["sizes"]},
-                    keep=args.keep)
-                write_model_folder(model, stage_name, ema, model_dir)
-                log.write({"event": "checkpoint", "step": done, "path": path, "model": model_dir})
-            barrier(info)
-        if info.is_main and sample_every > 0 and (done % sample_every == 0 or done == total):
-            if preview_batches is None:  # the first clips, at each size of the run
-                n = min(args.num_samples, len(dataset))
-                preview_batches = [collate_clips([dataset[(i, k)] for i in range(n)]) for k in range(len(distinct))]
-            for k, preview_batch in enumerate(preview_batches):
-                if not preview_batch["caption"]:  # (none when the first clips all failed to decode)
-                    continue
-                name = f"step-{done:08d}" + (f"-{distinct[k]}" if len(distinct) > 1 else "")
-                with ckpt.preserved_rng():  # samples draw nothing from the training's random states
-                    write_samples(stage, ema, preview_batch, os.path.join(out, "samples", stage_name, name),
-                                  cfg.sampling.fps, log, done)
-    if bar is not None:
-        bar.close()
-    log.write({"event": "done", "step": total, "model": model_dir, "skipped_clips": skipped,
-               **({"data": counts.to_dict()} if counts is not None else {})})
-    log.close()
-    return TrainResult(model_dir, net, ema, total, value)
+def _train_step(run: _Run, step: int, batch: Dict[str, Any]):
+    """One optimizer step (0-based ``step``) on ``batch``, then the EMA update: (loss, the stage's extra log
+    values, learning rate, gradient norm before clipping). Raises RuntimeError on a non-finite loss."""
+    lr = lr_at(step, run.hp)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with torch.no_grad():
+        inputs = run.stage.prepare(batch)
+    with run.stage.autocast():
+        loss, extra = run.stage.loss(run.train_net, inputs, run.generator)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"step {step}: the loss is {loss.item()}; lower the learning rate")
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), float(run.hp["grad_clip"]))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.update(run.net)
+    return loss, extra, lr, grad_norm
+
+
+def _log_step(run: _Run, done: int, batch, loss: torch.Tensor, value: float, smooth: float, lr: float,
+              grad_norm, clips: int, t_log: float, extra: Dict[str, Any]) -> float:
+    """The log line of step ``done``, ``clips`` trained since ``t_log`` (time.perf_counter) giving the
+    throughput; returns the time of this line. The loss is averaged over the ranks: a collective, every
+    rank calls it."""
+    from engine.geometry import ClipSize
+
+    mean_loss = mean_across_ranks(loss.detach(), run.info).item()
+    now = time.perf_counter()
+    record = {"step": done, "loss": mean_loss, "rank0_loss": value, "lr": lr,
+              "grad_norm": float(grad_norm), "clips_per_s": clips / max(now - t_log, 1e-9),
+              "batch_clips": len(batch["caption"]), "skipped_clips": run.skipped, "time": time.time(),
+              "size": str(ClipSize(*_clip_size(batch, run.cfg.vae_scale))),
+              **extra}
+    run.log.write(record)
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{smooth:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
+    return now
+
+
+def _checkpoint(run: _Run, done: int) -> None:
+    """The checkpoint of step ``done`` and the model folder (rank 0 writes; every rank takes part)."""
+    info, hp = run.info, run.hp
+    rng = _rng_state(run.generator, run.data, info)  # collectives: every rank takes part
+    taken = gather_objects([run.data.taken], info)
+    if info.is_main:
+        path = ckpt.save_checkpoint(
+            run.ckpt_root, done, run.net.state_dict(), run.ema.state_dict(), run.optimizer, rng,
+            {"stage": run.name, "ema_updates": run.ema.num_updates, "config": run.cfg.name, "seed": run.args.seed,
+             "batch_size": int(hp["batch_size"]), "world_size": info.world_size, "data_batches": taken,
+             "sizes": hp["sizes"]},
+            keep=run.args.keep)
+        write_model_folder(run.model, run.name, run.ema, run.model_dir)
+        run.log.write({"event": "checkpoint", "step": done, "path": path, "model": run.model_dir})
+    barrier(info)
+
+
+def _samples(run: _Run, done: int) -> None:
+    """Sample videos of step ``done`` from the EMA weights, one grid per size of the run (rank 0)."""
+    if run.preview_batches is None:  # the first clips, at each size of the run
+        n = min(run.args.num_samples, len(run.dataset))
+        run.preview_batches = [collate_clips([run.dataset[(i, k)] for i in range(n)]) for k in range(len(run.sizes))]
+    for k, preview_batch in enumerate(run.preview_batches):
+        if not preview_batch["caption"]:  # (none when the first clips all failed to decode)
+            continue
+        name = f"step-{done:08d}" + (f"-{run.sizes[k]}" if len(run.sizes) > 1 else "")
+        with ckpt.preserved_rng():  # samples draw nothing from the training's random states
+            write_samples(run.stage, run.ema, preview_batch, os.path.join(run.out, "samples", run.name, name),
+                          run.cfg.sampling.fps, run.log, done)
+
+
+def _finish(run: _Run) -> None:
+    """Close the progress bar, and the log with its done record."""
+    if run.bar is not None:
+        run.bar.close()
+    counts = run.counts
+    run.log.write({"event": "done", "step": run.total, "model": run.model_dir, "skipped_clips": run.skipped,
+                   **({"data": counts.to_dict()} if counts is not None else {})})
+    run.log.close()
 
 
 def _clip_size(batch: Dict[str, Any], vae_scale: int) -> Tuple[int, int, int]:
