@@ -62,7 +62,7 @@ from kernels.measure import matmul_tflops, sync, wall_times  # noqa: E402
 
 GB = 1e9
 PROMPT = "a red panda climbing a snowy pine tree, cinematic lighting"
-STAGES = ("text", "content", "motion", "decode")
+TIMED_STAGES = ("text", "content", "motion", "decode")
 # A narrow UNet3D of the same block layout, for smoke runs on a CPU (the real one is 1.4B parameters).
 TINY_BASELINE = {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "attention_head_dim": 4,
                  "cross_attention_dim": 64}
@@ -333,7 +333,7 @@ def format_tables(report: dict) -> str:
     for r in report["runs"]:
         s = r["stages_s"]
         lines.append(f"| CMD {r['backend']} | {r['batch']} | {fmt(r['latency_s'])} | "
-                     + " | ".join(fmt(s.get(k)) for k in STAGES)
+                     + " | ".join(fmt(s.get(k)) for k in TIMED_STAGES)
                      + f" | {fmt(r['peak_allocated_gb'])} | {fmt(r['peak_reserved_gb'])} | "
                        f"{fmt(r.get('tflops_per_s', {}).get('total'))} |")
     if report.get("baseline"):
@@ -357,11 +357,11 @@ def format_tables(report: dict) -> str:
                      f"{'identical' if c['identical'] else fmt(c['psnr_db']) + ' dB'}, max |diff| {fmt(c['max_abs_diff'])}.")
     if report["scaling"]:
         lines += ["", f"Frame scaling ({report['scaling_backend']}, batch 1), seconds per stage:", "",
-                  "| frames | latency s | " + " | ".join(STAGES) + " | peak alloc GB | TFLOPs (full) |",
-                  "|---|---|" + "---|" * len(STAGES) + "---|---|"]
+                  "| frames | latency s | " + " | ".join(TIMED_STAGES) + " | peak alloc GB | TFLOPs (full) |",
+                  "|---|---|" + "---|" * len(TIMED_STAGES) + "---|---|"]
     for r in report["scaling"]:
         lines.append(f"| {r['frames']} | {fmt(r['latency_s'])} | "
-                     + " | ".join(fmt(r["stages_s"].get(k)) for k in STAGES)
+                     + " | ".join(fmt(r["stages_s"].get(k)) for k in TIMED_STAGES)
                      + f" | {fmt(r['peak_allocated_gb'])} | {fmt(r.get('tflops'))} |")
     if report.get("targets"):
         lines += ["", "| target | rule | measured | met |", "|---|---|---|---|"]
@@ -399,7 +399,7 @@ def plot(report: dict, path: Path) -> Optional[str]:
         right.set_visible(False)
     frames = [r["frames"] for r in report["scaling"]]
     bottom = [0.0] * len(frames)
-    for stage in STAGES:
+    for stage in TIMED_STAGES:
         heights = [r["stages_s"].get(stage, 0.0) for r in report["scaling"]]
         right.bar([str(f) for f in frames], heights, bottom=bottom, label=stage)
         bottom = [b + h for b, h in zip(bottom, heights)]

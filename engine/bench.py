@@ -36,7 +36,7 @@ import numpy as np
 from engine.cli import Parser, print_error, read_prompts, run_main
 from kernels.measure import environment, sync, wall_times
 
-STAGES = ("text", "content", "motion", "decode", "vae")
+TIMED_STAGES = ("text", "content", "motion", "decode", "vae")
 DEFAULT_CACHE_SETTINGS = ("none,static,static:0.3,dynamic:0.05,dynamic:0.1,dynamic:0.2,none@0.2-0.8,"
                           "static@0.2-0.8")
 
@@ -316,7 +316,7 @@ def jsonable(obj):
 
 def _table(kind: str, results: Dict[str, dict]) -> str:
     if kind == "latency":
-        stages = [s for s in STAGES if any(s in r["stages_s"] for r in results.values())]
+        stages = [s for s in TIMED_STAGES if any(s in r["stages_s"] for r in results.values())]
         head = f"{'backend':<12}" + "".join(f"{s + ' ms':>12}" for s in stages) + \
             f"{'total ms':>12}{'vs eager':>10}{'PSNR dB':>10}"
         rows = [head]

@@ -45,7 +45,6 @@ import torch
 
 CACHE_MODES = ("static", "dynamic")
 REUSE_MODES = ("reuse", "extrapolate")
-STAGES = ("content", "motion")
 CONFIG_KEY = "cache"  # the entry of config.sampling
 FULL, REUSE = "F", "R"
 DEFAULT_REUSE = "extrapolate"

@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from engine.atomic import atomic_path, write_text
-from engine.bench import STAGES, add_run_args, call_kwargs, resolve_run
+from engine.bench import TIMED_STAGES, add_run_args, call_kwargs, resolve_run
 from engine.cli import Parser, run_main
 
 
@@ -30,7 +30,7 @@ def nsys_command(argv) -> str:
 def _stage_table(timings) -> str:
     total = timings.get("total", sum(timings.values()))
     rows = [f"{'stage':<10}{'ms':>12}{'share':>9}"]
-    for stage in STAGES:
+    for stage in TIMED_STAGES:
         if stage in timings:
             rows.append(f"{stage:<10}{timings[stage] * 1e3:>12.2f}{timings[stage] / total:>9.1%}")
     rows.append(f"{'total':<10}{total * 1e3:>12.2f}{1:>9.0%}")
