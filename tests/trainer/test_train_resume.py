@@ -23,14 +23,19 @@ def argv(stage, out, config, steps, every, *extra):
             "--sample-every", "0", "--no-progress", "--threads", "1", *extra]
 
 
-def losses(out, stage):
-    """step -> loss, the last record of each step winning (a resumed run logs the repeated steps again)."""
+def logged(out, stage, key="loss"):
+    """step -> the logged ``key`` of that step, the last record of each step winning (a resumed run logs the
+    repeated steps again)."""
     found = {}
     for line in open(os.path.join(out, "logs", f"{stage}.jsonl")):
         record = json.loads(line)
         if "loss" in record:
-            found[record["step"]] = record["loss"]
+            found[record["step"]] = record[key]
     return found
+
+
+def losses(out, stage):
+    return logged(out, stage)
 
 
 @pytest.fixture(scope="module")

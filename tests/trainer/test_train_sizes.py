@@ -11,34 +11,15 @@ from trainer.data import SyntheticVideos
 from trainer.stages import make_stage
 from trainer.text_cache import CaptionEmbeddings
 from trainer.train import Indexed, build_parser, collate_clips, stage_model, main
-from test_train_resume import losses  # noqa: E402  (tests/trainer is on sys.path under pytest)
+from test_train_resume import argv, logged, losses, stage_one  # noqa: E402,F401  (tests/trainer is on sys.path)
 from test_train_stages import tiny_config  # noqa: E402
 
+# argv(): 6 clips in batches of 2, 3 batches an epoch, so the 2-size cycle starts epoch 2 with the second size.
 SIZES = "4x16x16,4x32x32"
 
 
-def argv(stage, out, config, steps, every, *extra):
-    # 6 clips in batches of 2: 3 batches an epoch, so the 2-size cycle starts epoch 2 with the second size.
-    return ["--stage", stage, "--config", config, "--data", "synthetic", "--out", str(out), "--steps", str(steps),
-            "--batch-size", "2", "--num-clips", "6", "--checkpoint-every", str(every), "--log-every", "1",
-            "--sample-every", "0", "--no-progress", "--threads", "1", *extra]
-
-
 def logged_sizes(out, stage):
-    found = {}
-    for line in open(os.path.join(out, "logs", f"{stage}.jsonl")):
-        record = json.loads(line)
-        if "loss" in record:
-            found[record["step"]] = record["size"]
-    return found
-
-
-@pytest.fixture(scope="module")
-def stage_one(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sizes")
-    config = tiny_config(root / "tiny.json")
-    assert main(argv("autoencoder", root / "ae", config, 1, 1)) == 0
-    return config, str(root / "ae" / "model")
+    return logged(out, stage, "size")
 
 
 def test_batches_take_the_sizes_in_turn_and_resume_exactly(tmp_path, stage_one):
