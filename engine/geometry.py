@@ -176,6 +176,16 @@ def format_sizes(sizes: Sequence[ClipSize]) -> str:
     return ", ".join(map(str, sizes))
 
 
+def check_served(config: "CMDConfig", size: ClipSize, why: str = "") -> ClipSize:
+    """``size`` if it is one of the sizes the config serves (``sizes``, exactly: not fewer frames of one);
+    a one-line ValueError naming it and the served sizes otherwise (``why``, if given, ends it)."""
+    served = config.served_sizes
+    if size not in served:
+        raise ValueError(f"size {size} is not one model {config.name!r} serves ({format_sizes(served)})"
+                         + (f": {why}" if why else ""))
+    return size
+
+
 def resolve_size(config: "CMDConfig", frames: Optional[int] = None, height: Optional[int] = None,
                  width: Optional[int] = None) -> Tuple[ClipSize, ClipSize]:
     """(requested, generated) sizes of a request, defaults from the config's own size; a one-line

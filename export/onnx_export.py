@@ -28,7 +28,7 @@ import torch
 
 from engine.atomic import atomic_dir, write_json
 from engine.configs import CMDConfig
-from engine.geometry import format_sizes
+from engine.geometry import check_served
 from engine.artefacts import (FORMAT_VERSION, MANIFEST, PRECISIONS, file_hash, tokenizer_entry, weights_hash,
                               weights_hashes)
 from engine.networks import DEFAULT_MAX_BATCH, Network, ShapeBucket, networks_for
@@ -212,12 +212,9 @@ def export_model(model, out_dir: str, text_encoder=None, precision="float32", op
     dtype = parse_precision(precision)
     check_opset(opset)
     cfg: CMDConfig = model.config
-    served = cfg.served_sizes
     for bucket in buckets or ():
-        if bucket not in served:
-            raise ValueError(f"size {bucket} is not one model {cfg.name!r} serves ({format_sizes(served)}): graphs "
-                             "are built for served sizes only; declare a size in the config's 'sizes' once the model "
-                             "is evaluated there")
+        check_served(cfg, bucket, "graphs are built for served sizes only; declare a size in the config's 'sizes' "
+                                  "once the model is evaluated there")
     nets = networks_for(cfg, buckets, max_batch, names)
     if text_encoder is None:
         if names is not None and "text_encoder" in names:

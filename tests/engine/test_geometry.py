@@ -13,7 +13,7 @@ import torch
 from engine.configs import CMDConfig, available_configs, load_config
 from engine.default_model import DEFAULT_MODEL_DIR
 from engine.flops import measure
-from engine.geometry import ClipSize, check_fits, frame_step, size_step
+from engine.geometry import ClipSize, check_fits, check_served, frame_step, size_step
 from engine.networks import networks_for
 from engine.pipeline import CMDPipeline, check_request
 from engine.run import main as run_main
@@ -164,6 +164,17 @@ def test_config_declares_sizes_and_checks_them():
     assert CMDConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).sizes == cfg.sizes
     other = cfg.with_size("2x32x32")
     assert (other.num_frames, other.height, other.width, other.sizes) == (2, 32, 32, ["2x32x32"])
+
+
+def test_check_served_takes_exactly_the_declared_sizes():
+    """Calibration and export take served sizes only (not fewer frames of one): one line naming both."""
+    cfg = load_config(TINY)
+    for size in cfg.served_sizes:
+        assert check_served(cfg, size) == size
+    for size in (ClipSize(4, 32, 32), ClipSize(3, 16, 16), ClipSize(2, 16, 32)):
+        with pytest.raises(ValueError, match=rf"^size {size} is not one model 'tiny-test' serves "
+                                             r"\(4x16x16, 2x16x16, 4x16x32\): graphs$"):
+            check_served(cfg, size, "graphs")
 
 
 def test_model_folder_without_sizes_serves_its_own_size(tmp_path):
