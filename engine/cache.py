@@ -32,8 +32,9 @@ Config data (``sampling["cache"]``; older code ignores it, being a free-form ``s
      "threshold": 0.15,                 # the threshold the schedules below were derived at
      "dynamic_threshold": 0.1,          # cache="dynamic"'s default threshold
      "schedules": {"content": {"ddim/25": "FFRRF...F"}, "motion": {...}},   # one letter a step
-     "change": {"content": {"ddim/25": [0.02, ...]}, "motion": {...}},      # steps - 1 values
-     "calibration": {...}}              # how it was measured (prompts, seed, command)
+     "change": {"content": {"ddim/25": [0.02, ...]}, "motion": {...}},      # steps - 1 values: the largest
+     "change_by_size": {"content": {"ddim/25": {"16x32x32": [0.02, ...], ...}}, ...},   # over these sizes
+     "calibration": {...}}              # how it was measured (prompts, sizes, seed, command)
 """
 
 import math

@@ -374,14 +374,26 @@ def _config_json(folder):
         return json.load(f)
 
 
-def test_calibrate_measures_the_change_and_writes_schedules_the_pipeline_runs(model_dir, tmp_path, capsys):
+def _copy_model(model_dir, folder, sizes=None):
+    """A copy of the model folder; ``sizes``: the copy serves only these (its config's ``sizes``)."""
+    import json
     import shutil
 
+    shutil.copytree(model_dir, folder)
+    if sizes is not None:
+        config = _config_json(folder)
+        config["sizes"] = sizes
+        with open(os.path.join(folder, "cmd_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    return folder
+
+
+def test_calibrate_measures_the_change_and_writes_schedules_the_pipeline_runs(model_dir, tmp_path, capsys):
+    """A model that serves one size: measured there alone, as before sizes were calibrated."""
     from engine.cache import guide, relative_change
     from engine.calibrate_cache import main as calibrate
 
-    folder = str(tmp_path / "model")
-    shutil.copytree(model_dir, folder)
+    folder = _copy_model(model_dir, str(tmp_path / "model"), sizes=["4x16x16"])
     prompts = ["a red circle moving right", "a blue square moving up", "a white triangle"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     before = _config_json(folder)
@@ -397,6 +409,9 @@ def test_calibrate_measures_the_change_and_writes_schedules_the_pipeline_runs(mo
     assert len(change) == 4 and len(data["change"]["motion"]["ddim/4"]) == 3
     assert data["schedules"]["content"]["ddim/5"] == schedule_from_change(change, 0.5)
     assert data["threshold"] == 0.5 and data["calibration"]["prompts"] == prompts
+    assert data["calibration"]["sizes"] == ["4x16x16"]
+    assert data["change_by_size"] == {"content": {"ddim/5": {"4x16x16": change}},
+                                      "motion": {"ddim/4": {"4x16x16": data["change"]["motion"]["ddim/4"]}}}
 
     # The measured change is the guided output's, recomputed here from the UNet's raw outputs.
     pipe = CMDPipeline.from_pretrained(folder)
@@ -438,6 +453,73 @@ def test_calibrate_measures_the_change_and_writes_schedules_the_pipeline_runs(mo
     assert "random weights have no folder" in capsys.readouterr().err
     assert open(os.path.join(folder, "cmd_config.json")).read() == text
     assert sorted(os.listdir(folder)) == sorted(os.listdir(model_dir))  # no temporary file left
+
+
+def test_calibrate_takes_the_largest_change_over_every_served_size(model_dir, tmp_path, capsys, monkeypatch):
+    """The tiny model serves 4x16x16, 2x16x16 and 4x16x32: each one's change is measured and recorded, and the
+    schedule comes from their elementwise maximum (a step is reused only where every size allows it)."""
+    import json
+
+    from engine.calibrate_cache import calibrate as calibrate_data
+    from engine.calibrate_cache import main as calibrate
+    from engine.calibrate_cache import measure_change
+
+    served = ["4x16x16", "2x16x16", "4x16x32"]
+    folder = _copy_model(model_dir, str(tmp_path / "model"))
+    prompts = ["a red circle moving right", "a blue square moving up", "a white triangle"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    argv = ["--model", folder, "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "5", "--motion-steps", "4",
+            "--threshold", "0.3", "--batch-size", "2", "--seed", "1"]
+    assert calibrate(argv) == 0
+    assert f"measured at {', '.join(served)}" in capsys.readouterr().out
+    text = open(os.path.join(folder, "cmd_config.json")).read()
+    data = json.loads(text)["sampling"]["cache"]
+    assert data["calibration"]["sizes"] == served
+
+    pipe = CMDPipeline.from_pretrained(folder)
+    alone = {size: measure_change(pipe, prompts, 1, "ddim", 5, 4, 2, size=size) for size in served}
+    for stage, key in (("content", "ddim/5"), ("motion", "ddim/4")):
+        by_size = data["change_by_size"][stage][key]
+        assert list(by_size) == served
+        for size in served:
+            np.testing.assert_allclose(by_size[size], alone[size][stage], atol=2e-6)
+            assert f'"{size}": {json.dumps(by_size[size])}' in text  # one line per size: readable
+        largest = np.max([alone[size][stage] for size in served], axis=0)
+        own = np.array(alone["4x16x16"][stage])
+        assert np.any(largest > own + 1e-4), (stage, alone)  # another size than the own one raises the change
+        np.testing.assert_allclose(data["change"][stage][key], largest, atol=2e-6)
+        assert data["schedules"][stage][key] == schedule_from_change(data["change"][stage][key], 0.3)
+    # cache_threshold=T re-derives from the maximum.
+    pipe = CMDPipeline.from_pretrained(folder)
+    out = pipe("a", generator=0, cache="static", cache_threshold=0.6, num_inference_steps=5, motion_steps=4,
+               progress=False)
+    assert out.evaluations["motion"] == 2 * schedule_from_change(data["change"]["motion"]["ddim/4"], 0.6).count("F")
+
+    # --sizes: some of the served sizes; the other step counts' entries are kept.
+    assert calibrate(["--model", folder, "--steps", "3", "--motion-steps", "3", "--sizes", "4x16x32, 2x16x16"]) == 0
+    data = _config_json(folder)["sampling"]["cache"]
+    assert data["calibration"]["sizes"] == ["4x16x32", "2x16x16"]
+    assert list(data["change_by_size"]["motion"]["ddim/3"]) == ["4x16x32", "2x16x16"]
+    assert list(data["change_by_size"]["motion"]["ddim/4"]) == served
+    capsys.readouterr()
+
+    # A size the model does not serve, or not a size: one line, before any work, nothing written.
+    text = open(os.path.join(folder, "cmd_config.json")).read()
+    monkeypatch.setattr(CMDPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    for bad, needle in (("4x16x16,4x32x32", "size 4x32x32 is not one model 'tiny-test' serves "
+                                             "(4x16x16, 2x16x16, 4x16x32)"),
+                        ("8x16x16", "size 8x16x16 is not one model"),
+                        ("4x16", "a clip size is FRAMESxHEIGHTxWIDTH, e.g. 16x32x32, got '4x16'")):
+        assert calibrate(["--model", folder, "--sizes", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err
+    assert open(os.path.join(folder, "cmd_config.json")).read() == text
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(model_dir))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="size 4x32x32 is not one model"):
+        calibrate_data(pipe, prompts, sizes=["4x32x32"])
+    with pytest.raises(ValueError, match="size 4x32x32 is not one model"):
+        measure_change(pipe, prompts, size="4x32x32")
 
 
 def test_cli_flags_reach_the_pipeline_and_bad_ones_exit_2(model_dir, tmp_path, capsys):

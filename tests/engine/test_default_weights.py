@@ -81,16 +81,20 @@ def test_readme_command_writes_the_prompted_video(tmp_path):
     assert (got["colour"], got["motion"]) == ("red", "right"), got
 
 
-def test_default_model_static_cache_schedule_keeps_the_prompts(default_pipe):
-    """The committed schedule (cmd_config.json, sampling.cache): >= 1.8x fewer full denoiser evaluations,
-    the held-out prompts still followed, the video close to the uncached one."""
+@pytest.mark.parametrize("size", SERVED_SIZES)
+def test_default_model_static_cache_schedule_keeps_the_prompts(default_pipe, size):
+    """The committed schedule (cmd_config.json, sampling.cache; one per step count, for every served size):
+    >= 1.8x fewer full denoiser evaluations, the held-out prompts still followed, the video close to the
+    uncached one."""
     from engine.quality import psnr
 
-    items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=True)
+    size = ClipSize.parse(size)
+    dims = dict(num_frames=size.frames, height=size.height, width=size.width)
+    items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=True, **dims)
     captions = [caption for caption, _ in items]
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(NUM_CLIPS)]  # noqa: E731
-    ref = default_pipe(captions, generator=gens(), output_type="pt", progress=False)
-    out = default_pipe(captions, generator=gens(), output_type="pt", progress=False, cache="static")
+    ref = default_pipe(captions, generator=gens(), output_type="pt", progress=False, **dims)
+    out = default_pipe(captions, generator=gens(), output_type="pt", progress=False, cache="static", **dims)
     full = lambda o: o.evaluations["content"] + o.evaluations["motion"]  # noqa: E731
     assert full(ref) == NUM_CLIPS * 2 * 2 * 25
     assert full(ref) / full(out) >= 1.8, out.evaluations
