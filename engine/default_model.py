@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.configs import CMDConfig, load_config
+from engine.model_folder import CONFIG_FILE, check_model_folder
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DEFAULT_MODEL_DIR = os.path.join(WEIGHTS_DIR, "default")
-CONFIG_FILE = "cmd_config.json"  # as engine.models.bundle writes it
 RANDOM_PREFIX = "random:"
 
 
@@ -47,17 +47,17 @@ def default_model_dir() -> str:
 
 
 def resolve_model(spec: Optional[str] = None) -> ModelSpec:
-    """``default`` / None, a model folder, or ``random:<config>`` -> :class:`ModelSpec`."""
+    """``default`` / None, a model folder, or ``random:<config>`` -> :class:`ModelSpec`. A one-line
+    ValueError for an unknown config, or a folder that is missing, not a model folder or lacks a file its
+    networks need (:func:`engine.model_folder.check_model_folder`): every CLI's ``--model`` comes here
+    before any weights load."""
     if spec is None or spec == "default":
-        return ModelSpec(path=default_model_dir())
+        path = default_model_dir()
+        check_model_folder(path)
+        return ModelSpec(path=path)
     if spec.startswith(RANDOM_PREFIX):
         name = spec[len(RANDOM_PREFIX):]
         load_config(name)  # a ValueError naming the config if it is unknown
         return ModelSpec(random_config=name)
-    if not os.path.exists(spec):
-        raise ValueError(f"model folder not found: {spec!r} (a CMD model folder, 'default' or random:<config>)")
-    if not os.path.isdir(spec):
-        raise ValueError(f"model path is not a folder: {spec!r}")
-    if not os.path.isfile(os.path.join(spec, CONFIG_FILE)):
-        raise ValueError(f"not a CMD model folder (no {CONFIG_FILE}): {spec!r}")
+    check_model_folder(spec)
     return ModelSpec(path=spec)

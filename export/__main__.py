@@ -74,16 +74,21 @@ def _cmd_onnx(args) -> int:
 
 def _cmd_check(args) -> int:
     from engine.artefacts import read_manifest
+    from engine.default_model import resolve_model
     from export.check import check_export, format_table, rows_to_json
     from export.onnx_export import load_model
 
     manifests = [read_manifest(d) for d in args.onnx]  # fail on a bad folder before loading anything
-    loaded = {}
-    rows = []
+    specs = []
     for folder, manifest in zip(args.onnx, manifests):
         spec = args.model or manifest["model"].get("spec")
         if not spec:
             raise ValueError(f"{folder!r} does not say which model it came from: pass --model")
+        resolve_model(spec)  # and on a bad model (an incomplete folder, an unknown config)
+        specs.append(spec)
+    loaded = {}
+    rows = []
+    for folder, spec in zip(args.onnx, specs):
         if spec not in loaded:
             loaded[spec] = load_model(spec)
         model, text_encoder = loaded[spec]

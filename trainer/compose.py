@@ -17,6 +17,7 @@ import torch
 
 from engine.cli import Parser, run_main
 from engine.configs import load_config
+from engine.model_folder import check_model_folder
 from engine.models import CMDModel
 
 
@@ -27,7 +28,16 @@ def _same_encoder(a, b) -> bool:
 
 
 def compose(autoencoder: str, content: str, motion: str, out: str, config: Optional[str] = None) -> CMDModel:
-    ae_model, content_model, motion_model = (CMDModel.from_pretrained(p) for p in (autoencoder, content, motion))
+    """The model folder ``out`` from the autoencoder (and image VAE) of one folder, the content UNet of another
+    and the motion DiT of a third. A one-line ValueError, before any weights load, for a folder with a missing
+    or truncated file (:func:`engine.model_folder.check_model_folder`) or an unknown ``config``; after loading,
+    for folders whose encoders differ."""
+    folders = (autoencoder, content, motion)
+    for folder in folders:
+        check_model_folder(folder)
+    if config:
+        load_config(config)
+    ae_model, content_model, motion_model = (CMDModel.from_pretrained(p) for p in folders)
     for name, other in (("content", content_model), ("motion", motion_model)):
         if not _same_encoder(ae_model.autoencoder, other.autoencoder):
             raise ValueError(f"the {name} folder's encoder differs from that of {autoencoder!r}: "

@@ -53,8 +53,9 @@ from engine.cli import Parser, UsageError, run_ranks
 from engine.configs import CMDConfig, load_config
 from engine.models import CMDModel
 from engine.models.bundle import CONFIG_FILE, build_motion_dit
-from engine.models.content import build_content_unet, load_content_unet
-from engine.models.vae import load_vae
+from engine.model_folder import check_model_folder
+from engine.models.content import build_content_unet, find_content_unet, load_content_unet
+from engine.models.vae import find_vae, load_vae
 from trainer import checkpoint as ckpt
 from trainer.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across_ranks
 from trainer.ema import EMA
@@ -169,9 +170,19 @@ def _frozen_fields(cfg: CMDConfig) -> Dict[str, Any]:
 
 def stage_model(args, stage: str, out: str) -> CMDModel:
     """The model bundle for a stage: stage 1 builds it from the config; stages 2a/2b load the previous
-    stage's folder and put a freshly initialised (or --pretrained-unet) network in their slot."""
-    if stage == "autoencoder" and args.init:  # continue from a model folder (e.g. decoder fine-tuning)
-        return CMDModel.from_pretrained(args.init)
+    stage's folder and put a freshly initialised (or --pretrained-unet) network in their slot. Every folder
+    it reads is checked before any weights load (one line naming a missing or truncated file)."""
+    init = args.init if stage == "autoencoder" else args.init or os.path.join(out, "model")
+    if stage != "autoencoder" and not os.path.isfile(os.path.join(init, CONFIG_FILE)):
+        raise UsageError(f"the {stage} stage needs the stage-1 model folder: {init!r} is not one (--init DIR)")
+    if init:
+        check_model_folder(init)
+    if stage == "autoencoder" and not init and args.vae:
+        find_vae(args.vae)
+    if stage == "content" and args.pretrained_unet:
+        find_content_unet(args.pretrained_unet)
+    if stage == "autoencoder" and init:  # continue from a model folder (e.g. decoder fine-tuning)
+        return CMDModel.from_pretrained(init)
     if stage == "autoencoder":
         cfg = _config(args.config or "default")
         torch.manual_seed(args.seed)
@@ -183,9 +194,6 @@ def stage_model(args, stage: str, out: str) -> CMDModel:
         _fill_clip_path(cfg, args)
         return model
 
-    init = args.init or os.path.join(out, "model")
-    if not os.path.isfile(os.path.join(init, CONFIG_FILE)):
-        raise UsageError(f"the {stage} stage needs the stage-1 model folder: {init!r} is not one (--init DIR)")
     model = CMDModel.from_pretrained(init)
     cfg = _config(args.config) if args.config else model.config
     if _frozen_fields(cfg) != _frozen_fields(model.config):

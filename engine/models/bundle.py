@@ -8,7 +8,7 @@ Folder layout (each network a diffusers-style folder: ``config.json`` + safetens
     content_unet/        UNet2DConditionModel
     vae/                 AutoencoderKL (latent mode only)
 
-The text encoder is not stored: the config names it (MiniLM from its package, or a local CLIP folder).
+(the file names and the check that every file is there and whole: :mod:`engine.model_folder`). The text encoder is not stored: the config names it (MiniLM from its package, or a local CLIP folder).
 
 Every network is built from its section of the config (:func:`network_kwargs`); diffusers keeps a copy
 of those hyper-parameters in each network's ``config.json``, and loading and saving check that the two
@@ -27,12 +27,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from engine.atomic import atomic_dir
 from engine.configs import CMDConfig, load_config
 from engine.logs import quiet_loading
+from engine.model_folder import CONFIG_FILE, NETWORK_CONFIG, NETWORKS, check_model_folder, required_networks
 from engine.models.autoencoder import CMDAutoencoder
 from engine.models.motion_dit import MotionDiT
 
-CONFIG_FILE = "cmd_config.json"
-NETWORKS = ("autoencoder", "motion_dit", "content_unet", "vae")
-NETWORK_CONFIG = "config.json"  # each network folder's own copy of its hyper-parameters (diffusers')
 CLASSES = {"autoencoder": CMDAutoencoder, "motion_dit": MotionDiT, "content_unet": UNet2DConditionModel,
            "vae": AutoencoderKL}
 # Machine-specific keys diffusers writes into a network's config.json; never saved (see _save_network).
@@ -146,25 +144,22 @@ class CMDModel(nn.Module):
     @classmethod
     @quiet_loading("diffusers")
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None) -> "CMDModel":
-        """Load a model folder written by ``save_pretrained`` (safetensors only, nothing unpickled)."""
-        config_path = os.path.join(path, CONFIG_FILE)
-        if not os.path.isfile(config_path):
-            raise ValueError(f"not a CMD model folder (no {CONFIG_FILE}): {path!r}")
-        cfg = load_config(config_path)
-        nets = {}
-        for name, kind in CLASSES.items():
-            if name == "vae" and cfg.space != "latent":
-                nets[name] = None
-                continue
-            sub = os.path.join(path, name)
-            if not os.path.isdir(sub):
-                raise ValueError(f"model folder {path!r} lacks its {name}/ network")
+        """Load a model folder written by ``save_pretrained`` (safetensors only, nothing unpickled). A
+        one-line ValueError naming the folder and the file, before any network loads, when a file is missing
+        or truncated (:func:`engine.model_folder.check_model_folder`) or a network's hyper-parameters
+        disagree with the config's."""
+        cfg = check_model_folder(path)
+        names = required_networks(cfg)
+        for name in names:  # every network's copy of the config before any weights: a clear error, not a shape one
             try:
-                with open(os.path.join(sub, NETWORK_CONFIG)) as f:
+                with open(os.path.join(path, name, NETWORK_CONFIG)) as f:
                     network_config = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"cannot read {name}/{NETWORK_CONFIG} of {path!r}: {e}") from None
-            check_network_config(cfg, name, network_config, path)  # before the weights: a clear error, not a shape one
+            check_network_config(cfg, name, network_config, path)
+        nets = {name: None for name in NETWORKS}
+        for name in names:
+            kind, sub = CLASSES[name], os.path.join(path, name)
             try:
                 nets[name] = kind.from_pretrained(sub, torch_dtype=torch_dtype, use_safetensors=True)
             except Exception as e:  # diffusers raises many kinds; say which file is bad

@@ -9,6 +9,7 @@ from typing import Any, Dict
 from diffusers import UNet2DConditionModel
 
 from engine.logs import quiet_loading
+from engine.model_folder import find_network_folder
 
 
 def build_content_unet(unet_kwargs: Dict[str, Any]) -> UNet2DConditionModel:
@@ -17,10 +18,20 @@ def build_content_unet(unet_kwargs: Dict[str, Any]) -> UNet2DConditionModel:
     return UNet2DConditionModel(**unet_kwargs)
 
 
+def find_content_unet(path: str):
+    """Where :func:`load_content_unet` finds the network in ``path``: ``(subfolder or None, safetensors)``; a
+    one-line ValueError naming the folder and a missing or truncated file (for checking before any weights
+    load)."""
+    return find_network_folder(path, "unet", "Stable Diffusion folder")
+
+
 @quiet_loading("diffusers")
 def load_content_unet(path: str) -> UNet2DConditionModel:
     """The UNet of a local Stable Diffusion folder (``path/unet``) or a bare UNet folder."""
-    if not os.path.isdir(path):
-        raise ValueError(f"Stable Diffusion folder not found: {path!r}")
-    sub = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
-    return UNet2DConditionModel.from_pretrained(path, subfolder=sub)
+    # Its files first (one line naming a missing or truncated one, not diffusers' error lines), and the
+    # format found, so that diffusers does not log an error looking for safetensors in a .bin folder.
+    sub, safetensors = find_content_unet(path)
+    try:
+        return UNet2DConditionModel.from_pretrained(path, subfolder=sub, use_safetensors=safetensors)
+    except Exception as e:  # diffusers raises many kinds; say which folder is bad
+        raise ValueError(f"cannot load {os.path.join(path, sub or '')!r}: {str(e).splitlines()[0]}") from None

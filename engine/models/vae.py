@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from engine.logs import quiet_loading
+from engine.model_folder import find_network_folder
 
 # Frames the image VAE encodes or decodes per call: bounds memory; the vae_decoder graph's batch.
 VAE_CHUNK = 8
@@ -18,13 +19,22 @@ def build_vae(vae_kwargs: Dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL(**vae_kwargs)
 
 
+def find_vae(path: str):
+    """Where :func:`load_vae` finds the network in ``path``: ``(subfolder or None, safetensors)``; a one-line
+    ValueError naming the folder and a missing or truncated file (for checking before any weights load)."""
+    return find_network_folder(path, "vae", "VAE folder")
+
+
 @quiet_loading("diffusers")
 def load_vae(path: str) -> AutoencoderKL:
     """The VAE of a local Stable Diffusion folder (``path/vae``) or a bare VAE folder."""
-    if not os.path.isdir(path):
-        raise ValueError(f"VAE folder not found: {path!r}")
-    sub = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
-    return AutoencoderKL.from_pretrained(path, subfolder=sub)
+    # Its files first (one line naming a missing or truncated one, not diffusers' error lines), and the
+    # format found, so that diffusers does not log an error looking for safetensors in a .bin folder.
+    sub, safetensors = find_vae(path)
+    try:
+        return AutoencoderKL.from_pretrained(path, subfolder=sub, use_safetensors=safetensors)
+    except Exception as e:  # diffusers raises many kinds; say which folder is bad
+        raise ValueError(f"cannot load {os.path.join(path, sub or '')!r}: {str(e).splitlines()[0]}") from None
 
 
 def per_frame(fn: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, chunk: int = VAE_CHUNK) -> torch.Tensor:
