@@ -19,13 +19,15 @@ the folders built from those declarations, in one place for ``export/`` (the wri
 
 Default locations: ``$CMD_CACHE/onnx/<config>-<hash>-<precision>`` (``$CMD_CACHE`` defaults to
 ``~/.cache/cmd-engine``); a runtime takes a folder as an option, else ``$CMD_ONNX_DIR`` /
-``$CMD_TRT_DIR``, else (onnxruntime) the export under the cache built from exactly its weights.
+``$CMD_TRT_DIR``, else (onnxruntime) the export under the cache built from exactly its weights. What can
+be known without the weights (the folder named is one; the cache holds exports at all) is checked before a
+model loads (:func:`check_export_exists`, through ``engine.backends.check_backend_ready``).
 """
 
 import hashlib
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -120,24 +122,32 @@ def networks_from_manifest(manifest: Dict) -> Dict[str, Network]:
     return {n.name: n for n in networks_for(cfg, buckets, manifest["max_batch"], list(manifest["networks"]))}
 
 
+def cached_exports(root: Optional[str] = None) -> List[Tuple[str, Dict]]:
+    """``(folder, manifest)`` of every readable export folder under ``<cache>/onnx``, by name."""
+    base = os.path.join(root or cache_root(), "onnx")
+    if not os.path.isdir(base):
+        return []
+    found = []
+    for entry in sorted(os.listdir(base)):
+        folder = os.path.join(base, entry)
+        try:
+            found.append((folder, read_manifest(folder)))
+        except ValueError:
+            continue
+    return found
+
+
 def find_export(model: nn.Module, prefer: str = "float32", root: Optional[str] = None,
                 digest: Optional[str] = None) -> Optional[str]:
     """An export folder under ``<cache>/onnx`` built from exactly this model's weights (in the dtype it
     is in now; ``digest``: its ``weights_hash`` if already known), preferring graphs of precision
     ``prefer``; None if there is none."""
-    base = os.path.join(root or cache_root(), "onnx")
-    if not os.path.isdir(base):
+    exports = cached_exports(root)
+    if not exports:
         return None
     digest = digest or weights_hash(model)
-    found = []
-    for entry in sorted(os.listdir(base)):
-        folder = os.path.join(base, entry)
-        try:
-            manifest = read_manifest(folder)
-        except ValueError:
-            continue
-        if digest in manifest["model"]["weights_sha256"].values():
-            found.append((manifest["precision"] != prefer, folder))
+    found = [(manifest["precision"] != prefer, folder) for folder, manifest in exports
+             if digest in manifest["model"]["weights_sha256"].values()]
     return min(found)[1] if found else None
 
 
@@ -146,6 +156,22 @@ def default_export_dir(model: nn.Module, precision: str, root: Optional[str] = N
     (config name and weights hash) and precision, under ``<cache>/onnx``."""
     digest = weights_hash(model, torch.float32)[:12]
     return os.path.join(root or cache_root(), "onnx", f"{model.config.name}-{digest}-{precision}")
+
+
+MAKE_EXPORT = (f"build them with `python -m export onnx --model MODEL`, or name an export folder with "
+               f"${ONNX_DIR_ENV} (backend option onnx_dir)")
+
+
+def check_export_exists(onnx_dir: Optional[str] = None) -> None:
+    """What :func:`locate_export` can check before a model loads: the folder named (``onnx_dir``, else
+    ``$CMD_ONNX_DIR``) is an export folder; without one, ``<cache>/onnx`` holds at least one. Which cached
+    export, if any, holds this model's graphs only its loaded weights tell (their hash). A one-line
+    ValueError naming the folder and how to make one otherwise."""
+    folder = onnx_dir or os.environ.get(ONNX_DIR_ENV)
+    if folder:
+        read_manifest(folder)
+    elif not cached_exports():
+        raise ValueError(f"no ONNX graphs under {os.path.join(cache_root(), 'onnx')!r}: {MAKE_EXPORT}")
 
 
 def locate_export(model: nn.Module, dtype: torch.dtype, onnx_dir: Optional[str] = None,
@@ -161,8 +187,7 @@ def locate_export(model: nn.Module, dtype: torch.dtype, onnx_dir: Optional[str] 
     found = find_export(model, prefer="float16" if dtype == torch.float16 else "float32", digest=digest)
     if found is None:
         raise ValueError(f"no ONNX graphs for this model (weights sha256 {digest[:12]}) under "
-                         f"{os.path.join(cache_root(), 'onnx')}: build them with `python -m export onnx --model MODEL` "
-                         "or pass onnx_dir")
+                         f"{os.path.join(cache_root(), 'onnx')!r}: {MAKE_EXPORT}")
     return found
 
 

@@ -97,8 +97,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if torch.equal(x, y) else float(video_psnr(x, y, data_range=1.0))
 
 
-def _backends(text: Optional[str], device) -> List[str]:
-    from engine.backends import get_backend
+def _backends(text: Optional[str], device, dtype) -> List[str]:
+    from engine.backends import check_backend_ready, get_backend
 
     names = text.split(",") if text else (["eager", "compile"] + (["cudagraph"] if device.type == "cuda" else []))
     names = [n.strip() for n in names if n.strip()]
@@ -106,6 +106,7 @@ def _backends(text: Optional[str], device) -> List[str]:
         get_backend(name)  # a ValueError for unknown or unavailable ones
         if name == "cudagraph" and device.type != "cuda":
             raise ValueError("backend 'cudagraph' needs a CUDA device (--device cuda)")
+        check_backend_ready(name, device, dtype)  # exported graphs or plans, TensorRT: before any weights load
     if "eager" in names:  # eager first: the others are compared with it
         names.remove("eager")
     return ["eager"] + names
@@ -384,7 +385,7 @@ def _run_cache(args) -> int:
     config = spec.load_config()
     if "," in args.backend:
         raise ValueError(f"--backend takes one backend, got {args.backend!r}")
-    backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
+    backend = _backends(args.backend, device, dtype)[-1]  # a ValueError for unknown or unavailable ones
     kwargs = request_kwargs(args)
     for setting in settings.values():  # a setting the model cannot run fails here, before any weights load
         check_request(config, backend=get_backend(backend), **kwargs, **setting)
@@ -430,7 +431,7 @@ def _run_backends(args) -> int:
     if args.warmup < 0 or args.iters < 1:
         raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {args.warmup} and {args.iters}")
     spec, device, dtype, req = resolve_run(args)
-    names = _backends(args.backends, device)
+    names = _backends(args.backends, device, dtype)
     from engine.pipeline import CMDPipeline
 
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.backends import Backend, get_backend
+from engine.backends import Backend, check_backend_ready, get_backend
 from engine.cache import DynamicStep, Evaluations, OutputHistory, StagePlan, guide, plan_cache
 from engine.configs import CMDConfig
 from engine.default_model import ModelSpec, resolve_model
@@ -164,9 +164,14 @@ class CMDPipeline:
                         backend_options: Optional[Dict[str, Any]] = None) -> "CMDPipeline":
         """A model spec (``default``, a model folder, or ``random:<config>``; see
         :mod:`engine.default_model`) on ``device`` in ``dtype``. The text encoder is the one the
-        config names unless given (random-weight for ``random:`` specs)."""
+        config names unless given (random-weight for ``random:`` specs). A bad spec (an unknown config, an
+        incomplete model folder) or a backend that cannot run here (no exported graphs or plans, TensorRT or
+        CUDA missing: :func:`engine.backends.check_backend_ready`) is a one-line ValueError before any
+        weights load."""
         dev, dt = parse_device(device), parse_dtype(dtype)
         spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+        if not isinstance(backend, Backend):
+            check_backend_ready(backend, dev, dt, **(backend_options or {}))
         if spec.is_random:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)  # the same random model every time

@@ -54,7 +54,10 @@ def _profile(args, argv) -> int:
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     spec, device, dtype, req = resolve_run(args)
+    from engine.backends import check_backend_ready
     from engine.video_io import check_output_dir
+
+    check_backend_ready(args.backend, device, dtype)  # before the output folder and any weights
 
     if not args.nsys:
         check_output_dir(args.out_dir, create=True)

@@ -118,7 +118,7 @@ def _plan(args):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
 
-    from engine.backends import get_backend
+    from engine.backends import check_backend_ready, get_backend
     from engine.default_model import resolve_model
     from engine.request import check_request, parse_device, parse_dtype
 
@@ -126,6 +126,7 @@ def _plan(args):
     backend = get_backend(args.backend)  # unknown or not-installed backends fail here
     if backend.name == "cudagraph" and device.type != "cuda":
         raise ValueError(f"backend 'cudagraph' needs --device cuda, got --device {args.device}")
+    check_backend_ready(backend.name, device, dtype)  # exported graphs or plans, TensorRT: before the weights
 
     numbered = [(None, args.prompt)] if args.prompt is not None else read_prompts(args.prompts_file)
     prompts = [p for _, p in numbered]

@@ -62,4 +62,17 @@ def get_backend(name: str) -> Type[Backend]:
     return _REGISTRY[name]
 
 
-__all__ = ["Backend", "MODULES", "available_backends", "get_backend", "register_backend"]
+def check_backend_ready(name: str, device, dtype, **options) -> Type[Backend]:
+    """:func:`get_backend` and that backend's :meth:`~engine.backends.base.Backend.check_ready` on ``device``
+    (a torch.device or its name) in ``dtype`` with backend ``options``: what it needs besides the weights
+    (TensorRT, a CUDA device, exported graphs or plans), checked before any model loads. Every CLI's
+    ``--backend`` / ``--backends`` and ``CMDPipeline.from_pretrained`` come here. Returns the class; a
+    one-line ValueError otherwise."""
+    import torch
+
+    cls = get_backend(name)
+    cls.check_ready(torch.device(device), dtype, **options)
+    return cls
+
+
+__all__ = ["Backend", "MODULES", "available_backends", "check_backend_ready", "get_backend", "register_backend"]

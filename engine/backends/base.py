@@ -60,6 +60,13 @@ class Backend:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
 
+    @classmethod
+    def check_ready(cls, device: torch.device, dtype: torch.dtype, **options) -> None:
+        """What this backend needs besides the model's weights (a package, a kind of device, exported graphs
+        or plans), checked before any model loads (:func:`engine.backends.check_backend_ready`): a one-line
+        ValueError naming what is missing and how to get it. ``options``: the constructor's backend options
+        (others ignored). The PyTorch backends on a CPU or GPU need nothing."""
+
     # -- the five networks -------------------------------------------------------------------------
     def text_encoder(self) -> Optional["TextEncoder"]:
         """The text encoder this backend runs itself (onnxruntime: the exported graph with its saved

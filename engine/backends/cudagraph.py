@@ -45,14 +45,19 @@ class CUDAGraphBackend(EagerBackend):
     def __init__(self, model, device=None, dtype=None, warmup_iters: int = 3,
                  batch_buckets: Optional[Sequence[int]] = None):
         super().__init__(model, device, dtype)
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError(f"backend 'cudagraph' needs a CUDA device, got {str(self.device)!r}")
+        self.check_ready(self.device, self.dtype)
         if warmup_iters < 1:
             raise ValueError(f"warmup_iters must be >= 1 before a capture, got {warmup_iters}")
         self.warmup_iters = warmup_iters
         self.batch_buckets = tuple(sorted(batch_buckets)) if batch_buckets else None
         self.captures = 0  # how many graphs were captured (tests check the cache with it)
         self.reset()
+
+    @classmethod
+    def check_ready(cls, device, dtype, **options) -> None:
+        """A CUDA device that torch can use."""
+        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"backend 'cudagraph' needs a CUDA device, got {str(torch.device(device))!r}")
 
     def reset(self) -> None:
         self._graphs: Dict[Tuple, _Captured] = {}

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.artefacts import (EXPORT_AGAIN, ONNX_DIR_ENV, PRECISIONS, check_weights, load_tokenizer, locate_export,
-                              networks_from_manifest, read_manifest, weights_hash)
+from engine.artefacts import (EXPORT_AGAIN, ONNX_DIR_ENV, PRECISIONS, check_export_exists, check_weights,
+                              load_tokenizer, locate_export, networks_from_manifest, read_manifest, weights_hash)
 from engine.backends import register_backend
 from engine.backends.graph import GraphBackend
 from engine.models.text import TextEncoder
@@ -112,6 +112,7 @@ class OnnxRuntimeBackend(GraphBackend):
     def __init__(self, model, device=None, dtype=None, onnx_dir: Optional[str] = None,
                  providers: Optional[Sequence] = None, threads: Optional[int] = None, verify_weights: bool = True):
         super().__init__(model, device, dtype)
+        self.check_ready(self.device, self.dtype, onnx_dir, providers)
         digest = weights_hash(model) if verify_weights or not (onnx_dir or os.environ.get(ONNX_DIR_ENV)) else None
         folder = locate_export(model, self.dtype, onnx_dir, digest)
         self.manifest = read_manifest(folder)
@@ -121,6 +122,18 @@ class OnnxRuntimeBackend(GraphBackend):
         self.providers = list(providers) if providers is not None else providers_for(self.device)
         self.threads = threads
         self.check_required("export all networks: python -m export onnx --model MODEL --out DIR")
+
+    @classmethod
+    def check_ready(cls, device, dtype, onnx_dir: Optional[str] = None, providers: Optional[Sequence] = None,
+                    **options) -> None:
+        """onnxruntime importable (with a CUDA provider for a CUDA device) and ONNX graphs to run: the folder
+        named (``onnx_dir`` or ``$CMD_ONNX_DIR``) is an export folder, or the cache holds exports
+        (``engine.artefacts.check_export_exists``); which of them holds this model's weights is found when it
+        has loaded."""
+        _ort()
+        if providers is None:
+            providers_for(device)
+        check_export_exists(onnx_dir)
 
     @property
     def onnx_dir(self) -> str:

@@ -161,20 +161,33 @@ class TensorRTBackend(GraphBackend):
     def __init__(self, model, device=None, dtype=None, plan_dir: Optional[str] = None, cuda_graph: bool = False,
                  verify_weights: bool = True):
         super().__init__(model, device, dtype)
-        trt = import_tensorrt()
-        if self.device.type != "cuda":
-            raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {self.device}")
-        plan_dir = plan_dir or os.environ.get(PLAN_DIR_ENV)
-        if not plan_dir:
-            raise ValueError(f"backend 'tensorrt' needs plans: build them with {BUILD_PLANS}, then pass plan_dir=DIR "
-                             f"(or set {PLAN_DIR_ENV})")
-        self.plans = read_plans(plan_dir)
-        check_plans_runnable(self.plans, trt.__version__, gpu_identity(self.device), plan_dir)
+        plan_dir, self.plans = self._plans(self.device, plan_dir)
         self.cuda_graph = cuda_graph
         self.stream = torch.cuda.Stream(self.device)
         self.attach(plan_dir, plan_networks(self.plans), "plans")  # the networks that have a plan
         if verify_weights:
             check_weights(self.plans["weights_sha256"], model, self.source, "export and build again")
+
+    @staticmethod
+    def _plans(device: torch.device, plan_dir: Optional[str]):
+        """TensorRT, a CUDA device, and a plan folder (``plan_dir``, else ``$CMD_TRT_DIR``) built for this GPU
+        and TensorRT version: ``(plan_dir, its plans.json)``, or a one-line ValueError."""
+        trt = import_tensorrt()
+        if device.type != "cuda":
+            raise ValueError(f"backend 'tensorrt' needs a CUDA device, got {device}")
+        plan_dir = plan_dir or os.environ.get(PLAN_DIR_ENV)
+        if not plan_dir:
+            raise ValueError(f"backend 'tensorrt' needs plans: build them with {BUILD_PLANS}, then pass plan_dir=DIR "
+                             f"(or set {PLAN_DIR_ENV})")
+        plans = read_plans(plan_dir)
+        check_plans_runnable(plans, trt.__version__, gpu_identity(device), plan_dir)
+        return plan_dir, plans
+
+    @classmethod
+    def check_ready(cls, device, dtype, plan_dir: Optional[str] = None, **options) -> None:
+        """TensorRT importable, a CUDA device, plans (``plan_dir`` or ``$CMD_TRT_DIR``) built for this GPU and
+        TensorRT version; whether they hold this model's weights is checked when it has loaded."""
+        cls._plans(torch.device(device), plan_dir)
 
     @property
     def plan_dir(self) -> str:
