@@ -36,7 +36,6 @@ import torch.nn as nn
 
 from engine.configs import CMDConfig
 from engine.geometry import ClipSize, check_fits, format_sizes
-from engine.models.vae import VAE_CHUNK
 
 # Videos per call a graph is built for (its CFG networks see twice that).
 DEFAULT_MAX_BATCH = 4
@@ -313,6 +312,8 @@ class VAEDecoderNet(Network):
     outputs = (TensorSpec("images", ("batch", "rgb", "image_height", "image_width")),)
 
     def batch_range(self):
+        from engine.models.vae import VAE_CHUNK  # here: engine.models.vae imports diffusers
+
         return 1, VAE_CHUNK, VAE_CHUNK
 
     def axis_sizes(self, bucket):

@@ -138,3 +138,18 @@ def test_real_process_onnxruntime_without_graphs(tiny, tmp_path):
                            "`python -m export onnx --model MODEL`, or name an export folder with $CMD_ONNX_DIR "
                            "(backend option onnx_dir)\n")
     assert os.listdir(tmp_path) == []  # no video, no cache folder
+
+
+def test_the_check_comes_before_the_networks_are_even_imported(tiny, tmp_path):
+    """engine.run refuses onnxruntime without graphs before importing diffusers and the networks (seconds of
+    imports: engine.models loads its submodules on first use, engine.networks the VAE's on use)."""
+    code = ("import sys; from engine.run import main; "
+            f"code = main(['--prompt', 'x', '--model', {tiny[0]!r}, '--backend', 'onnxruntime', '--out', 'v.npy']); "
+            "print(code, sorted(m for m in ('diffusers', 'transformers', 'engine.models.bundle') if m in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               CMD_CACHE=str(tmp_path / "cache"))
+    env.pop("CMD_ONNX_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                          timeout=300)
+    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: no ONNX graphs under") and proc.stderr.count("\n") == 1
