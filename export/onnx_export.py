@@ -17,11 +17,13 @@ Output folder (written to a temporary sibling and renamed into place)::
 """
 
 import copy
+import logging
 import os
 import re
 import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -142,6 +144,32 @@ def op_counts(proto) -> Dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# torch.onnx's exporter builds its operator registry on every export and, where torchvision is not
+# installed, logs one warning per torchvision op it has a translation for ("torchvision is not installed.
+# Skipping torchvision::nms", roi_align, roi_pool, deform_conv2d): four lines per network. The CMD networks
+# call no torchvision op (without torchvision they could not), so the lines tell a user nothing. This filter
+# drops those records only, on the logger that emits them, while an export runs; every other message of
+# that logger (and of torch.onnx) still shows.
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_TORCHVISION_NOTICE = "torchvision is not installed. Skipping "
+
+
+class _TorchvisionNoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TORCHVISION_NOTICE)
+
+
+@contextmanager
+def _no_torchvision_notices():
+    logger = logging.getLogger(_REGISTRY_LOGGER)
+    notice_filter = _TorchvisionNoticeFilter()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
+
+
 def export_network(network: Network, model, out_dir: str, precision="float32", opset: int = DEFAULT_OPSET,
                    text_encoder=None, external_data: Optional[bool] = None) -> Dict:
     """Export one network into ``out_dir/<name>.onnx`` (+ ``<name>.onnx.data`` when the weights near
@@ -160,7 +188,7 @@ def export_network(network: Network, model, out_dir: str, precision="float32", o
     args = network.sample_inputs(batch=_export_batch(network), dtype=dtype, device=device)
 
     start = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _no_torchvision_notices():
         # torch.export is chatty about things that do not concern a user of the graph
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, tuple(args.values()), dynamo=True, opset_version=opset,

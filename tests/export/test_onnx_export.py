@@ -3,6 +3,7 @@ and dynamic axes, standard ops only (Triton ops as their reference decomposition
 compatibility, onnxruntime parity in fp32 and fp16, external data, atomic output, the CLI's errors."""
 
 import json
+import logging
 import os
 
 import onnx
@@ -221,3 +222,51 @@ def test_cli_export_to_the_cache_where_the_backend_looks(tmp_path, monkeypatch, 
     with torch.no_grad():
         model.autoencoder.output_head.bias.add_(1.0)
     assert find_export(model) is None  # other weights: not these graphs
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_torchvision_notices_are_dropped_and_nothing_else(tiny_latent, tmp_path):
+    """Exporting logs "torchvision is not installed. Skipping torchvision::<op>" per torchvision op (four
+    lines per network) where torchvision is missing; the export drops those records and only those."""
+    from export import onnx_export
+
+    logger = logging.getLogger(onnx_export._REGISTRY_LOGGER)
+    seen = _Records()
+    logger.addHandler(seen)
+    try:
+        token = f"{os.getpid()}-{torch.randint(10**6, ()).item()}"
+        with onnx_export._no_torchvision_notices():
+            logger.warning("torchvision is not installed. Skipping %s", f"torchvision::op{token}")
+            logger.warning("something else %s", token)
+        logger.warning("torchvision is not installed. Skipping %s", f"after-{token}")  # outside an export: kept
+        assert seen.messages == [f"something else {token}", f"torchvision is not installed. Skipping after-{token}"]
+        seen.messages.clear()
+        model, text_encoder = tiny_latent
+        export_model(model, str(tmp_path / "graphs"), text_encoder, names=["ae_decoder"])
+        assert not [m for m in seen.messages if "torchvision" in m], seen.messages
+    finally:
+        logger.removeHandler(seen)
+
+
+def test_cli_export_prints_no_torchvision_notices(tmp_path):
+    """`python -m export onnx` in a real process: stdout has its progress lines, stderr stays empty (torch's
+    exporter logs to stderr through its own handler)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tiny = os.path.join(root, "tests", "engine", "tiny_config.json")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "export", "onnx", "--model", f"random:{tiny}", "--network",
+                           "ae_decoder", "--out", str(tmp_path / "graphs")], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 1 graph(s)" in proc.stdout and proc.stderr == "", proc.stderr[-3000:]
