@@ -8,7 +8,9 @@ Folder layout (each network a diffusers-style folder: ``config.json`` + safetens
     content_unet/        UNet2DConditionModel
     vae/                 AutoencoderKL (latent mode only)
 
-(the file names and the check that every file is there and whole: :mod:`engine.model_folder`). The text encoder is not stored: the config names it (MiniLM from its package, or a local CLIP folder).
+The file names, and the check that every file is there and whole before anything loads, are in
+:mod:`engine.model_folder`. The text encoder is not stored: the config names it (MiniLM from its package,
+or a local CLIP folder).
 
 Every network is built from its section of the config (:func:`network_kwargs`); diffusers keeps a copy
 of those hyper-parameters in each network's ``config.json``, and loading and saving check that the two
