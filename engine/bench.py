@@ -97,7 +97,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if torch.equal(x, y) else float(video_psnr(x, y, data_range=1.0))
 
 
-def _backends(text: Optional[str], device, dtype) -> List[str]:
+def _backends(text: Optional[str], device, dtype=None) -> List[str]:
+    """The backend names of ``text`` (default: eager, compile and, on CUDA, cudagraph), eager first; a
+    ValueError for an unknown or unavailable one and, with ``dtype``, for one not ready (exported graphs or
+    plans, TensorRT: :func:`engine.backends.check_backend_ready`), before any weights load."""
     from engine.backends import check_backend_ready, get_backend
 
     names = text.split(",") if text else (["eager", "compile"] + (["cudagraph"] if device.type == "cuda" else []))
@@ -106,7 +109,8 @@ def _backends(text: Optional[str], device, dtype) -> List[str]:
         get_backend(name)  # a ValueError for unknown or unavailable ones
         if name == "cudagraph" and device.type != "cuda":
             raise ValueError("backend 'cudagraph' needs a CUDA device (--device cuda)")
-        check_backend_ready(name, device, dtype)  # exported graphs or plans, TensorRT: before any weights load
+        if dtype is not None:
+            check_backend_ready(name, device, dtype)  # exported graphs or plans, TensorRT: before any weights load
     if "eager" in names:  # eager first: the others are compared with it
         names.remove("eager")
     return ["eager"] + names
@@ -385,10 +389,11 @@ def _run_cache(args) -> int:
     config = spec.load_config()
     if "," in args.backend:
         raise ValueError(f"--backend takes one backend, got {args.backend!r}")
-    backend = _backends(args.backend, device, dtype)[-1]  # a ValueError for unknown or unavailable ones
+    backend = _backends(args.backend, device)[-1]  # a ValueError for unknown or unavailable ones
     kwargs = request_kwargs(args)
     for setting in settings.values():  # a setting the model cannot run fails here, before any weights load
         check_request(config, backend=get_backend(backend), **kwargs, **setting)
+    _backends(backend, device, dtype)  # then what the backend needs besides the weights (graphs, plans)
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
     results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
     flops = cache_flops(args.flops_config, results) if args.flops_config else None

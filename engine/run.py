@@ -126,7 +126,6 @@ def _plan(args):
     backend = get_backend(args.backend)  # unknown or not-installed backends fail here
     if backend.name == "cudagraph" and device.type != "cuda":
         raise ValueError(f"backend 'cudagraph' needs --device cuda, got --device {args.device}")
-    check_backend_ready(backend.name, device, dtype)  # exported graphs or plans, TensorRT: before the weights
 
     numbered = [(None, args.prompt)] if args.prompt is not None else read_prompts(args.prompts_file)
     prompts = [p for _, p in numbered]
@@ -139,6 +138,9 @@ def _plan(args):
                             cache=args.cache, cache_threshold=args.cache_threshold,
                             guidance_interval=args.guidance_interval, image_to_video=args.image is not None,
                             backend=backend)
+    # What the backend needs besides the weights (exported graphs or plans, TensorRT), before they load; after
+    # the request, whose own faults (a cache mode the backend cannot run) are the ones to report first.
+    check_backend_ready(backend.name, device, dtype)
     image = None
     if args.image is not None:
         from engine.video_io import read_image

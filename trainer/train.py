@@ -128,17 +128,23 @@ def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
     if hp["sizes"] != [str(cfg.default_size)] and getattr(args, "data", "synthetic") != "synthetic":
         raise UsageError(f"--sizes {','.join(hp['sizes'])}: sizes other than the config's own "
                          f"({cfg.default_size}) need --data synthetic")
+    check_flags(args)
     if getattr(args, "freeze_encoder", False):
-        if args.stage != "autoencoder":
-            raise UsageError("--freeze-encoder applies to the autoencoder stage only")
         hp["freeze_encoder"] = True
+    return hp
+
+
+def check_flags(args) -> None:
+    """The flag combinations that make no sense whatever the folders hold: a UsageError naming them, checked
+    before any folder is read (so that it is the error a user sees, not a missing folder's)."""
+    if getattr(args, "freeze_encoder", False) and args.stage != "autoencoder":
+        raise UsageError("--freeze-encoder applies to the autoencoder stage only")
     if getattr(args, "finetune", False):
         if args.stage == "autoencoder":
             raise UsageError("--finetune applies to the content and motion stages (the autoencoder stage "
                              "continues from --init already)")
         if getattr(args, "pretrained_unet", None):
             raise UsageError("--finetune and --pretrained-unet both choose the starting UNet: give one")
-    return hp
 
 
 def train_sizes(cfg: CMDConfig, sizes) -> List[str]:
@@ -589,6 +595,7 @@ def _setup(args, info: DistInfo) -> _Run:
     out = check_output(args.out, folder=True, flag="--out")  # before any work
     random.seed(args.seed)  # torch's global generator is seeded where the networks are built (stage_model)
     np.random.seed(args.seed)
+    check_flags(args)  # before stage_model reads any folder
     model = stage_model(args, args.stage, out)
     cfg = model.config
     hp = hyperparams(cfg, args)

@@ -106,7 +106,7 @@ def _clis(folder, backend, tmp):
         ("engine.run", ["--prompt", "x", "--model", folder, "--backend", backend, "--out", os.path.join(tmp, "v.npy")]),
         ("engine.bench", ["latency", "--model", folder, "--device", "cpu", "--backends", f"eager,{backend}"]),
         ("engine.bench", ["memory", "--model", folder, "--device", "cpu", "--backends", backend]),
-        ("engine.bench", ["cache", "--model", folder, "--device", "cpu", "--backend", backend]),
+        ("engine.bench", ["cache", "--model", folder, "--device", "cpu", "--backend", backend, "--settings", "none"]),
         ("engine.profile", ["--model", folder, "--device", "cpu", "--backend", backend,
                             "--out-dir", os.path.join(tmp, "profile")]),
     ]
