@@ -14,6 +14,7 @@ reproduces the model card's evaluation.
 
     python benchmarks/cache_quality.py                      # 64 + 64 clips, the default settings
     python benchmarks/cache_quality.py --num-clips 8 --settings none,static --flops-config default   # a smoke run
+    python benchmarks/cache_quality.py --size 16x64x64 --settings none,static --name cache-default-cpu-64
 
 Writes ``<out>/<name>.json`` (raw) and prints a Markdown table (the one in BENCHMARKS.md).
 """
@@ -34,6 +35,7 @@ from engine.atomic import check_output, write_json  # noqa: E402
 from engine.bench import (DEFAULT_CACHE_SETTINGS, jsonable, bench_cache, cache_flops,  # noqa: E402
                           parse_cache_setting)
 from engine.cli import Parser, run_main  # noqa: E402
+from engine.geometry import ClipSize, check_served  # noqa: E402
 from engine.pipeline import CMDPipeline  # noqa: E402
 from kernels.measure import environment  # noqa: E402
 from trainer.data import prompts_for  # noqa: E402
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default=DEFAULT_CACHE_SETTINGS, help="as engine.bench cache --settings")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default=None,
+                   help="clip size FRAMESxHEIGHTxWIDTH, one the model serves (default: the model's own)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--flops-config", default="sd21-512x1024", help="count the FLOPs at this config's scale "
                    "('' to skip)")
@@ -90,12 +94,12 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = CMDPipeline.from_pretrained(args.model)
-    cfg = pipe.config
+    size = check_served(pipe.config, ClipSize.parse(args.size)) if args.size else pipe.config.default_size
+    dims = dict(num_frames=size.frames, height=size.height, width=size.width)
     prompts, truths, seeds, bounds = [], [], [], {}
     for paraphrase in PARAPHRASE:
         split = args.split + ("_paraphrase" if paraphrase else "")
-        items = prompts_for(args.split, args.num_clips, seed=args.seed, paraphrase=paraphrase,
-                            num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+        items = prompts_for(args.split, args.num_clips, seed=args.seed, paraphrase=paraphrase, **dims)
         bounds[split] = (len(prompts), len(prompts) + len(items))
         prompts += [c for c, _ in items]
         truths += [s for _, s in items]
@@ -106,7 +110,7 @@ def _run(args) -> int:
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    results = bench_cache(pipe, prompts, settings, args.seed, args.batch_size, score=score, seeds=seeds)
+    results = bench_cache(pipe, prompts, settings, args.seed, args.batch_size, score=score, seeds=seeds, **dims)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
     flops = cache_flops(args.flops_config, results) if args.flops_config else None
@@ -114,7 +118,7 @@ def _run(args) -> int:
     env["load_average_1_5_15_before"] = [round(v, 2) for v in load_before]
     env["load_average_1_5_15_after"] = [round(v, 2) for v in load_after]
     env["platform"] = platform.platform()
-    req = pipe.check_inputs()
+    req = pipe.check_inputs(**dims)
     report = {"kind": "cache", "model": args.model, "environment": env, "wall_s": wall,
               "prompts": {split: {"clips": b - a, "paraphrase": para, "seeds": f"{args.seed}..{args.seed + b - a - 1}"}
                           for para, (split, (a, b)) in zip(PARAPHRASE, bounds.items())},

@@ -1,8 +1,8 @@
 """Regression guard for the shipped default model (engine/weights/default/).
 
 Generates held-out (colour, shape, motion) prompts, canonical and paraphrased, at every size the shipped model
-serves (its config's ``sizes``), and measures colour and direction from the pixels with the evaluator's own
-measurement. The thresholds sit
+serves (its config's ``sizes``), and measures colour, shape and direction from the pixels with the evaluator's
+own measurement. The thresholds sit
 below what the model card reports on 64 clips, so a change that breaks prompt following (weights, sampler,
 text encoder, kernels' references) fails here in seconds; a flip of one borderline clip does not.
 """
@@ -31,6 +31,8 @@ SERVED_SIZES = [str(s) for s in resolve_model("default").load_config().served_si
 NUM_CLIPS = len(HELDOUT_COMBOS)
 MIN_COLOUR_ACCURACY = 0.75
 MIN_MOTION_ACCURACY = 0.75
+# Shape reads 86-94% on 64 clips at both sizes; on 8 clips one borderline square is 12.5 points.
+MIN_SHAPE_ACCURACY = 0.625
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,11 @@ def test_default_model_follows_heldout_prompts(default_pipe, paraphrase, size):
     rows = [attribute_row(video, spec) for video, (_, spec) in zip(videos, items)]
     colour = np.mean([row["colour"] for row in rows])
     motion = np.mean([row["motion"] for row in rows])
+    shape = np.mean([row["shape"] for row in rows])
     report = "; ".join(f"{c!r}: {r['measured']}" for c, r in zip(captions, rows))
     assert colour >= MIN_COLOUR_ACCURACY, f"colour accuracy {colour:.2f}: {report}"
     assert motion >= MIN_MOTION_ACCURACY, f"direction accuracy {motion:.2f}: {report}"
+    assert shape >= MIN_SHAPE_ACCURACY, f"shape accuracy {shape:.2f}: {report}"
 
 
 def test_readme_command_writes_the_prompted_video(tmp_path):

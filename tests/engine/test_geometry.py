@@ -98,24 +98,28 @@ def test_request_rule_and_network_rule_agree_on_random_sizes():
 
 
 def test_default_model_serves_only_what_was_evaluated():
-    """The shipped model was evaluated at 16x32x32 (its model card): that is all it serves. 64x64 (patch
-    artefacts, no motion) and the old '4x the training size' are refused, naming the size it serves."""
+    """The shipped model was evaluated at 16x32x32 and 16x64x64 (its model card): that is all it serves. 48x48
+    (evaluated: half the directions wrong), a mixed 64x32, the old '4x the training size' and sizes off the grid
+    are refused, naming the sizes it serves."""
     for cfg in (load_config("default"), load_config(os.path.join(DEFAULT_MODEL_DIR, "cmd_config.json"))):
-        assert cfg.sizes == ["16x32x32"]
-        for kwargs, bad in ((dict(height=64, width=64), "64"), (dict(width=128), "128"), (dict(height=40), "40"),
-                            (dict(height=36, width=36), "36"), (dict(num_frames=17), "17")):
+        assert cfg.sizes == ["16x32x32", "16x64x64"]
+        for kwargs, bad in ((dict(height=48, width=48), "48"), (dict(height=64, width=32), "32"),
+                            (dict(width=128), "128"), (dict(height=40), "40"), (dict(height=36, width=36), "36"),
+                            (dict(num_frames=17), "17")):
             with pytest.raises(ValueError) as info:
                 check_request(cfg, **kwargs)
             message = str(info.value)
-            assert "16x32x32" in message and f"got {bad}" in message and "\n" not in message, message
+            assert "16x32x32" in message and "16x64x64" in message, message
+            assert f"got {bad}" in message and "\n" not in message, message
         assert check_request(cfg, num_frames=5).geometry.size == ClipSize(16, 32, 32)
+        assert check_request(cfg, num_frames=5, height=64, width=64).geometry.size == ClipSize(16, 64, 64)
 
 
 def test_cli_refuses_unserved_sizes_before_loading(capsys, tmp_path):
     out = str(tmp_path / "v.npy")
-    assert run_main(["--prompt", "a red circle", "--height", "64", "--width", "64", "--out", out]) == 2
+    assert run_main(["--prompt", "a red circle", "--height", "48", "--width", "48", "--out", out]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: height must be 32") and "16x32x32" in err and "got 64" in err
+    assert err.startswith("error: height must be 32 or 64") and "16x64x64" in err and "got 48" in err
     assert "\n" not in err and not os.listdir(tmp_path)
 
 
