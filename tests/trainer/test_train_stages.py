@@ -128,6 +128,21 @@ def test_later_stage_needs_the_stage_one_folder(tmp_path, capsys):
     assert len(err) == 1 and "stage-1 model folder" in err[0]
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["again", "resume"])
+def test_stage_one_refuses_an_out_holding_later_stages(trained, capsys, resume):
+    """Stage 1 from the config into a run folder where the content and motion stages have run would write
+    untrained networks over theirs in model/: one line, exit 2, the folder as it was."""
+    out, config, _, _ = trained
+    model = out / "model"
+    before = {str(p.relative_to(model)): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    argv = ["--stage", "autoencoder", "--config", config, "--data", "synthetic", "--out", str(out), "--steps", "2",
+            "--num-clips", "4", "--no-progress", "--threads", "1"] + (["--resume"] if resume else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "content and motion stage's networks" in err[0] and str(model) in err[0], err
+    assert {str(p.relative_to(model)): p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
 def test_an_out_that_is_a_file_is_one_line_exit_2(tmp_path, capsys):
     a_file = tmp_path / "afile"
     a_file.write_text("keep me")
