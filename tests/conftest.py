@@ -4,6 +4,7 @@ and the gpu/tensorrt markers.
 TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it at decoration)."""
 
 import importlib.util
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,3 +37,31 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+class LogRecords(logging.Handler):
+    """In a ``with`` block: the message of every record the named loggers let through (what their own
+    handlers would print), in ``messages``."""
+
+    def __init__(self, *names: str):
+        super().__init__(logging.DEBUG)
+        self.names = names
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        for name in self.names:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.names:
+            logging.getLogger(name).removeHandler(self)
+
+
+@pytest.fixture
+def log_records():
+    """``log_records(*logger_names)``: a :class:`LogRecords` context manager."""
+    return LogRecords

@@ -2,7 +2,6 @@
 loading bars) unless the user asked for the libraries' logging; the libraries' settings survive a load."""
 
 import importlib.util
-import logging
 import os
 import subprocess
 import sys
@@ -21,24 +20,8 @@ def _settings():
     return (dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
 
 
-class _Records(logging.Handler):
-    """Every record the libraries' loggers let through (what their own handler would print)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        for name in ("diffusers", "transformers"):
-            logging.getLogger(name).addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        for name in ("diffusers", "transformers"):
-            logging.getLogger(name).removeHandler(self)
+# The libraries whose loggers the engine must keep quiet.
+LIBRARIES = ("diffusers", "transformers")
 
 
 def test_a_fresh_python_loading_the_default_model_prints_nothing():
@@ -53,10 +36,10 @@ def test_a_fresh_python_loading_the_default_model_prints_nothing():
     assert done.stdout == "loaded CMDPipeline\n" and done.stderr == "", (done.stdout, done.stderr)
 
 
-def test_from_pretrained_logs_nothing_and_restores_the_libraries_settings(capsys):
+def test_from_pretrained_logs_nothing_and_restores_the_libraries_settings(capsys, log_records):
     before = _settings()
     capsys.readouterr()
-    with _Records() as records:
+    with log_records(*LIBRARIES) as records:
         CMDPipeline.from_pretrained("default")
     out, err = capsys.readouterr()
     assert records.messages == [] and out == "" and err == "", (records.messages, out, err)
@@ -65,22 +48,22 @@ def test_from_pretrained_logs_nothing_and_restores_the_libraries_settings(capsys
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is not None,
                     reason="with accelerate installed diffusers has no notice to print")
-def test_logging_asked_for_is_shown():
+def test_logging_asked_for_is_shown(log_records):
     verbosity = dlog.get_verbosity()
     dlog.set_verbosity_info()
     try:
-        with _Records() as records:
+        with log_records(*LIBRARIES) as records:
             CMDPipeline.from_pretrained("default")
     finally:
         dlog.set_verbosity(verbosity)
     assert any("accelerate" in m for m in records.messages), records.messages
 
 
-def test_the_cli_is_as_quiet(tmp_path, capsys):
+def test_the_cli_is_as_quiet(tmp_path, capsys, log_records):
     """The CLI uses the same loaders (no global silencing of its own): with --quiet it prints its report only."""
     before = _settings()
     capsys.readouterr()
-    with _Records() as records:
+    with log_records(*LIBRARIES) as records:
         code = run_main(["--prompt", "a red circle moving right", "--steps", "1", "--motion-steps", "1", "--quiet",
                          "--out", str(tmp_path / "v.npy")])
     out, err = capsys.readouterr()

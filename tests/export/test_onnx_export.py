@@ -224,24 +224,13 @@ def test_cli_export_to_the_cache_where_the_backend_looks(tmp_path, monkeypatch, 
     assert find_export(model) is None  # other weights: not these graphs
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_torchvision_notices_are_dropped_and_nothing_else(tiny_latent, tmp_path):
+def test_torchvision_notices_are_dropped_and_nothing_else(tiny_latent, tmp_path, log_records):
     """Exporting logs "torchvision is not installed. Skipping torchvision::<op>" per torchvision op (four
     lines per network) where torchvision is missing; the export drops those records and only those."""
     from export import onnx_export
 
     logger = logging.getLogger(onnx_export._REGISTRY_LOGGER)
-    seen = _Records()
-    logger.addHandler(seen)
-    try:
+    with log_records(onnx_export._REGISTRY_LOGGER) as seen:
         token = f"{os.getpid()}-{torch.randint(10**6, ()).item()}"
         with onnx_export._no_torchvision_notices():
             logger.warning("torchvision is not installed. Skipping %s", f"torchvision::op{token}")
@@ -252,8 +241,6 @@ def test_torchvision_notices_are_dropped_and_nothing_else(tiny_latent, tmp_path)
         model, text_encoder = tiny_latent
         export_model(model, str(tmp_path / "graphs"), text_encoder, names=["ae_decoder"])
         assert not [m for m in seen.messages if "torchvision" in m], seen.messages
-    finally:
-        logger.removeHandler(seen)
 
 
 def test_cli_export_prints_no_torchvision_notices(tmp_path):
