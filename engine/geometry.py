@@ -186,18 +186,28 @@ def check_served(config: "CMDConfig", size: ClipSize, why: str = "") -> ClipSize
     return size
 
 
+def _only(values) -> Optional[int]:
+    """The one element of a set, else None."""
+    return next(iter(values)) if len(values) == 1 else None
+
+
 def resolve_size(config: "CMDConfig", frames: Optional[int] = None, height: Optional[int] = None,
                  width: Optional[int] = None) -> Tuple[ClipSize, ClipSize]:
     """(requested, generated) sizes of a request, defaults from the config's own size; a one-line
     ValueError naming the bad value and the sizes the model serves if it serves no such clip.
 
     Height and width must be those of a served size; ``frames`` any count up to that size's frames:
-    the clip is generated at the smallest served length >= frames and its first frames kept. Values
-    must already be positive integers."""
+    the clip is generated at the smallest served length >= frames and its first frames kept. A height
+    given without a width takes the width of the served sizes of that height where there is one (and
+    the other way round), else the config's own. Values must already be positive integers."""
+    sizes = config.served_sizes
+    if width is None and height is not None:
+        width = _only({s.width for s in sizes if s.height == height})
+    if height is None and width is not None:
+        height = _only({s.height for s in sizes if s.width == width})
     frames = config.num_frames if frames is None else frames
     height = config.height if height is None else height
     width = config.width if width is None else width
-    sizes = config.served_sizes
     served = f"model {config.name!r} serves {format_sizes(sizes)} (frames x height x width)"
     step = size_step(config)
     for name, value in (("height", height), ("width", width)):

@@ -115,6 +115,18 @@ def test_default_model_serves_only_what_was_evaluated():
         assert check_request(cfg, num_frames=5, height=64, width=64).geometry.size == ClipSize(16, 64, 64)
 
 
+def test_a_height_alone_takes_the_width_it_is_served_with():
+    """--height 64 on the default model means 64x64 (the one width served at that height), not 64 x the default
+    width (refused); where a height is served at several widths the config's own width stays the default."""
+    cfg = load_config("default")
+    assert check_request(cfg, height=64).geometry.size == ClipSize(16, 64, 64)
+    assert check_request(cfg, width=64, num_frames=8).geometry.size == ClipSize(16, 64, 64)
+    assert check_request(cfg).geometry.size == ClipSize(16, 32, 32)
+    sd = load_config("sd21-512x1024")  # serves 16x512x1024 and 16x512x512
+    assert check_request(sd, height=512).geometry.size == ClipSize(16, 512, 1024)
+    assert check_request(sd, width=512).geometry.size == ClipSize(16, 512, 512)
+
+
 def test_cli_refuses_unserved_sizes_before_loading(capsys, tmp_path):
     out = str(tmp_path / "v.npy")
     assert run_main(["--prompt", "a red circle", "--height", "48", "--width", "48", "--out", out]) == 2

@@ -10,9 +10,9 @@ from engine.networks import ShapeBucket, networks_for, shape_buckets
 from kernels import force_impl
 
 
-def test_default_model_serves_its_own_size():
+def test_default_model_buckets_are_its_served_sizes():
     cfg = load_config("default")
-    assert shape_buckets(cfg) == [ShapeBucket(16, 32, 32)]
+    assert shape_buckets(cfg) == [ShapeBucket(16, 32, 32), ShapeBucket(16, 64, 64)]
     names = [n.name for n in networks_for(cfg)]
     assert names == ["text_encoder", "content_unet", "motion_dit", "ae_decoder"]  # no VAE in pixel mode
 
@@ -36,7 +36,7 @@ def test_buckets_from_config_and_bad_ones_named(make_tiny_latent_config):
 
 
 def test_one_bucket_means_only_the_batch_is_dynamic():
-    for net in networks_for(load_config("default")):
+    for net in networks_for(load_config("default"), buckets=[ShapeBucket(16, 32, 32)]):
         assert net.dynamic_symbols() == ["batch"], net.name
         for name, axes in net.dynamic_axes().items():
             assert list(axes.values()) == ["batch"] and list(axes) == [0], (net.name, name)

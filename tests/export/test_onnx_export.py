@@ -116,15 +116,16 @@ def test_manifest_records_what_runtimes_need(default_model, default_export):
     assert read_manifest(out) == json.loads(json.dumps(manifest))
     assert manifest["model"]["spec"] == spec
     assert manifest["model"]["weights_sha256"]["float32"] == weights_hash(model)
-    assert manifest["buckets"] == ["16x32x32"] and manifest["precision"] == "float32"
+    assert manifest["buckets"] == ["16x32x32", "16x64x64"] and manifest["precision"] == "float32"  # its sizes
     tok = manifest["text_encoder"]
     assert tok["max_length"] == model.config.text_encoder.max_length
     if tok["kind"] == "huggingface":
         assert os.path.isfile(os.path.join(out, tok["path"], "tokenizer_config.json"))
     else:
         assert tok["kind"] == "hash" and tok["vocab_size"] > 0
-    profile = manifest["networks"]["content_unet"]["profiles"][0]
-    assert profile["bucket"] == "16x32x32" and profile["max"]["sample"][0] == 2 * manifest["max_batch"]
+    profiles = manifest["networks"]["content_unet"]["profiles"]
+    assert [p["bucket"] for p in profiles] == ["16x32x32", "16x64x64"]
+    assert all(p["max"]["sample"][0] == 2 * manifest["max_batch"] for p in profiles)
 
 
 def test_external_data_and_dynamic_height_width(make_tiny_latent_config, tiny_latent, tmp_path):
@@ -199,8 +200,8 @@ def test_cli_check_table_and_exit_codes(default_model, default_export, tmp_path,
     assert main(["check", "--onnx", default_export[0], "--model", folder, "--network", "ae_decoder",
                  "--json", report]) == 0
     out = capsys.readouterr().out
-    assert "ae_decoder" in out and "max rel" in out and "2/2 within tolerance" in out
-    assert [r["status"] for r in json.load(open(report))] == ["ok", "ok"]
+    assert "ae_decoder" in out and "max rel" in out and "4/4 within tolerance" in out  # 2 batches x 2 sizes
+    assert [r["status"] for r in json.load(open(report))] == ["ok"] * 4
     _tamper(default_export[0], str(tmp_path / "tampered"), "ae_decoder")
     assert main(["check", "--onnx", str(tmp_path / "tampered"), "--model", folder, "--network", "ae_decoder"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -67,7 +67,7 @@ def test_refuses_graphs_of_other_weights_and_other_sizes(default_model, default_
     with pytest.raises(ValueError, match="other weights"):
         OnnxRuntimeBackend(changed, onnx_dir=default_export[0])
     backend = OnnxRuntimeBackend(model, onnx_dir=default_export[0])
-    sample = torch.randn(2, 3, 64, 64)
+    sample = torch.randn(2, 3, 48, 48)  # the graphs hold the served 32x32 and 64x64
     with pytest.raises(ValueError, match="fit no shape bucket.*--bucket"):
         backend.unet_step(sample, torch.tensor([10, 10]), torch.randn(2, 32, 384))
 
@@ -153,16 +153,16 @@ def test_graph_limits_are_part_of_the_request_check(default_model, default_expor
     from engine.configs import CMDConfig
 
     model, text_encoder, _ = default_model
-    wider = copy.copy(model)  # the same weights, a config that also serves 16x64x64
-    wider.config = CMDConfig.from_dict(dict(model.config.to_dict(), sizes=["16x32x32", "16x64x64"]))
+    wider = copy.copy(model)  # the same weights, a config that also serves 16x48x48 (not in the graphs)
+    wider.config = CMDConfig.from_dict(dict(model.config.to_dict(), sizes=["16x32x32", "16x64x64", "16x48x48"]))
     pipe = CMDPipeline(wider, text_encoder, backend="onnxruntime", backend_options={"onnx_dir": default_export[0]})
     max_batch = default_export[1]["max_batch"]
     runs = _count_network_runs(monkeypatch)
     call = dict(prompt="a red circle", num_inference_steps=1, motion_steps=1, generator=0, progress=False)
     too_many = ["a red circle"] * (max_batch + 1)
     cases = [
-        (dict(height=64, width=64), r"clip size 16x64x64 is outside the graphs in .*built for 16x32x32; export with "
-                                    r"--bucket 16x64x64"),
+        (dict(height=48, width=48), r"clip size 16x48x48 is outside the graphs in .*built for 16x32x32, 16x64x64; "
+                                    r"export with --bucket 16x48x48"),
         (dict(prompt=too_many), rf"text_encoder on batches of 1 to {2 * max_batch}, this request needs "
                                 rf"{2 * max_batch + 2} \({max_batch + 1} prompt\(s\) and their negative prompts\)"),
         (dict(prompt=too_many, guidance_scale=1.0, motion_guidance_scale=1.0),  # no CFG: the decoder's batch

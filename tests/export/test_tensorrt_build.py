@@ -87,7 +87,7 @@ def test_plan_limits_checked_from_the_manifest_without_tensorrt(default_model, d
     built = ["content_unet", "motion_dit", "ae_decoder"]  # what the backend runs (the text encoder stays PyTorch)
     plans = {"onnx_manifest": manifest, "networks": {n: {"plan": f"{n}.plan"} for n in built}}
     assert sorted(plan_networks(plans)) == sorted(built)
-    wider = CMDConfig.from_dict(dict(model.config.to_dict(), sizes=["16x32x32", "16x64x64"]))
+    wider = CMDConfig.from_dict(dict(model.config.to_dict(), sizes=["16x32x32", "16x64x64", "16x48x48"]))
     pipe = CMDPipeline(model, text_encoder)
     max_batch = manifest["max_batch"]
 
@@ -99,7 +99,8 @@ def test_plan_limits_checked_from_the_manifest_without_tensorrt(default_model, d
     for call, pattern in ((calls(max_batch + 1), rf"content_unet on batches of 1 to {2 * max_batch}, this request "
                                                  rf"needs {2 * max_batch + 2}"),
                           (calls(1, motion_variations=max_batch + 1), "motion_dit on batches"),
-                          (calls(1, height=64, width=64), "16x64x64 is outside the plans in 'plans/default'.*16x32x32")):
+                          (calls(1, height=48, width=48),
+                           "16x48x48 is outside the plans in 'plans/default'.*16x32x32, 16x64x64")):
         with pytest.raises(ValueError, match=pattern) as info:
             check_plan_calls(plans, call, "plans/default")
         assert "\n" not in str(info.value)
