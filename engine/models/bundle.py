@@ -20,6 +20,7 @@ agree (:func:`check_network_config`).
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -131,12 +132,21 @@ class CMDModel(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Write the folder atomically and durably (``engine.atomic.atomic_dir``): a failure leaves any
-        folder at ``path`` as it was. A ValueError, before anything is written, when ``path`` is a file or a
-        network's hyper-parameters disagree with the config's."""
+        folder at ``path`` as it was. Over an existing folder, what it holds besides a model's own files
+        (``cmd_config.json`` and the network folders), e.g. a model card, is kept. A ValueError, before
+        anything is written, when ``path`` is a file or a network's hyper-parameters disagree with the
+        config's."""
         for name in NETWORKS:
             if getattr(self, name) is not None:
                 check_network_config(self.config, name, getattr(self, name).config, "cannot save the model")
         with atomic_dir(path) as tmp:
+            if os.path.isdir(path):
+                for entry in sorted(set(os.listdir(path)) - {CONFIG_FILE, *NETWORKS}):
+                    src, dst = os.path.join(path, entry), os.path.join(tmp, entry)
+                    if os.path.isdir(src):
+                        shutil.copytree(src, dst, symlinks=True)
+                    else:
+                        shutil.copy2(src, dst)
             self.config.save(os.path.join(tmp, CONFIG_FILE))
             for name in NETWORKS:
                 net = getattr(self, name)

@@ -132,9 +132,18 @@ def test_save_and_load_round_trip(tmp_path):
     for name in ("autoencoder", "motion_dit", "content_unet"):
         a, b = getattr(model, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # Saving again over the folder is atomic and leaves no temporary folders behind.
+    # Saving again over the folder is atomic, leaves no temporary folders behind and keeps what the folder
+    # held besides the model (a model card, notes); a network folder the new model lacks goes.
+    (tmp_path / "m" / "README.md").write_text("model card")
+    (tmp_path / "m" / "notes").mkdir()
+    (tmp_path / "m" / "notes" / "a.txt").write_text("a")
+    (tmp_path / "m" / "vae").mkdir()  # e.g. left from a latent-space model saved here before
     model.save_pretrained(str(tmp_path / "m"))
     assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert sorted(os.listdir(tmp_path / "m")) == ["README.md", "autoencoder", "cmd_config.json", "content_unet",
+                                                  "motion_dit", "notes"]
+    assert (tmp_path / "m" / "README.md").read_text() == "model card"
+    assert (tmp_path / "m" / "notes" / "a.txt").read_text() == "a"
     with pytest.raises(ValueError, match="not a CMD model folder"):
         CMDModel.from_pretrained(str(tmp_path))
 
