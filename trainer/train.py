@@ -174,6 +174,11 @@ def _frozen_fields(cfg: CMDConfig) -> Dict[str, Any]:
     return {k: d[k] for k in ("space", "channels", "num_frames", "height", "width", "vae_scale", "autoencoder")}
 
 
+def run_model_dir(out: str) -> str:
+    """The model folder a run folder holds (the EMA export; the later stages' default --init)."""
+    return os.path.join(out, "model")
+
+
 def check_stage_one_out(out: str) -> None:
     """A stage-1 run that builds its model from the config writes a new bundle, untrained content UNet and
     motion DiT included, to ``out/model``: refuse (UsageError, one line) where that folder already holds the
@@ -181,17 +186,18 @@ def check_stage_one_out(out: str) -> None:
     later = [name for name in ("content", "motion")
              if os.path.exists(os.path.join(out, "logs", f"{name}.jsonl"))
              or os.path.isdir(os.path.join(out, "checkpoints", name))]
-    if later and os.path.isdir(os.path.join(out, "model")):
-        raise UsageError(f"{os.path.join(out, 'model')!r} holds the {' and '.join(later)} stage's networks, which a "
-                         f"stage-1 run from the config would replace with untrained ones: give stage 1 another "
-                         f"--out (to fine-tune the decoder: --init {os.path.join(out, 'model')} --freeze-encoder)")
+    model = run_model_dir(out)
+    if later and os.path.isdir(model):
+        raise UsageError(f"{model!r} holds the {' and '.join(later)} stage's networks, which a stage-1 run from the "
+                         f"config would replace with untrained ones: give stage 1 another --out (to fine-tune the "
+                         f"decoder: --init {model} --freeze-encoder)")
 
 
 def stage_model(args, stage: str, out: str) -> CMDModel:
     """The model bundle for a stage: stage 1 builds it from the config; stages 2a/2b load the previous
     stage's folder and put a freshly initialised (or --pretrained-unet) network in their slot. Every folder
     it reads is checked before any weights load (one line naming a missing or truncated file)."""
-    init = args.init if stage == "autoencoder" else args.init or os.path.join(out, "model")
+    init = args.init if stage == "autoencoder" else args.init or run_model_dir(out)
     if stage == "autoencoder" and not init:
         check_stage_one_out(out)
     if stage != "autoencoder" and not os.path.isfile(os.path.join(init, CONFIG_FILE)):
@@ -568,7 +574,7 @@ class _Run:
 
     @property
     def model_dir(self) -> str:
-        return os.path.join(self.out, "model")
+        return run_model_dir(self.out)
 
     @property
     def total(self) -> int:
