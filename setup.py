@@ -8,7 +8,7 @@ setup(
     version="0.1.0",
     description="Fast CMD (content-frame motion-latent decomposition) video diffusion: Triton kernels, "
                 "compiled CUDA-graph engine, ONNX/TensorRT export and a trainer",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
+    packages=find_packages(include=["engine", "engine.*", "cmd_kernels", "cmd_kernels.*", "export", "export.*",
                                     "trainer", "trainer.*"]),
     package_data={"engine": ["configs/*.json", "weights/*/*.json", "weights/*/*.safetensors",
                              "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.md"],

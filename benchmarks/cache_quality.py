@@ -4,7 +4,7 @@ The engine's side (``engine.bench.bench_cache``: denoiser evaluations per video,
 PSNR/SSIM against the uncached videos; ``engine.bench.cache_flops``: the same evaluation counts at paper
 scale) plus the trainer's side: colour, shape and direction accuracy measured from the pixels
 (``trainer.evaluate.attribute_accuracy``, the evaluator's own measurement). The engine cannot import the
-trainer (kernels <- engine <- trainer), so this script, which may import both, joins them: every setting
+trainer (cmd_kernels <- engine <- trainer), so this script, which may import both, joins them: every setting
 generates the same videos it scores, once.
 
 Prompts: the held-out attribute combinations (``--split train``: training ones, to choose settings without
@@ -37,7 +37,7 @@ from engine.bench import (DEFAULT_CACHE_SETTINGS, jsonable, bench_cache, cache_f
 from engine.cli import Parser, run_main  # noqa: E402
 from engine.geometry import ClipSize, check_served  # noqa: E402
 from engine.pipeline import CMDPipeline  # noqa: E402
-from kernels.measure import environment  # noqa: E402
+from cmd_kernels.measure import environment  # noqa: E402
 from trainer.data import prompts_for  # noqa: E402
 from trainer.evaluate import attribute_accuracy  # noqa: E402
 

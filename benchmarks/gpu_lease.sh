@@ -8,19 +8,19 @@
 # --prepare puts into .lease/ what the bare GPU image (Python 3.12, torch 2.11, Triton 3.6.0, no network)
 # lacks: wheels/ (diffusers and importlib_metadata, which diffusers' metadata requires; the image has every
 # other requirement) and triton-cache/ (our kernels compiled for Triton 3.6.0 / sm_90 by
-# python -m kernels.aot --fill-cache, so that none compiles on the GPU). The device call carries ".lease":
+# python -m cmd_kernels.aot --fill-cache, so that none compiles on the GPU). The device call carries ".lease":
 #   run(command='bash benchmarks/gpu_lease.sh "$OUT"', carry=[".lease"], timeout_s=600)
 #
 # The GPU run: stages in priority order, each under its own time limit, all within LEASE_BUDGET_S (540 s)
 # from a bare machine. After each stage OUT gets summary.md, lease.json, lease.log and raw.tar.gz anew
 # (benchmarks/lease_summary.py), so a run cut short still returns every stage that ended.
-#   setup          install .lease/wheels; check the carried Triton cache (kernels.aot --use-cache), or fill
+#   setup          install .lease/wheels; check the carried Triton cache (cmd_kernels.aot --use-cache), or fill
 #                  one here in parallel when it does not fit (timed)
 #   env            a. device, driver, torch, Triton; copy bandwidth and bf16 matmul rate measured now
-#   kernel_tests   b. pytest tests/kernels natively, every dtype (bf16 included), CMD_AUTOTUNE=off
+#   kernel_tests   b. pytest tests/cmd_kernels natively, every dtype (bf16 included), CMD_AUTOTUNE=off
 #   paper_scale    c. sd21-512x1024 (16x512x1024), bf16, 50 + 50 steps, CFG, batch 1: eager vs cudagraph
 #                     per stage and peak memory, output PSNR, the UNet3D baseline at the same size and steps
-#   kernel_bench   d. kernels.bench at sd21-512x1024: each kernel vs eager, attention vs every SDPA backend,
+#   kernel_bench   d. cmd_kernels.bench at sd21-512x1024: each kernel vs eager, attention vs every SDPA backend,
 #                     as % of the ceilings measured in env
 #   engine_tests   e. pytest -m gpu tests/engine: cudagraph vs eager, no host sync in the loops
 #   extra_scaling  f. as time allows: cudagraph at batch 4, 32 and 64 frames
@@ -51,7 +51,7 @@ run() { echo "\$ $*"; "$@"; }  # log the command (lease_summary.py reads the "$ 
 note() { "$PY" -m benchmarks.lease_summary note "$WORK/results/$STAGE.json" "$@"; }
 
 # ====================================== the Triton cache fill ======================================
-# The ONE place that says how our kernels' Triton cache is filled (python -m kernels.aot, from the "aot"
+# The ONE place that says how our kernels' Triton cache is filled (python -m cmd_kernels.aot, from the "aot"
 # work of issue 12): adjust it here, nowhere else.
 #   fill_triton_cache DIR prepare   on the CPU machine, for the GPU image: Triton 3.6.0 (the .venv-t36
 #                                   of .ci/run) with the cache keys of the image's cp312 wheel (the keys
@@ -60,8 +60,8 @@ note() { "$PY" -m benchmarks.lease_summary note "$WORK/results/$STAGE.json" "$@"
 #                                   its own Triton, the sd21-512x1024 shapes the benchmarks use, 16 processes
 fill_triton_cache() {
     local dir=$1 mode=$2
-    if [ ! -f "$ROOT/kernels/aot.py" ]; then
-        echo "error: kernels/aot.py is missing on this branch: no Triton cache can be filled" >&2
+    if [ ! -f "$ROOT/cmd_kernels/aot.py" ]; then
+        echo "error: cmd_kernels/aot.py is missing on this branch: no Triton cache can be filled" >&2
         return 1
     fi
     case $mode in
@@ -75,20 +75,20 @@ fill_triton_cache() {
             local wheel
             wheel=$(ls "$wheel_dir"/triton-3.6.0-cp312-*.whl 2>/dev/null | head -n 1)
             [ -n "$wheel" ] || { echo "error: no triton 3.6.0 cp312 wheel in $wheel_dir" >&2; return 1; }
-            run env -u TRITON_INTERPRET "$ROOT/.venv-t36/bin/python" -m kernels.aot --fill-cache "$dir" --arch 90 \
+            run env -u TRITON_INTERPRET "$ROOT/.venv-t36/bin/python" -m cmd_kernels.aot --fill-cache "$dir" --arch 90 \
                 --jobs "$(nproc)" --triton-key-from "$wheel"
             ;;
         gpu)
-            run env -u TRITON_INTERPRET -u TRITON_CACHE_MANAGER -u CMD_LEASE_CACHE_LOG "$PY" -m kernels.aot \
+            run env -u TRITON_INTERPRET -u TRITON_CACHE_MANAGER -u CMD_LEASE_CACHE_LOG "$PY" -m cmd_kernels.aot \
                 --fill-cache "$dir" --arch "$3" --config sd21-512x1024 --jobs 16
             ;;
         *) echo "error: fill_triton_cache: unknown mode $mode" >&2; return 2 ;;
     esac
     local rc=$?
-    # kernels.aot also checks what it compiled (spills, tensor cores, vector loads) and exits 1 on a finding;
+    # cmd_kernels.aot also checks what it compiled (spills, tensor cores, vector loads) and exits 1 on a finding;
     # the cache is filled all the same once it has written its manifest.
     if [ -f "$dir/cmd-aot-manifest.json" ]; then
-        ((rc == 0)) || echo "warning: kernels.aot exited $rc: its compile check reported problems (above); the cache is filled"
+        ((rc == 0)) || echo "warning: cmd_kernels.aot exited $rc: its compile check reported problems (above); the cache is filled"
         return 0
     fi
     return $((rc ? rc : 1))
@@ -154,8 +154,8 @@ stage_setup() {
     mkdir -p "$TRITON_CACHE_DIR"
     if (( DRY )); then
         note cache_check='"skipped: dry run (interpreted kernels compile nothing)"' cache_fits=null carried_entries=0
-    elif [ ! -f "$ROOT/kernels/aot.py" ]; then
-        note cache_check='"kernels/aot.py is missing on this branch: no cache check or fill; every kernel compiles here"' \
+    elif [ ! -f "$ROOT/cmd_kernels/aot.py" ]; then
+        note cache_check='"cmd_kernels/aot.py is missing on this branch: no cache check or fill; every kernel compiles here"' \
             cache_fits=false carried_entries=0
     else
         if [ -d "$LEASE/triton-cache" ]; then
@@ -163,8 +163,8 @@ stage_setup() {
         fi
         note carried_entries="$(find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d | wc -l)"
         local msg rc
-        echo "\$ $PY -m kernels.aot --use-cache $TRITON_CACHE_DIR"
-        msg=$(env -u TRITON_CACHE_MANAGER -u CMD_LEASE_CACHE_LOG timeout 90 "$PY" -m kernels.aot --use-cache "$TRITON_CACHE_DIR" 2>&1)
+        echo "\$ $PY -m cmd_kernels.aot --use-cache $TRITON_CACHE_DIR"
+        msg=$(env -u TRITON_CACHE_MANAGER -u CMD_LEASE_CACHE_LOG timeout 90 "$PY" -m cmd_kernels.aot --use-cache "$TRITON_CACHE_DIR" 2>&1)
         rc=$?
         echo "$msg"
         note cache_check="$("$PY" -c 'import json, sys; print(json.dumps(sys.argv[1].strip()[-600:]))' "$msg")"
@@ -194,8 +194,8 @@ xdist() {  # -n N where pytest-xdist is installed (the GPU image has it), nothin
 }
 
 stage_kernel_tests() {
-    local select=(tests/kernels)
-    if (( DRY )); then select=(tests/kernels/test_content_frame.py -k native_blocks); fi
+    local select=(tests/cmd_kernels)
+    if (( DRY )); then select=(tests/cmd_kernels/test_content_frame.py -k native_blocks); fi
     # Natively on a GPU every test runs compiled: fp32 and fp16 too, not only the bf16 ones marked gpu.
     # shellcheck disable=SC2046
     run "$PY" -m pytest -q -p no:cacheprovider -rfE $(xdist 8) --junitxml "$WORK/results/$STAGE.xml" "${select[@]}"
@@ -218,9 +218,9 @@ stage_paper_scale() {
 stage_kernel_bench() {
     local config=sd21-512x1024 ceilings=()
     if (( DRY )); then config=$TINY; fi
-    # The ceilings env measured; where env did not end, kernels.bench measures its own.
+    # The ceilings env measured; where env did not end, cmd_kernels.bench measures its own.
     if [ -f "$WORK/results/env.json" ]; then ceilings=(--ceilings "$WORK/results/env.json"); fi
-    run "$PY" -m kernels.bench --configs "$config" --no-compile "${ceilings[@]}" --json "$WORK/results/$STAGE.json"
+    run "$PY" -m cmd_kernels.bench --configs "$config" --no-compile "${ceilings[@]}" --json "$WORK/results/$STAGE.json"
 }
 
 stage_engine_tests() {

@@ -8,7 +8,7 @@ appends one line to FILE::
     <stage>\\t<hit|miss>\\t<kernel name>\\t<cache entry>
 
 where ``<stage>`` is ``$CMD_LEASE_STAGE``. So the lease's summary can say whether our kernels compiled on
-the GPU or came from the cache filled on a CPU machine (``python -m kernels.aot --fill-cache``). Lookups
+the GPU or came from the cache filled on a CPU machine (``python -m cmd_kernels.aot --fill-cache``). Lookups
 only happen on a process's first launch of a kernel variant (Triton keeps loaded kernels in memory), and
 never in the interpreter (``TRITON_INTERPRET=1`` compiles nothing).
 

@@ -4,7 +4,7 @@
     python -m benchmarks.lease_env requirements DIST ...    # are DIST's requirements met here? (JSON)
 
 ``env`` measures the two ceilings the kernels are set against, in this run: on CUDA with
-:func:`kernels.measure.ceilings` (a 1 GiB device copy, read + write, and an 8192^3 bf16 matmul, both timed as
+:func:`cmd_kernels.measure.ceilings` (a 1 GiB device copy, read + write, and an 8192^3 bf16 matmul, both timed as
 CUDA-graph replays); on a CPU (the lease's dry run) a small wall-clock copy and float32 matmul, labelled as
 such, which say nothing about a GPU.
 """
@@ -43,12 +43,12 @@ def nvidia_smi() -> Optional[Dict[str, str]]:
 
 def environment() -> dict:
     """Device, driver, versions and the ceilings measured now (stage a of the lease):
-    :func:`kernels.measure.environment` with the lease's settings (``CMD_AUTOTUNE``, ``TRITON_CACHE_DIR``,
+    :func:`cmd_kernels.measure.environment` with the lease's settings (``CMD_AUTOTUNE``, ``TRITON_CACHE_DIR``,
     ``TRITON_INTERPRET``), the card's properties and nvidia-smi's driver on CUDA, and
-    :func:`kernels.measure.ceilings`."""
+    :func:`cmd_kernels.measure.ceilings`."""
     import torch
 
-    from kernels import measure
+    from cmd_kernels import measure
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -59,11 +59,11 @@ def environment() -> dict:
         env.update(capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    memory_gb=round(props.total_memory / 1e9, 1), nvidia_smi=nvidia_smi())
         env["driver"] = (env["nvidia_smi"] or {}).get("driver_version")
-        method = ("kernels.measure.ceilings: 1 GiB device copy (read + write) and 8192^3 bf16 matmul, "
+        method = ("cmd_kernels.measure.ceilings: 1 GiB device copy (read + write) and 8192^3 bf16 matmul, "
                   "CUDA-graph replays")
     else:
         env.update(capability=None, sms=None, memory_gb=None, nvidia_smi=None, driver=None)
-        method = ("kernels.measure.ceilings on a CPU: 64 MiB float32 copy and 512^3 float32 matmul, best wall "
+        method = ("cmd_kernels.measure.ceilings on a CPU: 64 MiB float32 copy and 512^3 float32 matmul, best wall "
                   "clock (dry run; says nothing about a GPU)")
     start = time.perf_counter()
     env["ceilings"] = dict(measure.ceilings(device), method=method)

@@ -11,7 +11,7 @@ whole (written beside, then renamed), so a lease cut short still returns every s
 - ``lease.json``: every stage (status, exit code, seconds, time limit, commands, parsed result, Triton
   cache lookups) and the table's rows: the raw figures to commit under ``benchmarks/results/``;
 - ``lease.log``: the stages' logs, one after the other (each cut to its last 400 KB);
-- ``raw.tar.gz``: the stages' own output files (paper_scale's JSON, table and plot, kernels.bench's JSON,
+- ``raw.tar.gz``: the stages' own output files (paper_scale's JSON, table and plot, cmd_kernels.bench's JSON,
   pytest's JUnit XML, the logs), for whoever needs more than the merged JSON.
 
 The device tool returns at most 8 files from a run: four it is.
@@ -177,10 +177,10 @@ def read_cache_log(path: Path) -> List[dict]:
 
 
 def our_kernel_names(root: Path = ROOT) -> List[str]:
-    """The Triton kernels of ``kernels/`` (the op modules in ``kernels/ops/``): module-level functions decorated
+    """The Triton kernels of ``cmd_kernels/`` (the op modules in ``cmd_kernels/ops/``): module-level functions decorated
     with ``triton.jit`` (read from the source, so this works without importing torch or triton)."""
     names = []
-    for path in sorted((root / "kernels").rglob("*.py")):  # kernels/ops/<op>.py
+    for path in sorted((root / "cmd_kernels").rglob("*.py")):  # cmd_kernels/ops/<op>.py
         try:
             tree = ast.parse(path.read_text())
         except (OSError, SyntaxError):
@@ -270,11 +270,11 @@ def rows_setup(name: str, r: Optional[dict]) -> List[dict]:
                          bool(req.get("ok"))))
     cache = r.get("cache_check")
     fits = r.get("cache_fits")
-    rows.append(_row(name, "Triton cache carried from the CPU machine (kernels.aot --use-cache)",
+    rows.append(_row(name, "Triton cache carried from the CPU machine (cmd_kernels.aot --use-cache)",
                      f"{r.get('carried_entries', 0)} entries; {_fmt(cache)}", "fits this Triton and GPU",
                      fits if isinstance(fits, bool) else "n/a"))
     if r.get("fill_rc") is not None:
-        rows.append(_row(name, "fallback: cache filled on this machine (kernels.aot --fill-cache, parallel)",
+        rows.append(_row(name, "fallback: cache filled on this machine (cmd_kernels.aot --fill-cache, parallel)",
                          f"exit {r['fill_rc']} in {_fmt(r.get('fill_seconds'))} s, {r.get('entries_after_fill', '?')} "
                          "entries", "exit 0", r["fill_rc"] == 0))
     return rows

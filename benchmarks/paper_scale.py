@@ -57,8 +57,8 @@ from engine.pipeline import CMDPipeline  # noqa: E402
 from engine.request import parse_device, parse_dtype  # noqa: E402
 from engine.profiling import StageTimer  # noqa: E402
 from engine.random_text import RandomTextEncoder  # noqa: E402
-from kernels import measure  # noqa: E402
-from kernels.measure import matmul_tflops, sync, wall_times  # noqa: E402
+from cmd_kernels import measure  # noqa: E402
+from cmd_kernels.measure import matmul_tflops, sync, wall_times  # noqa: E402
 
 GB = 1e9
 PROMPT = "a red panda climbing a snowy pine tree, cinematic lighting"
@@ -156,14 +156,14 @@ def timed(run: Callable[[], Dict[str, float]], device: torch.device, repeats: in
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> dict:
-    """TFLOP/s of a large square matmul in ``dtype`` (:func:`kernels.measure.matmul_tflops`): the compute
+    """TFLOP/s of a large square matmul in ``dtype`` (:func:`cmd_kernels.measure.matmul_tflops`): the compute
     ceiling the stages are set against."""
     n = 8192 if device.type == "cuda" else 1024
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": _sig(matmul_tflops(device, dtype, n))}
 
 
 def environment(device: torch.device) -> dict:
-    """:func:`kernels.measure.environment` and the command line that ran."""
+    """:func:`cmd_kernels.measure.environment` and the command line that ran."""
     return dict(measure.environment(device),
                 command="python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
 

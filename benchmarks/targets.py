@@ -22,7 +22,7 @@ PAPER_TARGETS: Dict[str, Tuple[str, float]] = {
     "peak_gb_batch4": ("<=", 8.0),
 }
 
-# kernels.bench row name: (row field, rule, target)
+# cmd_kernels.bench row name: (row field, rule, target)
 KERNEL_TARGETS: Dict[str, Tuple[str, str, float]] = {
     "content_frame": ("pct_bw", ">=", 85.0),
     "decoder_fusion": ("pct_bw", ">=", 80.0),

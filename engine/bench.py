@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from engine.cli import Parser, print_error, read_prompts, run_main
-from kernels.measure import environment, sync, wall_times
+from cmd_kernels.measure import environment, sync, wall_times
 
 TIMED_STAGES = ("text", "content", "motion", "decode", "vae")
 DEFAULT_CACHE_SETTINGS = ("none,static,static:0.3,dynamic:0.05,dynamic:0.1,dynamic:0.2,none@0.2-0.8,"

@@ -13,8 +13,8 @@ to report bad input, one set of exit codes.
 Exit codes: 0 success; 1 a check or a job failed (the CLI's own result); 2 bad input, reported as one line
 ``error: ...`` on stderr (argparse's own errors too, without the usage dump); 130 Ctrl-C, reported as one
 line. Library log noise while weights load is silenced by the loaders themselves (``engine.logs.quiet_loading``,
-one rule for the CLI and for Python), so a CLI needs nothing for it. ``kernels.bench`` keeps its own plain
-argparse: kernels may not import engine.
+one rule for the CLI and for Python), so a CLI needs nothing for it. ``cmd_kernels.bench`` keeps its own plain
+argparse: cmd_kernels may not import engine.
 """
 
 import argparse

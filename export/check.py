@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from kernels import force_impl
+from cmd_kernels import force_impl
 from engine.artefacts import EXPORT_AGAIN, check_weights, networks_from_manifest, read_manifest
 from engine.backends.onnxruntime import OrtNetwork
 

@@ -6,7 +6,7 @@ names and dynamic axes (the batch as a named ``Dim``; axes that change across sh
 frame's H and W), then onnxscript's optimizer (constant folding, dead-code and identity removal),
 dynamic dims renamed to the declared symbols, weights inline or, past 2 GB, in one external-data file
 beside the graph, and ``onnx.checker`` with full shape inference on the file. Triton ops export as
-their PyTorch reference (``kernels._dispatch.exporting()``); the result holds standard ONNX ops only.
+their PyTorch reference (``cmd_kernels._dispatch.exporting()``); the result holds standard ONNX ops only.
 
 Output folder (written to a temporary sibling and renamed into place)::
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-import kernels
+import cmd_kernels
 from engine.models.layers import SpaceTimeBlock, patchify, sincos_1d, sincos_2d, unpatchify
 
 
@@ -78,7 +78,7 @@ class CMDAutoencoder(ModelMixin, ConfigMixin):
         u = self.encoder_norm(u)
 
         logits = unpatchify(self.importance_head(u), p, c)  # (B, L, C, H, W)
-        content = kernels.content_frame(x, logits)
+        content = cmd_kernels.content_frame(x, logits)
 
         z_height = self.motion_head_height(u.mean(dim=3))  # mean over W' -> (B, L, H', D)
         z_width = self.motion_head_width(u.mean(dim=2))  # mean over H' -> (B, L, W', D)
@@ -105,7 +105,7 @@ class CMDAutoencoder(ModelMixin, ConfigMixin):
         pos_t, pos_hw = self._positions(frames, hp, wp, v_content)
         # The sum of per-axis positions folds into the planes, so the fused op reads only small planes.
         first = self.decoder_blocks[0]
-        cube, normed = kernels.decoder_fusion(
+        cube, normed = cmd_kernels.decoder_fusion(
             v_content + pos_hw, v_height + pos_t[:, None, :], v_width, first.norm_time.weight,
             first.norm_time.bias, first.norm_time.eps)
         x = first(cube, normed=normed)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import cmd_kernels
 
 
 def sincos_1d(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         # The DiT's attention is our Triton op; the AE's short time/space attentions use SDPA.
-        self.attend = kernels.motion_attention if use_motion_kernel else F.scaled_dot_product_attention
+        self.attend = cmd_kernels.motion_attention if use_motion_kernel else F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape

@@ -14,7 +14,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-import kernels
+import cmd_kernels
 from engine.models.layers import Attention, TimestepEmbedder, patchify, sincos_2d, unpatchify
 
 
@@ -30,8 +30,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(kernels.modulated_layernorm(x, shift_msa, scale_msa))
-        return x + gate_mlp[:, None] * self.mlp(kernels.modulated_layernorm(x, shift_mlp, scale_mlp))
+        x = x + gate_msa[:, None] * self.attn(cmd_kernels.modulated_layernorm(x, shift_msa, scale_msa))
+        return x + gate_mlp[:, None] * self.mlp(cmd_kernels.modulated_layernorm(x, shift_mlp, scale_mlp))
 
 
 class MotionDiT(ModelMixin, ConfigMixin):
@@ -115,7 +115,7 @@ class MotionDiT(ModelMixin, ConfigMixin):
         -> (B, D, L, H'+W')."""
         zh, zw = grid
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
-        x = self.final_linear(kernels.modulated_layernorm(x[:, : zh * zw], shift, scale))
+        x = self.final_linear(cmd_kernels.modulated_layernorm(x[:, : zh * zw], shift, scale))
         return unpatchify(x.reshape(x.shape[0], zh, zw, -1), self.config.patch_size, self.config.motion_channels)
 
     def forward(self, motion: torch.Tensor, timestep: torch.Tensor, content: torch.Tensor,

@@ -28,13 +28,13 @@ def test_a_missing_distribution_fails_the_check(tmp_path, capsys):
 
 def test_env_stage_on_a_cpu_reports_versions_and_positive_ceilings(tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("on a GPU the ceilings are kernels.bench.ceilings (the lease runs it)")
+        pytest.skip("on a GPU the ceilings are cmd_kernels.bench.ceilings (the lease runs it)")
     path = tmp_path / "env.json"
     assert lease_env.main(["env", "--json", str(path)]) == 0
     env = json.loads(path.read_text())
     assert env["device_type"] == "cpu" and env["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["ceilings"]["copy_gbps"] > 0 and env["ceilings"]["matmul_tflops"] > 0
     assert "CPU" in env["ceilings"]["method"]
-    from kernels.bench import read_ceilings  # the file the kernel benchmark stage reads them from
+    from cmd_kernels.bench import read_ceilings  # the file the kernel benchmark stage reads them from
 
     assert read_ceilings(str(path)) == {k: env["ceilings"][k] for k in ("copy_gbps", "matmul_tflops")}

@@ -73,9 +73,9 @@ def bench_report(rng):
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"
-skipped="1" tests="3" time="12.5"><testcase classname="tests.kernels.test_x" name="test_ok[bf16]" time="0.1"/>
-<testcase classname="tests.kernels.test_x" name="test_bad[bf16]" time="0.1"><failure
-message="assert 0.5 &lt;= 0.01&#10;second line">trace</failure></testcase><testcase classname="tests.kernels.test_x" name="test_skip" time="0">
+skipped="1" tests="3" time="12.5"><testcase classname="tests.cmd_kernels.test_x" name="test_ok[bf16]" time="0.1"/>
+<testcase classname="tests.cmd_kernels.test_x" name="test_bad[bf16]" time="0.1"><failure
+message="assert 0.5 &lt;= 0.01&#10;second line">trace</failure></testcase><testcase classname="tests.cmd_kernels.test_x" name="test_skip" time="0">
 <skipped message="no"/></testcase></testsuite></testsuites>"""
 
 
@@ -90,7 +90,7 @@ def test_gpu_shaped_run_is_judged_against_the_targets(tmp_path, rng):
         "driver": "580.159.04", "torch": "2.11.0+cu130", "cuda": "13.0", "triton": "3.6.0", "python": "3.12.3",
         "numpy": "2.5.2", "diffusers": "0.42.1", "git_rev": "abc", "nvidia_smi": None,
         "ceilings": {"copy_gbps": 4300.0, "matmul_tflops": 780.0}})
-    write_stage(work, "kernel_tests", "pytest", log="$ python3 -m pytest tests/kernels\n", result=JUNIT, suffix="xml")
+    write_stage(work, "kernel_tests", "pytest", log="$ python3 -m pytest tests/cmd_kernels\n", result=JUNIT, suffix="xml")
     paper = paper_report(rng)
     write_stage(work, "paper_scale", "paper_scale", tune="full", result=paper)
     bench = bench_report(rng)
@@ -142,7 +142,7 @@ def test_gpu_shaped_run_is_judged_against_the_targets(tmp_path, rng):
     tests = row("kernel_tests", "kernel tests")
     assert tests["met"] is False and "1 passed, 1 failed" in tests["measured"] and "test_bad[bf16]" in tests["measured"]
     failures = report["stages"][2]["result"]["failures"]
-    assert failures == [{"test": "tests.kernels.test_x::test_bad[bf16]", "kind": "failure", "message": "assert 0.5 <= 0.01"}]
+    assert failures == [{"test": "tests.cmd_kernels.test_x::test_bad[bf16]", "kind": "failure", "message": "assert 0.5 <= 0.01"}]
     engine = row("engine_tests", "engine gpu tests")
     assert engine["met"] is False and "2 passed, 1 failed" in engine["measured"]
     assert "TIMED OUT in 10 s (limit 75 s)" in row("engine_tests", "stage")["measured"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import engine.default_model
-import kernels
+import cmd_kernels
 from engine.backends.eager import EagerBackend
 from engine.default_model import resolve_model
 from engine.geometry import ClipSize
@@ -41,7 +41,7 @@ def default_pipe():
     torch.set_num_threads(2)
     try:
         # The kernels' references: the interpreted Triton kernels are tested on their own and cost ~100x here.
-        with kernels.force_impl("reference"):
+        with cmd_kernels.force_impl("reference"):
             yield CMDPipeline.from_pretrained("default")
     finally:
         torch.set_num_threads(threads)
@@ -77,7 +77,7 @@ def test_default_model_follows_heldout_prompts(default_pipe, paraphrase, size):
 def test_readme_command_writes_the_prompted_video(tmp_path):
     """The README's first command, as written (plus a seed): a red circle that moves right."""
     out = str(tmp_path / "red.mp4")
-    with kernels.force_impl("reference"):
+    with cmd_kernels.force_impl("reference"):
         assert run_main(["--prompt", "a red circle moving right", "--out", out, "--seed", "0", "--quiet"]) == 0
     frames = read_video(out)
     assert frames.shape == (16, 32, 32, 3)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+import cmd_kernels
 from engine.distributed import DistInfo, batches, read_index, shard_batches
 from engine.run import main
 
@@ -105,7 +105,7 @@ def _one_process(out, model_dir, prompts_file, flags):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with kernels.force_impl("reference"):
+        with cmd_kernels.force_impl("reference"):
             code = main(["--prompts-file", prompts_file, "--out-dir", str(out), "--model", model_dir, *flags])
     finally:
         torch.set_num_threads(threads)

@@ -209,7 +209,7 @@ def test_model_folder_without_sizes_serves_its_own_size(tmp_path):
 def test_kernel_benchmark_shapes_are_the_geometry(name):
     """kernels/bench.py may not import engine and reads the config files itself: its shapes must be the
     geometry's (the DiT's tokens are the motion and the content tokens; the AE's grid is H' x W')."""
-    from kernels.bench import config_shapes
+    from cmd_kernels.bench import config_shapes
 
     cfg = load_config(name)
     geo = cfg.geometry()

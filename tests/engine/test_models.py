@@ -56,9 +56,9 @@ def test_decoder_input_is_the_broadcast_sum(monkeypatch):
     hp, wp = 32 // p, 64 // p
     content, motion = torch.rand(1, 3, 32, 64) * 2 - 1, torch.rand(1, 8, 4, hp + wp) * 2 - 1
     seen = {}
-    import kernels
+    import cmd_kernels
 
-    real = kernels.decoder_fusion
+    real = cmd_kernels.decoder_fusion
 
     def spy(c, th, tw, *args, **kw):
         seen.update(content=c, th=th, tw=tw)
@@ -66,7 +66,7 @@ def test_decoder_input_is_the_broadcast_sum(monkeypatch):
         seen["cube"] = out[0]
         return out
 
-    monkeypatch.setattr(kernels, "decoder_fusion", spy)
+    monkeypatch.setattr(cmd_kernels, "decoder_fusion", spy)
     ae.decode(content, motion)
     cube = seen["cube"]
     assert cube.shape == (1, 4, hp, wp, ae.config.hidden_size)

@@ -8,7 +8,7 @@ import torch
 
 from engine.cache import guidance_steps
 from engine.pipeline import CMDPipeline
-from kernels import force_impl
+from cmd_kernels import force_impl
 
 INTERVAL = (0.2, 0.8)
 

@@ -7,7 +7,7 @@ import torch
 from engine.configs import load_config
 from engine.artefacts import weights_hash, weights_hashes
 from engine.networks import ShapeBucket, networks_for, shape_buckets
-from kernels import force_impl
+from cmd_kernels import force_impl
 
 
 def test_default_model_buckets_are_its_served_sizes():

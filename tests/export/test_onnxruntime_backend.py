@@ -11,7 +11,7 @@ import torch
 from engine.backends import get_backend
 from engine.backends.onnxruntime import OnnxRuntimeBackend, OnnxTextEncoder
 from engine.pipeline import CMDPipeline
-from kernels import force_impl
+from cmd_kernels import force_impl
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -190,7 +190,7 @@ def test_cli_checks_the_graphs_before_any_work(default_model, default_export, tm
     from engine.artefacts import weights_hash
     from engine.run import main as run_main
     from export.onnx_export import load_model
-    from kernels import force_impl
+    from cmd_kernels import force_impl
 
     spec, (onnx_dir, manifest) = default_model[2], default_export
     if weights_hash(load_model(spec)[0]) not in manifest["model"]["weights_sha256"].values():

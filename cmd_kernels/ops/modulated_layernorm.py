@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
-from kernels._triton import INTERPRETED, SUM, Launch, check_same_device, empty, launch_context, next_pow2
+from cmd_kernels._dispatch import use_triton
+from cmd_kernels._triton import INTERPRETED, SUM, Launch, check_same_device, empty, launch_context, next_pow2
 
 
 # -------------------------------------------------------------------------------------- reference
@@ -124,7 +124,7 @@ def _launch_forward(x, shift, scale, eps):
 def _bwd_chunks(B: int, N: int, block_r: int, device: torch.device, num_sms: Optional[int] = None) -> int:
     """Programs per sample in the backward: enough to fill the GPU's ``num_sms`` (default: the device's;
     each program reduces a run of rows in registers and writes one partial d shift / d scale row); one
-    in the interpreter and off CUDA (unless ``num_sms`` is given: ``kernels.aot`` compiles for a target)."""
+    in the interpreter and off CUDA (unless ``num_sms`` is given: ``cmd_kernels.aot`` compiles for a target)."""
     if INTERPRETED or (device.type != "cuda" and num_sms is None):
         return 1
     sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
@@ -204,7 +204,7 @@ def modulated_layernorm(
         shift, scale: (B, C) each (the DiT passes column slices of its (B, 6C) adaLN modulation).
         eps: LayerNorm epsilon, positive.
         impl: ``"auto"`` (the Triton kernel for float32/float16/bfloat16 tensors on CUDA or under
-            ``TRITON_INTERPRET=1``, else the reference; ``kernels.force_impl`` can pin it), ``"triton"``
+            ``TRITON_INTERPRET=1``, else the reference; ``cmd_kernels.force_impl`` can pin it), ``"triton"``
             (the kernel or an error) or ``"reference"``.
 
     Returns (B, N, C) in x's dtype; the normalisation and modulation run in fp32. Differentiable in x,

@@ -1,4 +1,4 @@
-"""Kernel benchmark: ``python -m kernels.bench [--configs default,ucf101-64,sd21-512x1024] [--json PATH]``.
+"""Kernel benchmark: ``python -m cmd_kernels.bench [--configs default,ucf101-64,sd21-512x1024] [--json PATH]``.
 
 On a GPU, in one run: the ceilings (device-copy bandwidth, a large bf16 matmul), a correctness pass
 at the benchmark shapes, then for every kernel at each config's shapes the median time (CUDA-graph
@@ -25,15 +25,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels.measure import ceilings, environment, time_ms  # noqa: F401 -- ceilings: kernels.bench.ceilings
-from kernels.testing import (TOL, attention_fp64, attention_inputs, content_frame_inputs, decoder_fusion_inputs,
+from cmd_kernels.measure import ceilings, environment, time_ms  # noqa: F401 -- ceilings: cmd_kernels.bench.ceilings
+from cmd_kernels.testing import (TOL, attention_fp64, attention_inputs, content_frame_inputs, decoder_fusion_inputs,
                              modulated_layernorm_inputs, rel_err, within_tolerance)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "engine", "configs")
 CONFIGS = ("default", "ucf101-64", "sd21-512x1024")
 # (depth, hidden, heads) per DiT size: a copy of engine.configs.DIT_SIZES (kernels may not import
-# engine); tests/kernels/test_kernels_in_models.py checks that the two agree.
+# engine); tests/cmd_kernels/test_kernels_in_models.py checks that the two agree.
 DIT_SIZES = {"tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 
@@ -82,10 +82,10 @@ def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames
                 batch_cap: Optional[int] = None) -> List[dict]:
     """Relative Frobenius error of each kernel (forward, and backward where it has one) against an fp64
     reference at these shapes; in bf16 also PyTorch's own error, which the kernel must stay within 2x of."""
-    import kernels
-    from kernels.ops.content_frame import content_frame_reference
-    from kernels.ops.decoder_fusion import decoder_fusion_reference
-    from kernels.ops.modulated_layernorm import modulated_layernorm_reference
+    import cmd_kernels
+    from cmd_kernels.ops.content_frame import content_frame_reference
+    from cmd_kernels.ops.decoder_fusion import decoder_fusion_reference
+    from cmd_kernels.ops.modulated_layernorm import modulated_layernorm_reference
 
     def cap(shape, frames_axis=None):
         s = list(shape)
@@ -97,13 +97,13 @@ def correctness(shapes: Shapes, dtype: torch.dtype, device: torch.device, frames
 
     # (name, shape, inputs, op, fp64 reference, PyTorch's own op in the low dtype, has a backward)
     cases = [
-        ("content_frame", cap(shapes.content_frame), content_frame_inputs, kernels.content_frame,
+        ("content_frame", cap(shapes.content_frame), content_frame_inputs, cmd_kernels.content_frame,
          content_frame_reference, content_frame_reference, True),
-        ("decoder_fusion", cap(shapes.decoder_fusion, 1), decoder_fusion_inputs, kernels.decoder_fusion,
+        ("decoder_fusion", cap(shapes.decoder_fusion, 1), decoder_fusion_inputs, cmd_kernels.decoder_fusion,
          decoder_fusion_reference, decoder_fusion_reference, True),
-        ("motion_attention", cap(shapes.attention), attention_inputs, kernels.motion_attention,
+        ("motion_attention", cap(shapes.attention), attention_inputs, cmd_kernels.motion_attention,
          attention_fp64, F.scaled_dot_product_attention, False),
-        ("modulated_layernorm", cap(shapes.modulated_layernorm), modulated_layernorm_inputs, kernels.modulated_layernorm,
+        ("modulated_layernorm", cap(shapes.modulated_layernorm), modulated_layernorm_inputs, cmd_kernels.modulated_layernorm,
          modulated_layernorm_reference, modulated_layernorm_reference, True),
     ]
     rows = []
@@ -190,10 +190,10 @@ def _row(name, config, shape, dtype, ms, ceil, *, nbytes=None, flops=None, basel
 
 
 def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = True) -> List[dict]:
-    import kernels
-    from kernels.ops.content_frame import content_frame_reference
-    from kernels.ops.decoder_fusion import decoder_fusion_reference
-    from kernels.ops.modulated_layernorm import modulated_layernorm_reference
+    import cmd_kernels
+    from cmd_kernels.ops.content_frame import content_frame_reference
+    from cmd_kernels.ops.decoder_fusion import decoder_fusion_reference
+    from cmd_kernels.ops.modulated_layernorm import modulated_layernorm_reference
 
     size = torch.tensor([], dtype=dtype).element_size()
     rows = []
@@ -215,11 +215,11 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
     s = shapes.content_frame
     inputs = content_frame_inputs(s, dtype, device)
     numel = torch.Size(s).numel()
-    timed("content_frame", s, lambda f, x: kernels.content_frame(f, x, impl="triton"), content_frame_reference,
+    timed("content_frame", s, lambda f, x: cmd_kernels.content_frame(f, x, impl="triton"), content_frame_reference,
           inputs, nbytes=(2 * numel + numel // s[1]) * size)
     # Backward: read frames, logits, grad; write both gradients.
     grad = torch.randn(s[:1] + s[2:], device=device, dtype=dtype)
-    from kernels.ops.content_frame import _launch_backward, content_frame_backward_reference
+    from cmd_kernels.ops.content_frame import _launch_backward, content_frame_backward_reference
     timed("content_frame_backward", s, lambda f, x: _launch_backward(grad, f, x),
           lambda f, x: content_frame_backward_reference(grad, f, x), inputs, nbytes=(4 * numel + numel // s[1]) * size)
 
@@ -228,9 +228,9 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
     inputs = decoder_fusion_inputs(s, dtype, device)
     cube = torch.Size(s).numel()
     planes = sum(t.numel() for t in inputs)
-    timed("decoder_fusion", s, lambda *a: kernels.decoder_fusion(*a, impl="triton"), decoder_fusion_reference,
+    timed("decoder_fusion", s, lambda *a: cmd_kernels.decoder_fusion(*a, impl="triton"), decoder_fusion_reference,
           inputs, nbytes=(2 * cube + planes) * size)
-    from kernels.ops.decoder_fusion import _launch_backward as fusion_backward, decoder_fusion_backward_reference
+    from cmd_kernels.ops.decoder_fusion import _launch_backward as fusion_backward, decoder_fusion_backward_reference
     g_cube, g_normed = (torch.randn(s, device=device, dtype=dtype) for _ in range(2))
     timed("decoder_fusion_backward", s, lambda *a: fusion_backward(g_cube, g_normed, *a, 1e-5),
           lambda *a: decoder_fusion_backward_reference(g_cube, g_normed, *a, 1e-5), inputs,
@@ -257,13 +257,13 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
         backends[label] = _maybe_time(sdpa)
     best = [t for t in backends.values() if t is not None]
     backends["sdpa_best"] = min(best) if best else None
-    timed("motion_attention", s, lambda q, k, v: kernels.motion_attention(q, k, v, impl="triton"),
+    timed("motion_attention", s, lambda q, k, v: cmd_kernels.motion_attention(q, k, v, impl="triton"),
           F.scaled_dot_product_attention, (q, k, v), flops=4 * b * heads * n * n * d, extra=backends)
 
     # modulated LayerNorm: read x, write y.
     s = shapes.modulated_layernorm
     inputs = modulated_layernorm_inputs(s, dtype, device)
-    timed("modulated_layernorm", s, lambda *a: kernels.modulated_layernorm(*a, impl="triton"),
+    timed("modulated_layernorm", s, lambda *a: cmd_kernels.modulated_layernorm(*a, impl="triton"),
           modulated_layernorm_reference, inputs, nbytes=2 * torch.Size(s).numel() * size)
 
     # The attention half of a DiT block: prologue + qkv + attention + proj, ours against eager ops.
@@ -273,9 +273,9 @@ def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = Tru
     x, shift, scale = inputs
 
     def block(x, shift, scale, impl):
-        h = kernels.modulated_layernorm(x, shift, scale, impl=impl)
+        h = cmd_kernels.modulated_layernorm(x, shift, scale, impl=impl)
         q, k, v = qkv_proj(h).reshape(bsz, n, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
-        return out_proj(kernels.motion_attention(q, k, v, impl=impl).transpose(1, 2).reshape(bsz, n, hidden))
+        return out_proj(cmd_kernels.motion_attention(q, k, v, impl=impl).transpose(1, 2).reshape(bsz, n, hidden))
 
     with torch.no_grad():
         timed("dit_attention_half", s, lambda *a: block(*a, "triton"), lambda *a: block(*a, "reference"), inputs,
@@ -302,7 +302,7 @@ def _slug(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cmd_kernels.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated config names or JSON files")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--ae-batch", type=int, default=None, help="batch of the AE ops (default: training batch)")
@@ -318,13 +318,13 @@ def main(argv=None) -> int:
         parser.error(f"--json is a file, got {args.json!r}, which is a folder")
 
     cuda = torch.cuda.is_available()
-    from kernels._triton import INTERPRETED
+    from cmd_kernels._triton import INTERPRETED
 
     if not cuda and not INTERPRETED:
         # The kernels must be built for the interpreter before kernels is imported: start again with it.
         env = dict(os.environ, TRITON_INTERPRET="1")
         args_again = argv if argv is not None else sys.argv[1:]
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.bench", *args_again], env)
+        os.execve(sys.executable, [sys.executable, "-m", "cmd_kernels.bench", *args_again], env)
     for bad in (b for b in (args.ae_batch, args.dit_batch) if b is not None and b < 1):
         parser.error(f"batch sizes must be >= 1, got {bad}")
     try:

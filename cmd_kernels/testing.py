@@ -1,4 +1,4 @@
-"""What the kernel tests (``tests/kernels``) and the kernel benchmark (``kernels.bench``) share: the error
+"""What the kernel tests (``tests/cmd_kernels``) and the kernel benchmark (``cmd_kernels.bench``) share: the error
 measure, the per-dtype tolerances (DESIGN section 7), fp64 references without a fused op, and input makers
 that lay tensors out as the engine's networks do.
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, SUM, Launch, autotune, check_same_device, empty, grid_configs,
+from cmd_kernels._dispatch import use_triton
+from cmd_kernels._triton import (INTERPRETED, SUM, Launch, autotune, check_same_device, empty, grid_configs,
                              interpret_block, launch_context, next_pow2, pick)
 
 
@@ -64,7 +64,7 @@ def decoder_fusion_backward_reference(g_cube, g_normed, content, time_height, ti
 # -------------------------------------------------------------------------------------- forward
 
 def _fwd_keep(kw, warps):
-    # At least half a warp's rows per warp; BLOCK_T 32 on 2 warps spills registers (kernels.aot).
+    # At least half a warp's rows per warp; BLOCK_T 32 on 2 warps spills registers (cmd_kernels.aot).
     return kw["BLOCK_T"] >= warps // 2 and not (kw["BLOCK_T"] == 32 and warps == 2)
 
 
@@ -366,7 +366,7 @@ def decoder_fusion(
         weight, bias: (C,) LayerNorm parameters (may stay float32 under autocast).
         eps: LayerNorm epsilon, positive.
         impl: ``"auto"`` (the Triton kernel for float32/float16/bfloat16 tensors on CUDA or under
-            ``TRITON_INTERPRET=1``, else the reference; ``kernels.force_impl`` can pin it), ``"triton"``
+            ``TRITON_INTERPRET=1``, else the reference; ``cmd_kernels.force_impl`` can pin it), ``"triton"``
             (the kernel or an error) or ``"reference"``.
 
     Returns (cube, normed), both (B, L, H, W, C) in the planes' promoted dtype; the LayerNorm runs in

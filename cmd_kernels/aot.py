@@ -1,10 +1,10 @@
 """Ahead-of-time compile check and Triton cache fill, without a GPU:
 
-    python -m kernels.aot [--arch 80,90] [--config NAME ...] [--dtype DTYPE ...] [--autotune off|fast|full]
+    python -m cmd_kernels.aot [--arch 80,90] [--config NAME ...] [--dtype DTYPE ...] [--autotune off|fast|full]
                           [--quick] [--json FILE] [--jobs N] [--fill-cache DIR [--triton-key-from WHEEL]]
-    python -m kernels.aot --use-cache DIR
+    python -m cmd_kernels.aot --use-cache DIR
 
-Compiles every Triton kernel of ``kernels`` at every launch config that its launcher and autotuner can
+Compiles every Triton kernel of ``cmd_kernels`` at every launch config that its launcher and autotuner can
 pick at each config's shapes (the three shipped configs by default), for each target (sm_80 = A100,
 sm_90 = H100/H200), and reports per row: kernel, shape class, launch config, dtype, arch, registers,
 spill bytes, shared memory, tensor-core MMA (``wgmma`` / ``mma.sync`` in the PTX, HGMMA / HMMA in the SASS
@@ -12,7 +12,7 @@ from the ``cuobjdump`` that the Triton wheel carries), and the width of the glob
 (128-bit ``ld.global`` or 16-byte ``cp.async``). Only torch (for dtypes and meta tensors) and triton (its
 bundled ptxas and cuobjdump) are needed; no CUDA driver.
 
-How: the launchers build their launches (``kernels._triton.Launch``) from meta tensors laid out as the
+How: the launchers build their launches (``cmd_kernels._triton.Launch``) from meta tensors laid out as the
 engine lays out the real ones (q, k, v are views of one (B, N, 3, heads, d) projection; shift and scale
 are chunks of the (B, 6C) adaLN vector), the kernel's ``TunedKernel.candidates`` lists the configs a
 launch may compile on that target (after pruning what cannot fit), and each is compiled through the JIT's
@@ -20,9 +20,9 @@ own path (``warmup``: binder, specialisation, heuristics, options, cache key, ``
 stand-in driver that reports the target. So the compiles, and their cache keys, are the ones a GPU
 process makes for the same launches: ``--fill-cache DIR`` exports them as a Triton cache that a GPU
 machine reuses with ``TRITON_CACHE_DIR=DIR`` (after ``--use-cache DIR`` there), so that none of our
-kernels compiles there. tests/kernels/test_aot.py checks the key equality against the JIT's launch path.
+kernels compiles there. tests/cmd_kernels/test_aot.py checks the key equality against the JIT's launch path.
 
-Shapes: each config's kernel shapes come from its JSON file, read as data by ``kernels.bench.config_shapes``
+Shapes: each config's kernel shapes come from its JSON file, read as data by ``cmd_kernels.bench.config_shapes``
 (autoencoder ops at the stage-1 training batch, DiT ops at batch 2, one video with classifier-free
 guidance): this package may not import ``engine``. Triton specialises a launch on its integer arguments
 only by divisibility by 16 and equality to 1, so these shapes also stand for other batch sizes of a
@@ -56,12 +56,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import triton
 
-from kernels._triton import AUTOTUNE_MODES, INTERPRETED, KNOWN_TARGETS, Launch, Target, TunedKernel, config_key
+from cmd_kernels._triton import AUTOTUNE_MODES, INTERPRETED, KNOWN_TARGETS, Launch, Target, TunedKernel, config_key
 
 ARCHS = (80, 90)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The dtypes compiled by default: bf16 everywhere (the GPU engine's dtype); the attention also in fp16
-# (tensor cores, like bf16) and fp32 (IEEE dots: the tests' and kernels.bench's correctness dtype).
+# (tensor cores, like bf16) and fp32 (IEEE dots: the tests' and cmd_kernels.bench's correctness dtype).
 DEFAULT_DTYPES = {"motion_attention_fwd": ("bfloat16", "float16", "float32")}
 MANIFEST = "cmd-aot-manifest.json"
 
@@ -86,8 +86,8 @@ def _meta(*shape, dtype):
 def cases(config: str) -> List[Case]:
     """The launch sites of every kernel at the shapes of ``config`` (a name in engine/configs or a JSON
     path). Raises ``ValueError`` for an unknown config."""
-    from kernels.bench import config_shapes
-    from kernels.ops import content_frame as cf, decoder_fusion as fu, modulated_layernorm as ln, motion_attention as at
+    from cmd_kernels.bench import config_shapes
+    from cmd_kernels.ops import content_frame as cf, decoder_fusion as fu, modulated_layernorm as ln, motion_attention as at
 
     s = config_shapes(config)
     name = s.config
@@ -544,7 +544,7 @@ def use_cache(cache_dir: str) -> Tuple[bool, str]:
 
     path = os.path.join(cache_dir, MANIFEST)
     if not os.path.isfile(path):
-        return False, f"{cache_dir} has no {MANIFEST}: not a cache filled by python -m kernels.aot --fill-cache"
+        return False, f"{cache_dir} has no {MANIFEST}: not a cache filled by python -m cmd_kernels.aot --fill-cache"
     with open(path) as f:
         manifest = json.load(f)
     n = relocate_cache(cache_dir)
@@ -603,7 +603,7 @@ def _print_row(r: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cmd_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (80, 90)")
     parser.add_argument("--config", nargs="+", default=None,
                         help="config names (engine/configs) or JSON files (default: default ucf101-64 sd21-512x1024)")
@@ -648,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--triton-key-from only applies to --fill-cache")
     if args.fill_cache and os.path.exists(args.fill_cache) and not os.path.isdir(args.fill_cache):
         parser.error(f"--fill-cache: {args.fill_cache!r} exists and is not a folder")
-    from kernels.bench import CONFIGS
+    from cmd_kernels.bench import CONFIGS
     configs = args.config or list(CONFIGS)
     mode = "off" if args.quick else args.autotune
     key = None
@@ -664,7 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The kernels were built for the interpreter (TRITON_INTERPRET=1 at import): start again without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         again = list(argv) if argv is not None else sys.argv[1:]
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *again], env)
+        os.execve(sys.executable, [sys.executable, "-m", "cmd_kernels.aot", *again], env)
 
     from triton.runtime.cache import triton_key
     scratch = tempfile.mkdtemp(prefix="cmd-aot-cache-")
@@ -706,13 +706,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "backend": {str(a): backend_hash(a) for a in archs}, "configs": configs,
                         "autotune": mode, "dtypes": args.dtype or "default", "kernels": n,
                         "hashes": sorted({r["hash"] for r in rows if r.get("ok")})}
-            from kernels.bench import _write_json
+            from cmd_kernels.bench import _write_json
             _write_json(os.path.join(args.fill_cache, MANIFEST), manifest)
             print(f"filled {args.fill_cache}: {n} kernels for Triton {triton.__version__} "
                   f"(key {manifest['triton_key_sha256'][:12]}, {manifest['key_from']}); on the GPU machine run "
-                  f"python -m kernels.aot --use-cache DIR, then export TRITON_CACHE_DIR=DIR")
+                  f"python -m cmd_kernels.aot --use-cache DIR, then export TRITON_CACHE_DIR=DIR")
         if args.json:
-            from kernels.bench import _write_json
+            from cmd_kernels.bench import _write_json
             _write_json(args.json, {"triton": triton.__version__, "torch": torch.__version__, "autotune": mode,
                                     "archs": archs, "configs": configs, "summary": summary,
                                     "rows": [dict(r, problems=problems(r)) for r in rows]})

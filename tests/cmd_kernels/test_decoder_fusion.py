@@ -8,12 +8,12 @@ import functools
 import pytest
 import torch
 
-import kernels
-from kernels import _triton
-from kernels.ops import decoder_fusion as fusion
-from kernels.ops.decoder_fusion import (_bwd_tiles, _decoder_fusion_backward_op, _decoder_fusion_op,
+import cmd_kernels
+from cmd_kernels import _triton
+from cmd_kernels.ops import decoder_fusion as fusion
+from cmd_kernels.ops.decoder_fusion import (_bwd_tiles, _decoder_fusion_backward_op, _decoder_fusion_op,
                                         decoder_fusion_reference)
-from kernels.testing import TOL, decoder_fusion_inputs, rel_err
+from cmd_kernels.testing import TOL, decoder_fusion_inputs, rel_err
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 # (B, L, H, W, C): a small decoder, one frame, odd sizes, a non-power-of-two width, and C = 384
@@ -46,7 +46,7 @@ planes = functools.partial(decoder_fusion_inputs, param_dtype=torch.float32)
 def test_forward_and_backward_match_fp64(shape, dtype, device, tiles):
     args = planes(shape, dtype, device, seed=sum(shape))
     leaves = [t.clone().requires_grad_() for t in args]
-    cube, normed = kernels.decoder_fusion(*leaves, impl="triton")
+    cube, normed = cmd_kernels.decoder_fusion(*leaves, impl="triton")
     ref_leaves = [t.double().requires_grad_() for t in args]
     ref_cube, ref_normed = decoder_fusion_reference(*ref_leaves)
     assert cube.shape == normed.shape == shape and cube.dtype == normed.dtype == dtype
@@ -83,7 +83,7 @@ def test_strided_planes(device, tiles):
     tw = tw.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # time-major
     args = [content, th, tw, weight, bias]
     leaves = [t.clone().requires_grad_() if i else t.detach().requires_grad_() for i, t in enumerate(args)]
-    cube, normed = kernels.decoder_fusion(*leaves, impl="triton")
+    cube, normed = cmd_kernels.decoder_fusion(*leaves, impl="triton")
     ref_leaves = [t.double().requires_grad_() for t in args]
     ref_cube, ref_normed = decoder_fusion_reference(*ref_leaves)
     assert rel_err(cube, ref_cube) <= 1e-5 and rel_err(normed, ref_normed) <= 1e-5
@@ -98,7 +98,7 @@ def test_only_normed_used(device):
     # The decoder block reads both outputs, but a caller using one still gets correct plane gradients.
     args = planes((1, 3, 4, 5, 16), torch.float32, device, seed=4)
     leaves = [t.clone().requires_grad_() for t in args]
-    kernels.decoder_fusion(*leaves, impl="triton")[1].square().sum().backward()
+    cmd_kernels.decoder_fusion(*leaves, impl="triton")[1].square().sum().backward()
     ref_leaves = [t.double().requires_grad_() for t in args]
     decoder_fusion_reference(*ref_leaves)[1].square().sum().backward()
     for got, want in zip(leaves, ref_leaves):
@@ -110,7 +110,7 @@ def test_deterministic(device, tiles):
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in args]
-        cube, normed = kernels.decoder_fusion(*leaves, impl="triton")
+        cube, normed = cmd_kernels.decoder_fusion(*leaves, impl="triton")
         (cube.float().sum() + normed.float().square().sum()).backward()
         runs.append([cube, normed] + [t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -126,6 +126,6 @@ def test_opcheck(device):
 def test_bad_input_names_the_value(device):
     content, th, tw, weight, bias = planes((1, 2, 3, 4, 8), torch.float32, device)
     with pytest.raises(ValueError, match=r"time_width \(1, 2, 5, 8\)"):
-        kernels.decoder_fusion(content, th, torch.randn(1, 2, 5, 8, device=device), weight, bias)
+        cmd_kernels.decoder_fusion(content, th, torch.randn(1, 2, 5, 8, device=device), weight, bias)
     with pytest.raises(ValueError, match="eps must be positive, got 0"):
-        kernels.decoder_fusion(content, th, tw, weight, bias, eps=0.0)
+        cmd_kernels.decoder_fusion(content, th, tw, weight, bias, eps=0.0)

@@ -11,7 +11,7 @@ wrong, too); attention feeds fp16/bf16 to the tensor cores on a GPU and upcasts 
 
 Launch configs on a GPU (``TunedKernel``): each kernel declares, per mode of ``CMD_AUTOTUNE``, the configs
 it may use, and an estimate of whether a config fits a target (shared memory, registers), so that configs
-that cannot run are pruned before they compile. ``python -m kernels.aot`` compiles exactly these configs
+that cannot run are pruned before they compile. ``python -m cmd_kernels.aot`` compiles exactly these configs
 for sm_80/sm_90 without a GPU and checks them (registers, spills, tensor cores, vector loads).
 """
 
@@ -89,7 +89,7 @@ class Target:
     num_sms: int
 
 
-# Targets known without a device (``python -m kernels.aot``): A100 and H100/H200 SXM.
+# Targets known without a device (``python -m cmd_kernels.aot``): A100 and H100/H200 SXM.
 KNOWN_TARGETS = {80: Target(80, 166912, 108), 90: Target(90, 232448, 132)}
 
 
@@ -116,7 +116,7 @@ class TunedKernel:
     preference list, the first that fits is used); ``fits(config, args, target)`` estimates whether a config
     can run on the target without exceeding its shared memory or spilling registers. Configs that do not fit
     are pruned before they compile (the autotuner's ``early_config_prune``). ``candidates`` is the one place
-    that decides what a launch may compile: the launcher and ``kernels.aot`` both use it.
+    that decides what a launch may compile: the launcher and ``cmd_kernels.aot`` both use it.
 
     ``fn`` is the ``triton.jit`` kernel (possibly under ``triton.heuristics``). In the interpreter there is
     no autotuner: launchers pass block sizes fitted to the problem (``interpret_block``) instead."""
@@ -194,7 +194,7 @@ def pick(configs: Sequence[triton.Config], *wanted: tuple) -> List[triton.Config
 class Launch(NamedTuple):
     """One kernel launch as a launcher builds it: the kernel (``TunedKernel`` or jit function), its grid
     (tuple, or callable of the meta-parameters), positional arguments and keyword arguments (constexprs,
-    and ``num_warps`` where the launcher fixes it). ``kernels.aot`` compiles the same launches."""
+    and ``num_warps`` where the launcher fixes it). ``cmd_kernels.aot`` compiles the same launches."""
     kernel: Any
     grid: Any
     args: tuple

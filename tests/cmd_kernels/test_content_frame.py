@@ -6,13 +6,13 @@ Outputs are NaN-poisoned before each launch, so an element the kernel fails to w
 import pytest
 import torch
 
-import kernels
-from kernels import _triton
-from kernels._dispatch import use_triton
-from kernels.ops import content_frame as module
-from kernels.ops.content_frame import _content_frame_backward_op, _content_frame_op, content_frame_reference
-from kernels.testing import TOL, rel_err
-from kernels.testing import content_frame_inputs as inputs
+import cmd_kernels
+from cmd_kernels import _triton
+from cmd_kernels._dispatch import use_triton
+from cmd_kernels.ops import content_frame as module
+from cmd_kernels.ops.content_frame import _content_frame_backward_op, _content_frame_op, content_frame_reference
+from cmd_kernels.testing import TOL, rel_err
+from cmd_kernels.testing import content_frame_inputs as inputs
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 # (B, L, C, H, W): a small model's clip, one frame, long videos (online softmax across time blocks),
@@ -40,14 +40,14 @@ def test_auto_dispatches_to_the_kernel_here(device):
     assert not use_triton("reference", frames, logits, op="content_frame")
     assert not use_triton("auto", frames.double(), logits.double(), op="content_frame")  # no fp64 kernel
     with pytest.raises(TypeError, match="float64"):
-        kernels.content_frame(frames.double(), logits.double(), impl="triton")
+        cmd_kernels.content_frame(frames.double(), logits.double(), impl="triton")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_matches_fp64(shape, dtype, device, blocks):
     frames, logits = inputs(shape, dtype, device)
-    out = kernels.content_frame(frames, logits, impl="triton")
+    out = cmd_kernels.content_frame(frames, logits, impl="triton")
     ref = content_frame_reference(frames.double(), logits.double())
     assert out.shape == shape[:1] + shape[2:] and out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -63,7 +63,7 @@ def test_backward_matches_fp64(shape, dtype, device, blocks):
     frames, logits = inputs(shape, dtype, device, seed=1)
     grad = torch.randn(shape[:1] + shape[2:], generator=torch.Generator().manual_seed(2)).to(device, dtype)
     f, x = frames.clone().requires_grad_(), logits.clone().requires_grad_()
-    kernels.content_frame(f, x, impl="triton").backward(grad)
+    cmd_kernels.content_frame(f, x, impl="triton").backward(grad)
     f64, x64 = frames.double().requires_grad_(), logits.double().requires_grad_()
     content_frame_reference(f64, x64).backward(grad.double())
     assert f.grad.dtype == dtype and x.grad.dtype == dtype
@@ -84,11 +84,11 @@ def test_strided_inputs(layout, device):
         "batch_slice": lambda t: t[1:3, :, 1:],
     }[layout]
     frames, logits = view(base_f), view(base_x)
-    out = kernels.content_frame(frames, logits, impl="triton")
+    out = cmd_kernels.content_frame(frames, logits, impl="triton")
     assert rel_err(out, content_frame_reference(frames.double(), logits.double())) <= 1e-5
     f, x = frames.detach().requires_grad_(), logits.detach().requires_grad_()
     grad = torch.randn(out.shape, device=device).transpose(-1, -2).contiguous().transpose(-1, -2)  # strided grad
-    kernels.content_frame(f, x, impl="triton").backward(grad)
+    cmd_kernels.content_frame(f, x, impl="triton").backward(grad)
     f64, x64 = frames.double().requires_grad_(), logits.double().requires_grad_()
     content_frame_reference(f64, x64).backward(grad.double())
     assert rel_err(f.grad, f64.grad) <= 1e-5 and rel_err(x.grad, x64.grad) <= 1e-5
@@ -97,15 +97,15 @@ def test_strided_inputs(layout, device):
 def test_softmax_is_fp32_for_half_inputs(device):
     # Logits far outside exp's fp16 range: an fp16 softmax would overflow to inf/NaN.
     frames, logits = inputs((2, 16, 3, 7, 9), torch.float16, device, seed=4, logit_scale=60.0)
-    out = kernels.content_frame(frames, logits, impl="triton")
+    out = cmd_kernels.content_frame(frames, logits, impl="triton")
     assert torch.isfinite(out).all()
     assert rel_err(out, content_frame_reference(frames.double(), logits.double())) <= TOL[torch.float16]
 
 
 def test_output_is_a_convex_combination_and_deterministic(device):
     frames, logits = inputs((2, 16, 3, 11, 12), torch.float32, device, seed=5)
-    a = kernels.content_frame(frames, logits, impl="triton")
-    b = kernels.content_frame(frames, logits, impl="triton")
+    a = cmd_kernels.content_frame(frames, logits, impl="triton")
+    b = cmd_kernels.content_frame(frames, logits, impl="triton")
     assert torch.equal(a, b)
     assert (a <= frames.max(1).values + 1e-6).all() and (a >= frames.min(1).values - 1e-6).all()
 
@@ -119,8 +119,8 @@ def test_opcheck(device):
 
 def test_meta_tensors_take_shapes_only():
     frames = torch.empty(2, 16, 4, 64, 128, device="meta")
-    assert kernels.content_frame(frames, frames).shape == (2, 4, 64, 128)
-    assert kernels.content_frame(frames, frames, impl="triton").shape == (2, 4, 64, 128)  # the fake impl
+    assert cmd_kernels.content_frame(frames, frames).shape == (2, 4, 64, 128)
+    assert cmd_kernels.content_frame(frames, frames, impl="triton").shape == (2, 4, 64, 128)  # the fake impl
 
 
 # ------------------------------------------------------------ -inf logits (masked frames), inf and NaN
@@ -154,7 +154,7 @@ def forward_and_grads(frames, logits, grad, impl):
     if impl is None:
         frames, logits, grad = frames.double(), logits.double(), grad.double()
     f, x = frames.clone().requires_grad_(), logits.clone().requires_grad_()
-    out = kernels.content_frame(f, x, impl=impl) if impl else content_frame_reference(f, x)
+    out = cmd_kernels.content_frame(f, x, impl=impl) if impl else content_frame_reference(f, x)
     out.backward(grad)
     return out.detach(), f.grad, x.grad
 

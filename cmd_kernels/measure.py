@@ -2,7 +2,7 @@
 stages are set against (device-copy bandwidth, matmul throughput), GPU kernel timing and the synchronised
 wall-clock loop.
 
-It lives in ``kernels`` because ``kernels.bench`` may not import ``engine``; ``engine.bench``,
+It lives in ``cmd_kernels`` because ``cmd_kernels.bench`` may not import ``engine``; ``engine.bench``,
 ``engine.profile`` and ``benchmarks/`` (``paper_scale``, ``lease_env``, ``cache_quality``) import it from
 here. Picture quality (PSNR, SSIM) is ``engine.quality``.
 """

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from kernels import measure
+from cmd_kernels import measure
 
 
 def test_environment_record_on_a_cpu():

@@ -3,7 +3,7 @@
 The compile check runs in subprocesses with TRITON_INTERPRET unset (tests/conftest.py sets it for this
 process, and Triton reads it when the kernels are decorated): ``--quick`` compiles the CMD_AUTOTUNE=off
 config of every kernel at every config's shapes for sm_80 and sm_90 and fills a Triton cache, which a
-probe then reads through the engine's real launch path (tests/kernels/aot_jit_probe.py)."""
+probe then reads through the engine's real launch path (tests/cmd_kernels/aot_jit_probe.py)."""
 
 import base64
 import hashlib
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import triton
 
-from kernels import aot
-from kernels._triton import AUTOTUNE_MODES, KNOWN_TARGETS, Target, autotune_mode, config_key
-from kernels.ops import content_frame, decoder_fusion as fusion, motion_attention as attention
+from cmd_kernels import aot
+from cmd_kernels._triton import AUTOTUNE_MODES, KNOWN_TARGETS, Target, autotune_mode, config_key
+from cmd_kernels.ops import content_frame, decoder_fusion as fusion, motion_attention as attention
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,10 +39,10 @@ def _run(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """``python -m kernels.aot --quick`` (two processes, as CI runs it), its JSON and its filled cache."""
+    """``python -m cmd_kernels.aot --quick`` (two processes, as CI runs it), its JSON and its filled cache."""
     folder = tmp_path_factory.mktemp("aot")
     report, cache = folder / "quick.json", folder / "cache"
-    proc = _run("-m", "kernels.aot", "--quick", "--jobs", "2", "--json", str(report), "--fill-cache", str(cache))
+    proc = _run("-m", "cmd_kernels.aot", "--quick", "--jobs", "2", "--json", str(report), "--fill-cache", str(cache))
     assert report.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(report.read_text()), cache
 
@@ -110,16 +110,16 @@ def test_filled_cache_holds_the_keys_the_jit_computes(quick, tmp_path):
     proc, report, cache = quick
     moved = tmp_path / "moved-cache"
     shutil.copytree(cache, moved)
-    use = _run("-m", "kernels.aot", "--use-cache", str(moved))
+    use = _run("-m", "cmd_kernels.aot", "--use-cache", str(moved))
     assert use.returncode == 0, use.stdout + use.stderr
     assert "key matches this Triton" in use.stdout
     before = sorted(os.listdir(moved))
     env = dict(_compiled_env(), TRITON_CACHE_DIR=str(moved))
-    probe = _run(str(ROOT / "tests" / "kernels" / "aot_jit_probe.py"), env=env)
+    probe = _run(str(ROOT / "tests" / "cmd_kernels" / "aot_jit_probe.py"), env=env)
     assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
     result = json.loads(probe.stdout.strip().splitlines()[-1])
     compiles = result["compiles"]
-    # the autotuner's pruning hook (CMD_AUTOTUNE=full) gives the candidates kernels.aot compiles
+    # the autotuner's pruning hook (CMD_AUTOTUNE=full) gives the candidates cmd_kernels.aot compiles
     assert set(result["pruning"]) == {"_content_frame_fwd_kernel", "_content_frame_bwd_kernel",
                                       "_attention_fwd_kernel", "_decoder_fusion_fwd_kernel"}
     assert all(p["same_as_candidates"] and p["pruned"] > 1 for p in result["pruning"].values()), result["pruning"]
@@ -136,7 +136,7 @@ def test_filled_cache_holds_the_keys_the_jit_computes(quick, tmp_path):
 def test_fp32_attention_space_does_not_spill(tmp_path):
     """Every fp32 attention config the autotuner may pick, at the paper's head dim 72 (where the tiles of
     the fp16/bf16 space spill), compiles without spills for sm_80 and sm_90."""
-    proc = _run("-m", "kernels.aot", "--kernel", "motion_attention_fwd", "--dtype", "float32", "--config",
+    proc = _run("-m", "cmd_kernels.aot", "--kernel", "motion_attention_fwd", "--dtype", "float32", "--config",
                 "sd21-512x1024", "--autotune", "full", "--jobs", "2", "--json", str(tmp_path / "fp32.json"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads((tmp_path / "fp32.json").read_text())

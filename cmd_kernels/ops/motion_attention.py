@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, Launch, Target, autotune, check_same_device,
+from cmd_kernels._dispatch import use_triton
+from cmd_kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, Launch, Target, autotune, check_same_device,
                              empty, grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_HEAD_DIM = 128
@@ -54,8 +54,8 @@ _ATTN_FAST = pick(_ATTN_CONFIGS, _attn_cfg(128, 64, 3), _attn_cfg(128, 128, 2), 
 # CMD_AUTOTUNE=off: the first of these that fits the target.
 _ATTN_OFF = pick(_ATTN_CONFIGS, _attn_cfg(128, 64, 3), _attn_cfg(64, 64, 2), _attn_cfg(64, 32, 2))
 # fp32 (IEEE dots on FMA units): only tiles that spill no register at head dims 64, 72 and 128 on sm_80
-# and sm_90 with Triton 3.6 and 3.9 (measured with kernels.aot; the tiles of the fp16/bf16 space with 4
-# warps per 64 rows all spill at d72; tests/kernels/test_aot.py holds it at the configs' shapes).
+# and sm_90 with Triton 3.6 and 3.9 (measured with cmd_kernels.aot; the tiles of the fp16/bf16 space with 4
+# warps per 64 rows all spill at d72; tests/cmd_kernels/test_aot.py holds it at the configs' shapes).
 _ATTN_FP32 = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=2)
               for m, n, w in ((64, 32, 8), (64, 16, 4), (32, 32, 4))]
 _ATTN_SPACE = {"full": _ATTN_CONFIGS, "fast": _ATTN_FAST, "off": _ATTN_OFF}
@@ -70,8 +70,8 @@ def _attn_smem(config, args, arch: int) -> int:
     """Shared memory (bytes) Triton allocates for a config: the cp.async pipeline's K and V tiles
     (BLOCK_N x padded head dim; ``num_stages`` buffers for sm_90's wgmma, one fewer for mma.sync and the
     fp32 FMA dots), the Q tile, and for fp32 the P tile plus a little scratch. Fitted to the compiles of
-    ``python -m kernels.aot --unpruned`` (Triton 3.6 and 3.9, head dims 32-128): exact for fp16/bf16,
-    for fp32 at most 512 B above the allocation (tests/kernels/test_aot.py checks both)."""
+    ``python -m cmd_kernels.aot --unpruned`` (Triton 3.6 and 3.9, head dims 32-128): exact for fp16/bf16,
+    for fp32 at most 512 B above the allocation (tests/cmd_kernels/test_aot.py checks both)."""
     fp32 = args["IS_FP32"]
     el = 4 if fp32 else 2
     d = args["D1"] + (args["D2"] if args["TAIL"] else 0)
@@ -293,7 +293,7 @@ def motion_attention(
             its (B, N, 3, heads, head_dim) projection). head_dim <= 128.
         scale: positive score scale; None for head_dim ** -0.5.
         impl: ``"auto"`` (the Triton kernel for float32/float16/bfloat16 tensors on CUDA or under
-            ``TRITON_INTERPRET=1``, else the reference; ``kernels.force_impl`` can pin it), ``"triton"``
+            ``TRITON_INTERPRET=1``, else the reference; ``cmd_kernels.force_impl`` can pin it), ``"triton"``
             (the kernel or an error) or ``"reference"``.
 
     Returns (B, heads, N, head_dim) in q's dtype; from the kernel, token-major memory (a view of

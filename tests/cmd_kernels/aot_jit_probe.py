@@ -1,5 +1,5 @@
-"""Run by tests/kernels/test_aot.py in a process of its own (kernels compiled, not interpreted): does a
-GPU process find its kernels in a cache filled by ``python -m kernels.aot --fill-cache``?
+"""Run by tests/cmd_kernels/test_aot.py in a process of its own (kernels compiled, not interpreted): does a
+GPU process find its kernels in a cache filled by ``python -m cmd_kernels.aot --fill-cache``?
 
 The engine's own networks (autoencoder encode + decode, motion DiT, forward and backward, config
 ``default``, bf16) run on CPU tensors with every op forced onto its Triton launcher, under a stand-in
@@ -25,7 +25,7 @@ from triton.runtime.driver import driver  # noqa: E402
 
 from engine.configs import load_config  # noqa: E402
 from engine.models.bundle import build_autoencoder, build_motion_dit  # noqa: E402
-from kernels import _triton  # noqa: E402
+from cmd_kernels import _triton  # noqa: E402
 
 H100 = _triton.KNOWN_TARGETS[90]
 
@@ -70,8 +70,8 @@ def main() -> None:
     driver.set_active(StandInDriver())
 
     # Every op on its Triton launcher, whatever the tensors' device; the launch stops before the GPU.
-    from kernels import _dispatch
-    from kernels.ops import modulated_layernorm
+    from cmd_kernels import _dispatch
+    from cmd_kernels.ops import modulated_layernorm
     _dispatch.launchable = lambda *tensors: True  # the one device rule of every op's dispatch
     real_chunks = modulated_layernorm._bwd_chunks  # the backward fills the target's SMs, as on the GPU
     modulated_layernorm._bwd_chunks = lambda B, N, block_r, device, num_sms=None: real_chunks(B, N, block_r, device,

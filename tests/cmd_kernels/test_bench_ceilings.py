@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kernels import bench
+from cmd_kernels import bench
 
 
 def test_read_ceilings_top_level_or_nested(tmp_path):

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import _triton
-from kernels.ops import modulated_layernorm as layernorm, motion_attention as attention
-from kernels.ops.modulated_layernorm import (_modulated_layernorm_backward_op, _modulated_layernorm_op, _rows_config,
+import cmd_kernels
+from cmd_kernels import _triton
+from cmd_kernels.ops import modulated_layernorm as layernorm, motion_attention as attention
+from cmd_kernels.ops.modulated_layernorm import (_modulated_layernorm_backward_op, _modulated_layernorm_op, _rows_config,
                                             modulated_layernorm_reference)
-from kernels.ops.motion_attention import _head_split, _motion_attention_op
-from kernels.testing import TOL, attention_fp64, attention_inputs, modulated_layernorm_inputs, rel_err
+from cmd_kernels.ops.motion_attention import _head_split, _motion_attention_op
+from cmd_kernels.testing import TOL, attention_fp64, attention_inputs, modulated_layernorm_inputs, rel_err
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
@@ -53,7 +53,7 @@ qkv = functools.partial(attention_inputs, seed=0, packed=False)  # three contigu
 ])
 def test_attention_matches_fp64(shape, dtype, device, blocks):
     q, k, v = qkv(shape, dtype, device)
-    out = kernels.motion_attention(q, k, v, impl="triton")
+    out = cmd_kernels.motion_attention(q, k, v, impl="triton")
     ref = attention_fp64(q, k, v)
     assert out.shape == shape and out.dtype == dtype and torch.isfinite(out).all()
     err = rel_err(out, ref)
@@ -65,7 +65,7 @@ def test_attention_matches_fp64(shape, dtype, device, blocks):
 @pytest.mark.parametrize("head_dim", [8, 32, 48, 64, 72, 80, 96, 112, 128])
 def test_every_head_dim(head_dim, device):
     q, k, v = qkv((1, 2, 45, head_dim), torch.float32, device, seed=head_dim)
-    out = kernels.motion_attention(q, k, v, impl="triton")
+    out = cmd_kernels.motion_attention(q, k, v, impl="triton")
     assert rel_err(out, attention_fp64(q, k, v)) <= 1e-5
 
 
@@ -80,7 +80,7 @@ def test_head_dim_split_avoids_padding_to_128():
 def test_dit_xl_shape(device):
     # sd21-512x1024: 384 z tokens + 128 content tokens, 16 heads of 72.
     q, k, v = qkv((1, 16, 512, 72), torch.float16, device, seed=7)
-    out = kernels.motion_attention(q, k, v, impl="triton")
+    out = cmd_kernels.motion_attention(q, k, v, impl="triton")
     assert rel_err(out, attention_fp64(q, k, v)) <= TOL[torch.float16]
 
 
@@ -90,7 +90,7 @@ def test_strided_qkv_as_the_dit_makes_them(device):
     x = torch.randn(b, n, 3 * heads * d, device=device)
     q, k, v = x.reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
     assert not q.is_contiguous()
-    out = kernels.motion_attention(q, k, v, scale=0.3, impl="triton")
+    out = cmd_kernels.motion_attention(q, k, v, scale=0.3, impl="triton")
     assert rel_err(out, attention_fp64(q, k, v, 0.3)) <= 1e-5
     # Token-major output, like SDPA's flash backend: the DiT's transpose + reshape is a view.
     assert out.transpose(1, 2).is_contiguous()
@@ -98,22 +98,22 @@ def test_strided_qkv_as_the_dit_makes_them(device):
 
 def test_scale_and_large_logits(device):
     q, k, v = qkv((1, 2, 70, 64), torch.float32, device, seed=8)
-    out = kernels.motion_attention(q * 4, k * 4, v, scale=1.0, impl="triton")  # logits of size ~100
+    out = cmd_kernels.motion_attention(q * 4, k * 4, v, scale=1.0, impl="triton")  # logits of size ~100
     assert torch.isfinite(out).all()
     assert rel_err(out, attention_fp64(q * 4, k * 4, v, 1.0)) <= 1e-5
 
 
 def test_attention_is_deterministic(device):
     q, k, v = qkv((2, 4, 150, 72), torch.float16, device, seed=9)
-    first = kernels.motion_attention(q, k, v, impl="triton")
-    assert torch.equal(first, kernels.motion_attention(q, k, v, impl="triton"))
+    first = cmd_kernels.motion_attention(q, k, v, impl="triton")
+    assert torch.equal(first, cmd_kernels.motion_attention(q, k, v, impl="triton"))
 
 
 def test_attention_gradients(device):
     q, k, v = qkv((2, 2, 33, 72), torch.float32, device, seed=10)
     grad = torch.randn(q.shape, device=device)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    kernels.motion_attention(*leaves, scale=0.2, impl="triton").backward(grad)
+    cmd_kernels.motion_attention(*leaves, scale=0.2, impl="triton").backward(grad)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     attention_fp64(*ref_leaves, 0.2).backward(grad.double())
     for got, ref in zip(leaves, ref_leaves):
@@ -123,11 +123,11 @@ def test_attention_gradients(device):
 def test_attention_bad_input_names_the_value(device):
     q = torch.randn(1, 2, 8, 32, device=device)
     with pytest.raises(ValueError, match="head_dim <= 128, got 160"):
-        kernels.motion_attention(*(torch.randn(1, 1, 4, 160, device=device),) * 3)
+        cmd_kernels.motion_attention(*(torch.randn(1, 1, 4, 160, device=device),) * 3)
     with pytest.raises(ValueError, match=r"\(1, 2, 8, 32\), \(1, 2, 9, 32\)"):
-        kernels.motion_attention(q, torch.randn(1, 2, 9, 32, device=device), q)
+        cmd_kernels.motion_attention(q, torch.randn(1, 2, 9, 32, device=device), q)
     with pytest.raises(ValueError, match="scale must be positive, got -1"):
-        kernels.motion_attention(q, q, q, scale=-1.0)
+        cmd_kernels.motion_attention(q, q, q, scale=-1.0)
 
 
 def test_attention_opcheck(device):
@@ -165,7 +165,7 @@ def inf_key_inputs(shape, dtype, device, seed, start, length):
 @pytest.mark.parametrize("run", KEY_RUNS, ids=lambda r: "from%d_len%d" % r)
 def test_attention_neg_inf_key_runs(run, dtype, device, blocks):
     q, k, v = inf_key_inputs((1, 2, N_INF, 72), dtype, device, seed=sum(run), start=run[0], length=run[1])
-    out = kernels.motion_attention(q, k, v, impl="triton")
+    out = cmd_kernels.motion_attention(q, k, v, impl="triton")
     want = attention_safe_fp64(q, k, v)
     assert torch.isfinite(want).all()
     assert torch.isfinite(out).all() and rel_err(out, want) <= TOL[dtype]
@@ -184,7 +184,7 @@ def test_attention_rows_of_all_neg_inf_scores_are_zero(n, dtype, device, blocks)
     rows = torch.rand(q.shape[:-1], generator=torch.Generator().manual_seed(n)).to(device) < 0.3
     q[..., 0] = torch.where(rows, float("inf"), q[..., 0])
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out = kernels.motion_attention(q, k, v, impl="triton")
+    out = cmd_kernels.motion_attention(q, k, v, impl="triton")
     want = attention_safe_fp64(q, k, v)
     assert torch.equal(F.scaled_dot_product_attention(q, k, v)[rows], torch.zeros_like(out[rows]))
     assert torch.equal(out[rows], torch.zeros_like(out[rows]))
@@ -200,7 +200,7 @@ def test_attention_inf_and_nan_scores_make_their_row_nan(value, device, blocks):
     k[..., N_INF - 3, 0] = 1.0
     rows = torch.rand(q.shape[:-1], generator=torch.Generator().manual_seed(4)).to(device) < 0.2
     q[..., 0] = torch.where(rows, value, q[..., 0])
-    out = kernels.motion_attention(q, k, v, impl="triton")
+    out = cmd_kernels.motion_attention(q, k, v, impl="triton")
     sdpa = F.scaled_dot_product_attention(q, k, v)
     assert torch.isnan(sdpa[rows]).all() and torch.isnan(out[rows]).all()
     assert torch.isfinite(out[~rows]).all()
@@ -219,7 +219,7 @@ def modln_inputs(b, n, c, dtype, device, seed=0):
 def test_modulated_layernorm_forward_and_backward(shape, dtype, device, blocks):
     x, shift, scale = modln_inputs(*shape, dtype, device, seed=sum(shape))
     leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
-    out = kernels.modulated_layernorm(*leaves, impl="triton")
+    out = cmd_kernels.modulated_layernorm(*leaves, impl="triton")
     ref_leaves = [t.double().requires_grad_() for t in (x, shift, scale)]
     ref = modulated_layernorm_reference(*ref_leaves)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -238,7 +238,7 @@ def test_modulated_layernorm_forward_and_backward(shape, dtype, device, blocks):
 def test_modulated_layernorm_strided_x(device):
     x, shift, scale = modln_inputs(2, 40, 96, torch.float32, device, seed=3)
     x = x.transpose(0, 1).contiguous().transpose(0, 1)  # (B, N, C) with a token-major layout
-    out = kernels.modulated_layernorm(x, shift, scale, impl="triton")
+    out = cmd_kernels.modulated_layernorm(x, shift, scale, impl="triton")
     assert rel_err(out, modulated_layernorm_reference(x.double(), shift.double(), scale.double())) <= 1e-5
 
 
@@ -258,7 +258,7 @@ def test_modulated_layernorm_backward_uses_many_programs_deterministically(devic
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
-        kernels.modulated_layernorm(*leaves, impl="triton").sum().backward()
+        cmd_kernels.modulated_layernorm(*leaves, impl="triton").sum().backward()
         grads.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     ref_leaves = [t.double().requires_grad_() for t in (x, shift, scale)]
@@ -269,12 +269,12 @@ def test_modulated_layernorm_backward_uses_many_programs_deterministically(devic
 def test_modulated_layernorm_bad_input(device):
     x = torch.randn(2, 3, 8, device=device)
     with pytest.raises(ValueError, match=r"\(2, 3, 8\), \(2, 7\)"):
-        kernels.modulated_layernorm(x, torch.randn(2, 7, device=device), torch.randn(2, 7, device=device))
-    assert math.isfinite(kernels.modulated_layernorm(x, x[:, 0], x[:, 1]).sum().item())
+        cmd_kernels.modulated_layernorm(x, torch.randn(2, 7, device=device), torch.randn(2, 7, device=device))
+    assert math.isfinite(cmd_kernels.modulated_layernorm(x, x[:, 0], x[:, 1]).sum().item())
 
 
 def test_modulated_layernorm_backward_of_an_empty_sequence_is_zero(device):
     # (outputs are NaN-poisoned: partial sums the launcher forgot to fill would read NaN)
     x, shift, scale = (t.requires_grad_() for t in modln_inputs(2, 0, 8, torch.float32, device, seed=6))
-    kernels.modulated_layernorm(x, shift, scale, impl="triton").sum().backward()
+    cmd_kernels.modulated_layernorm(x, shift, scale, impl="triton").sum().backward()
     assert torch.equal(shift.grad, torch.zeros_like(shift)) and torch.equal(scale.grad, torch.zeros_like(scale))

@@ -1,16 +1,16 @@
 """The models pick up the kernels unchanged: AE and DiT forward (and backward) with every op on its
 Triton kernel equal the same networks on the PyTorch references.
 
-The networks call ``kernels.*`` with ``impl="auto"``; ``kernels.force_impl`` pins what auto means."""
+The networks call ``cmd_kernels.*`` with ``impl="auto"``; ``cmd_kernels.force_impl`` pins what auto means."""
 
 import pytest
 import torch
 
-import kernels
+import cmd_kernels
 from engine.configs import load_config
 from engine.models.bundle import build_autoencoder, build_motion_dit
-from kernels.ops import content_frame, decoder_fusion, modulated_layernorm, motion_attention
-from kernels.testing import rel_err
+from cmd_kernels.ops import content_frame, decoder_fusion, modulated_layernorm, motion_attention
+from cmd_kernels.testing import rel_err
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
 
 
 def _run(fn, impl, params):
-    with kernels.force_impl(impl):
+    with cmd_kernels.force_impl(impl):
         out = fn()
     grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)  # e.g. the DiT's null text
     return out.detach(), torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
@@ -108,13 +108,13 @@ def test_motion_dit_bf16_on_gpu(device):
             torch.rand(2, cfg.channels, cfg.height, cfg.width, device=device) * 2 - 1,
             torch.randn(2, cfg.text_encoder.hidden_size, device=device))
     with torch.no_grad():
-        with kernels.force_impl("reference"):
+        with cmd_kernels.force_impl("reference"):
             ref = dit.double()(*(a.double() if a.is_floating_point() else a for a in args))
         dit = dit.to(torch.bfloat16)
         bf16 = [a.bfloat16() if a.is_floating_point() else a for a in args]
-        with kernels.force_impl("triton"):
+        with cmd_kernels.force_impl("triton"):
             out_k = dit(*bf16)
-        with kernels.force_impl("reference"):
+        with cmd_kernels.force_impl("reference"):
             out_r = dit(*bf16)
     # Whole-network bf16: the kernels' error stays within 2x eager PyTorch's own.
     assert rel_err(out_k, ref) <= 2 * rel_err(out_r, ref) + 1e-3
@@ -122,9 +122,9 @@ def test_motion_dit_bf16_on_gpu(device):
 
 @pytest.mark.parametrize("name", ["default", "ucf101-64", "sd21-512x1024"])
 def test_bench_shapes_are_the_models_shapes(name):
-    # kernels.bench reads the config files as data (kernels does not import engine): same shapes.
+    # cmd_kernels.bench reads the config files as data (kernels does not import engine): same shapes.
     from engine.configs import DIT_SIZES
-    from kernels import bench
+    from cmd_kernels import bench
 
     assert bench.DIT_SIZES == DIT_SIZES
     cfg = load_config(name)
@@ -146,10 +146,10 @@ def test_bench_shapes_are_the_models_shapes(name):
 def test_bench_without_gpu_runs_the_correctness_pass(tmp_path, capsys):
     import json
 
-    from kernels import bench
+    from cmd_kernels import bench
 
     if torch.cuda.is_available():
-        pytest.skip("on a GPU the bench times kernels; run python -m kernels.bench there")
+        pytest.skip("on a GPU the bench times kernels; run python -m cmd_kernels.bench there")
     out = tmp_path / "k.json"
     assert bench.main(["--configs", "default", "--json", str(out)]) == 0
     assert "timings need a GPU" in capsys.readouterr().out

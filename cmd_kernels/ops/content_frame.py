@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
-from kernels._triton import (INTERPRETED, MAX, SUM, Launch, autotune, check_same_device, empty,
+from cmd_kernels._dispatch import use_triton
+from cmd_kernels._triton import (INTERPRETED, MAX, SUM, Launch, autotune, check_same_device, empty,
                              grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_BLOCK_L = 16  # time steps per tile; longer videos loop with an online softmax
@@ -306,7 +306,7 @@ def content_frame(frames: torch.Tensor, logits: torch.Tensor, impl: str = "auto"
         frames: (B, L, C, H, W) video, L >= 1; any strides.
         logits: (B, L, C, H, W) importance logits, same shape and device.
         impl: ``"auto"`` (the Triton kernel for float32/float16/bfloat16 tensors on CUDA or under
-            ``TRITON_INTERPRET=1``, else the reference, e.g. for float64; ``kernels.force_impl`` can pin
+            ``TRITON_INTERPRET=1``, else the reference, e.g. for float64; ``cmd_kernels.force_impl`` can pin
             it), ``"triton"`` (the kernel or an error) or ``"reference"``.
 
     Returns (B, C, H, W) in the frames' dtype; the softmax runs in fp32. Differentiable in frames and

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from kernels._triton import FLOAT_DTYPES, INTERPRETED
+from cmd_kernels._triton import FLOAT_DTYPES, INTERPRETED
 
 IMPLS = ("auto", "triton", "reference")
 
