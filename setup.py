@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=7", "scipy", "matplotlib"]
+TEST = ["pytest>=7", "scipy", "matplotlib", "kernels"]  # kernels: Hugging Face's, for the import-name guard test
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript"]
 
 setup(
