@@ -45,9 +45,9 @@ def test_our_import_names_are_ours_alone():
     _installed()
     providers = _providers()
     ours = {name for name, dists in providers.items() if DIST in dists}
-    assert ours == TOP_LEVEL, f"{DIST} installs top-level names {sorted(ours)}, expected {sorted(TOP_LEVEL)}"
     shared = {name: sorted(providers[name] - {DIST}) for name in ours if providers[name] - {DIST}}
     assert not shared, f"top-level import names also installed by other distributions: {shared}"
+    assert ours == TOP_LEVEL, f"{DIST} installs top-level names {sorted(ours)}, expected {sorted(TOP_LEVEL)}"
 
 
 def test_our_import_names_are_not_standard_library_names():
