@@ -249,12 +249,11 @@ def _auth(server: Server):
 
 
 def served_sizes(config) -> List[str]:
-    """The sizes a model serves, as the API's ``size`` (``WIDTHxHEIGHT``), in the config's order."""
+    """The sizes a model serves (``config.served_sizes``), as the API's ``size`` (``WIDTHxHEIGHT``)."""
     sizes = []
-    for text in config.sizes:  # "FxHxW"
-        _, height, width = text.split("x")
-        if f"{width}x{height}" not in sizes:
-            sizes.append(f"{width}x{height}")
+    for size in config.served_sizes:
+        if f"{size.width}x{size.height}" not in sizes:
+            sizes.append(f"{size.width}x{size.height}")
     return sizes
 
 
