@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=7", "scipy", "matplotlib"]
+TEST = ["pytest>=7", "scipy", "matplotlib", "selenium>=4.20,<5"]  # selenium: the page's browser test
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript"]
 # The HTTP server (engine.serve); httpx for FastAPI's TestClient and the load test.
 SERVE = ["fastapi>=0.115,<1", "uvicorn>=0.30,<1", "prometheus-client>=0.20,<1", "python-multipart>=0.0.18,<1",

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 from engine.cli import Parser, fail
 
 TERMINAL = ("completed", "failed", "cancelled")
+POLL_GROWTH, POLL_MAX_S = 1.25, 1.0  # a client's status polls: from --poll seconds apart, growing to 1 s
 
 
 def free_port() -> int:
@@ -123,8 +124,10 @@ class Client:
         if r.status_code != 200:
             return {"request": i, "error": f"create: {r.status_code} {r.text[:200]}"}
         job = r.json()
+        poll = self.poll_s
         while job["status"] not in TERMINAL:
-            await asyncio.sleep(self.poll_s)
+            await asyncio.sleep(poll)
+            poll = min(POLL_MAX_S, poll * POLL_GROWTH)  # back off, as a client of a long job should
             r = await self._call("GET", f"/v1/videos/{job['id']}", deadline)
             if r.status_code != 200:
                 return {"request": i, "id": job["id"], "error": f"get: {r.status_code} {r.text[:200]}"}
@@ -260,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-after", type=int, default=None, help="videos done before the kill (default: a quarter)")
     p.add_argument("--phases", default="sequential,concurrent,kill")
     p.add_argument("--threads", type=int, default=1, help="the server's torch CPU threads")
-    p.add_argument("--poll", type=float, default=0.25, help="seconds between a client's status polls")
+    p.add_argument("--poll", type=float, default=0.1,
+                   help=f"seconds before a client's first status poll (then x{POLL_GROWTH} each, at most {POLL_MAX_S} s)")
     p.add_argument("--timeout", type=float, default=3600.0, help="each phase ends after this many seconds")
     p.add_argument("--out", default=None, help="raw JSON results")
     return p

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile
@@ -90,6 +91,8 @@ class Server:
         from engine.serve.worker import EngineWorker
 
         self.settings = s = settings
+        if not s.devices:
+            raise ValueError("no device given (--device cpu, cuda or cuda:N, comma-separated)")
         devices = [parse_device(d) for d in s.devices]
         dtype = parse_dtype(s.dtype)
         if len(set(map(str, devices))) != len(devices):
@@ -205,6 +208,14 @@ def _install_errors(app: FastAPI, server: Server) -> None:
             server.metrics.failed(e.code)
         return JSONResponse(_error_body(e.message, e.code, e.param, e.status), e.status, headers=e.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        # FastAPI's own checks of query and header parameters: one line, as every other bad input.
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "header", "path", "body"))
+        server.metrics.failed("invalid_request")
+        return JSONResponse(_error_body(f"{where}: {first.get('msg', 'invalid')}", "invalid_request", where), 400)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
         return JSONResponse(_error_body(str(e.detail), "http_error", None, e.status_code), e.status_code,
@@ -272,6 +283,8 @@ async def _read_create(request: Request, limits: Limits) -> Tuple[Dict[str, Any]
                                   max_part_size=limits.image_bytes)
         fields, image = {}, None
         for name, value in form.multi_items():
+            if name in IMAGE_FIELDS and not isinstance(value, UploadFile):
+                raise ApiError(400, f"{name} must be uploaded as a file (multipart/form-data)", param=name)
             if isinstance(value, UploadFile):
                 if name not in IMAGE_FIELDS:
                     raise ApiError(400, f"unexpected file field {name!r}; upload the image as 'image'", param=name)

@@ -28,6 +28,7 @@ from engine.atomic import fsync_path, write_bytes
 
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
+MAX_ATTEMPTS = 3  # starts of a job before a restart gives up on it (JobStore.recover)
 ID_PATTERN = re.compile(r"^video_[0-9a-f]{32}$")
 
 _SCHEMA = """
@@ -296,9 +297,14 @@ class JobStore:
             self._remove(self.video_path(job_id))
             return job
 
-    def recover(self) -> int:
-        """At start: jobs left in_progress by a server that died go back to the queue. Returns how many."""
+    def recover(self, max_attempts: int = MAX_ATTEMPTS) -> int:
+        """At start: jobs left in_progress by a server that died go back to the queue, unless they were started
+        ``max_attempts`` times already (a job that kills its server must not kill every restart): those fail.
+        Returns how many went back."""
         with self._lock:
+            self._db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, error_code = 'interrupted', "
+                             "error_message = 'the server stopped while running this job ' || attempts || ' times' "
+                             "WHERE status = 'in_progress' AND attempts >= ?", (time.time(), max_attempts))
             cur = self._db.execute("UPDATE jobs SET status = 'queued', progress = 0, started_at = NULL "
                                    "WHERE status = 'in_progress'")
             return cur.rowcount

@@ -27,6 +27,7 @@ log = logging.getLogger("engine.serve")
 
 # The share of a job's progress the denoising loops cover; decoding and writing the video make the rest.
 LOOP_SHARE = 0.95
+WRITERS = 4  # videos of a batch written at once
 
 
 class _Stop(Exception):
@@ -183,19 +184,28 @@ class EngineWorker:
             raise _Stop(requeue=False)
 
     def _store_videos(self, jobs: List[Job], result, batch_s: float) -> None:
+        """Write each job's video (in parallel: each write is an ffmpeg process) and mark it completed."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from engine.video_io import write_video
 
-        for job, frames in zip(jobs, result.frames):
-            path = self.store.video_path(job.id)
-            write_started = time.perf_counter()
+        def write(job, frames):
+            started = time.perf_counter()
             try:
-                write_video(path, frames, fps=job.params["fps"])
+                write_video(self.store.video_path(job.id), frames, fps=job.params["fps"])
             except Exception as e:  # noqa: BLE001 -- a write error fails this job only
-                if self.store.fail(job.id, "write_error", one_line(e)) and self.metrics:
+                return one_line(e), 0.0
+            return None, time.perf_counter() - started
+
+        with ThreadPoolExecutor(max_workers=min(len(jobs), WRITERS)) as pool:
+            written = list(pool.map(write, jobs, result.frames))
+        for job, (error, write_s) in zip(jobs, written):
+            if error is not None:
+                if self.store.fail(job.id, "write_error", error) and self.metrics:
                     self.metrics.failed("write_error")
                 continue
-            timings = dict(result.timings, write=time.perf_counter() - write_started, batch=batch_s,
-                           batch_size=len(jobs), queued=job.started_at - job.created_at if job.started_at else 0.0)
+            timings = dict(result.timings, write=write_s, batch=batch_s, batch_size=len(jobs),
+                           queued=job.started_at - job.created_at if job.started_at else 0.0)
             if not self.store.complete(job.id, timings):
                 continue  # cancelled or deleted meanwhile: its video is not kept
             if self.metrics:

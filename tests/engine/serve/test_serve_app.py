@@ -144,6 +144,13 @@ def test_bad_bodies_and_uploads(client):
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     r = client.post("/v1/videos", data={"prompt": "x"}, files={"video": ("a.png", png(), "image/png")})
     assert r.status_code == 400 and "unexpected file field 'video'" in r.json()["error"]["message"]
+    r = client.post("/v1/videos", data={"prompt": "x", "image": "not a file"})
+    assert r.status_code == 400 and "image must be uploaded as a file" in r.json()["error"]["message"]
+    assert count(client) == before
+    r = client.get("/v1/videos", params={"limit": 0})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("limit: ")
+    r = client.post("/v1/videos", json={"prompt": "x"}, headers={"Idempotency-Key": "k" * 300})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("idempotency-key: ")
     assert count(client) == before
     assert client.get("/v1/videos/video_nope").status_code == 404
     assert client.get("/v1/videos/../../etc/passwd").status_code == 404
@@ -205,6 +212,8 @@ def test_an_api_key_guards_the_api(tmp_path):
 def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         Server(ServeSettings(store=str(tmp_path), backend="fast"))
+    with pytest.raises(ValueError, match="no device given"):
+        Server(ServeSettings(store=str(tmp_path), devices=[]))
     with pytest.raises(ValueError, match="devices repeat"):
         Server(ServeSettings(store=str(tmp_path), devices=["cpu", "cpu"]))
 

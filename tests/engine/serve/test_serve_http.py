@@ -2,6 +2,7 @@
 a job end to end, ``kill -9`` and restart (nothing accepted lost, an Idempotency-Key retry gets the same job),
 SIGTERM (graceful exit 0), and the settings refused before the server starts."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -62,18 +63,26 @@ def test_a_server_survives_kill_9_and_stops_gracefully_on_sigterm(tmp_path):
             server.kill()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "engine.serve", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--host", "0.0.0.0"], "error: --host 0.0.0.0 is not a loopback address: serving off this machine needs an "
                             "API key (--api-key or $CMD_SERVE_API_KEY)"),
     (["--host", "0.0.0.0", "--api-key", "short"], "error: the API key is too short: 5 characters, at least 16"),
     (["--backend", "fast"], "error: unknown backend 'fast'"),
     (["--max-batch", "0"], "error: --max-batch must be >= 1, got 0"),
+    (["--threads", "0"], "error: --threads must be >= 1, got 0"),
     (["--model", "/no/such/model"], "error: "),
 ])
-def test_bad_settings_exit_2_with_one_line_before_serving(tmp_path, args, message):
-    r = run_cli("--store", str(tmp_path / "s"), *args)
-    assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+def test_bad_settings_exit_2_with_one_line_before_serving(tmp_path, capsys, monkeypatch, args, message):
+    from engine.serve.__main__ import main
+
+    monkeypatch.delenv("CMD_SERVE_API_KEY", raising=False)
+    assert main(["--store", str(tmp_path / "s"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_the_command_refuses_a_public_address_without_a_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CMD_SERVE_API_KEY"}
+    r = subprocess.run([sys.executable, "-m", "engine.serve", "--store", str(tmp_path), "--host", "0.0.0.0"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: --host 0.0.0.0 is not a loopback address")

@@ -155,3 +155,18 @@ def test_one_server_per_store_folder(tmp_path):
         StoreLock(str(tmp_path))
     lock.release()
     StoreLock(str(tmp_path)).release()
+
+
+def test_a_job_that_keeps_stopping_its_server_fails_after_max_attempts(tmp_path):
+    folder = str(tmp_path / "s")
+    s = JobStore(folder)
+    job, _ = s.submit(PARAMS, "k")
+    for _ in range(3):
+        s.claim(1)
+        s.close()  # the server died while running it
+        s = JobStore(folder)
+        s.recover()
+    failed = s.get(job.id)
+    assert failed.status == "failed" and failed.error_code == "interrupted"
+    assert failed.error_message == "the server stopped while running this job 3 times"
+    s.close()
