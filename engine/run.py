@@ -160,16 +160,15 @@ def _format_timings(timings: Dict[str, float]) -> str:
 
 
 def _check_prompt_lengths(encoder, plan, args) -> None:
-    """A prompt (or negative prompt) the text encoder would cut short is bad input: the video would ignore
-    its end."""
-    texts = plan["prompts"] + ([args.negative_prompt] if args.negative_prompt is not None else [])
-    for k, n in enumerate(encoder.num_tokens(texts)):
-        if n > encoder.max_length:
-            if k == len(plan["prompts"]):
-                where = "--negative-prompt"
-            else:
-                where = "--prompt" if args.prompt is not None else f"line {plan['lines'][k]} of {args.prompts_file!r}"
-            raise ValueError(f"{where} is too long for the text encoder: {n} tokens, at most {encoder.max_length}")
+    """Every prompt (and the negative prompt) fits the text encoder (:func:`engine.request.check_prompt_lengths`)."""
+    from engine.request import check_prompt_lengths
+
+    names = (["--prompt"] if args.prompt is not None
+             else [f"line {n} of {args.prompts_file!r}" for n in plan["lines"]])
+    texts = list(zip(names, plan["prompts"]))
+    if args.negative_prompt is not None:
+        texts.append(("--negative-prompt", args.negative_prompt))
+    check_prompt_lengths(encoder, texts)
 
 
 def _prepare(args):

@@ -25,8 +25,8 @@ DIST = "cmd-engine"
 TOP_LEVEL = {"cmd_kernels", "engine", "export", "trainer"}
 #: Folders Python puts on sys.path while running our code: the repository root (`python -m`, pytest's
 #: pythonpath), the folders of scripts run by path, and pytest's test folders (rootdir conftest, no __init__).
-SCRIPT_FOLDERS = ["benchmarks", "tests", *(f"tests/{d.name}" for d in (ROOT / "tests").iterdir() if d.is_dir()
-                                           and not d.name.startswith((".", "__")))]
+SCRIPT_FOLDERS = ["benchmarks", "tests", *sorted(str(d.relative_to(ROOT)) for d in (ROOT / "tests").rglob("*")
+                                                  if d.is_dir() and not d.name.startswith((".", "__")))]
 
 
 def _installed():
