@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from engine.atomic import check_output, write_json  # noqa: E402
 from engine.bench import (DEFAULT_CACHE_SETTINGS, jsonable, bench_cache, cache_flops,  # noqa: E402
                           parse_cache_setting)
-from engine.cli import Parser, run_main  # noqa: E402
+from engine.cli import DataSeed, Int, Parser, check_seed, run_main  # noqa: E402
 from engine.geometry import ClipSize, check_served  # noqa: E402
 from engine.pipeline import CMDPipeline  # noqa: E402
 from cmd_kernels.measure import environment  # noqa: E402
@@ -70,15 +70,15 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     p = Parser(prog="python benchmarks/cache_quality.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
-    p.add_argument("--num-clips", type=int, default=64, help="prompts per part (canonical, paraphrased)")
+    p.add_argument("--num-clips", type=Int(), default=64, help="prompts per part (canonical, paraphrased)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"),
                    help="attribute combinations: held-out (the evaluation) or training ones (to choose settings)")
     p.add_argument("--settings", default=DEFAULT_CACHE_SETTINGS, help="as engine.bench cache --settings")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=Int(), default=8)
+    p.add_argument("--seed", type=DataSeed, default=0)
     p.add_argument("--size", default=None,
                    help="clip size FRAMESxHEIGHTxWIDTH, one the model serves (default: the model's own)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=Int(), default=None, help="torch threads (default: torch's)")
     p.add_argument("--flops-config", default="sd21-512x1024", help="count the FLOPs at this config's scale "
                    "('' to skip)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -87,8 +87,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    if args.num_clips < 1:
-        raise ValueError(f"--num-clips must be >= 1, got {args.num_clips}")
+    check_seed("--seed", args.seed, args.num_clips, low=0)  # prompt i of a part is seeded --seed + i
     check_output(args.out, folder=True)  # before the long run, not after it
     settings = {t.strip(): parse_cache_setting(t) for t in args.settings.split(",") if t.strip()}
     if args.threads:

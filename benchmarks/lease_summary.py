@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a file: the repository root holds the be
 
 from benchmarks.targets import KERNEL_TARGETS, PAPER_TARGETS, check_paper, meets  # noqa: E402
 from engine.atomic import write_bytes, write_json, write_text  # noqa: E402
-from engine.cli import Parser, run_main  # noqa: E402
+from engine.cli import Int, Parser, run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_FILES = ("summary.md", "lease.json", "lease.log", "raw.tar.gz")
@@ -552,8 +552,8 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True)
     c.add_argument("--dry-run", action="store_true")
     c.add_argument("--command", default="bash benchmarks/gpu_lease.sh OUT")
-    c.add_argument("--budget-s", type=int, default=None)
-    c.add_argument("--elapsed-s", type=int, default=None)
+    c.add_argument("--budget-s", type=Int(0), default=None)
+    c.add_argument("--elapsed-s", type=Int(0), default=None)
     n = sub.add_parser("note", help="add KEY=VALUE pairs to a JSON file")
     n.add_argument("file")
     n.add_argument("pairs", nargs="+")

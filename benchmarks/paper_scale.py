@@ -48,7 +48,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from benchmarks.targets import check_paper  # noqa: E402
 from engine.atomic import atomic_path, check_output, write_json, write_text  # noqa: E402
 from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sample_baseline  # noqa: E402
-from engine.cli import Parser, fail, parse_or_exit  # noqa: E402
+from engine.cli import Int, Number, Parser, Seed, fail, parse_or_exit  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.geometry import ClipSize, check_fits  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
@@ -69,12 +69,10 @@ TINY_BASELINE = {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "
 
 
 def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"need positive integers, got {text!r}")
+    positive = Int()
+    values = [positive(v.strip()) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of whole numbers >= 1, got {text!r}")
     return values
 
 
@@ -85,9 +83,9 @@ def _name_list(text: str) -> List[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="sd21-512x1024", help="config name or JSON file")
-    p.add_argument("--steps", type=int, default=50, help="content steps (default 50)")
-    p.add_argument("--motion-steps", type=int, default=None, help="motion steps (default: --steps)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale, > 1 (default: the config's)")
+    p.add_argument("--steps", type=Int(), default=50, help="content steps (default 50)")
+    p.add_argument("--motion-steps", type=Int(), default=None, help="motion steps (default: --steps)")
+    p.add_argument("--guidance", type=Number(above=1.0), default=None, help="CFG scale, > 1 (default: the config's)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--backends", type=_name_list, default=["eager", "compile", "cudagraph"])
@@ -100,16 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tiny: a narrow UNet3D for smoke runs (its numbers say nothing about ModelScope)")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the compile backend")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation, graph capture)")
+    p.add_argument("--repeats", type=Int(), default=3, help="timed runs per measurement (the median is reported)")
+    p.add_argument("--warmup", type=Int(0), default=1, help="untimed runs first (compilation, graph capture)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON, table, plot")
     p.add_argument("--name", default=None, help="file stem (default: paper_scale-<device>-<UTC time>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=Seed, default=0)
     args = parse_or_exit(p, argv)  # bad input: one line, exit 2
-    for flag, value, low in (("--steps", args.steps, 1), ("--motion-steps", args.motion_steps, 1),
-                             ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
-        if value is not None and value < low:
-            fail(f"argument {flag}: must be >= {low}, got {value}")
     try:
         check_output(args.out, folder=True)  # before the benchmark, not after it
     except ValueError as e:

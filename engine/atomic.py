@@ -6,10 +6,16 @@ How: write under a temporary name beside the target (same filesystem), then one 
 before the rename, and the parent folder after it (the rename itself lives in the folder's entries).
 Folders (:func:`atomic_dir`: checkpoints, model and export folders, costly to make again) are durable by
 default; files are not (videos, reports: a fsync per file would slow a long run for little).
+
+One writer at a time (:func:`output_lock`): a command that fills an output folder or file (a training run
+folder, an export, a calibration, an evaluation report) holds an advisory lock on it while it works, and a
+second command given the same output refuses in one line instead of mixing its files with the first's.
 """
 
+import fcntl
 import json
 import os
+import socket
 import shutil
 import signal
 import tempfile
@@ -160,3 +166,61 @@ def deferred_interrupts() -> Iterator[None]:
             signal.signal(s, handler)
         for s in dict.fromkeys(held):
             signal.raise_signal(s)  # KeyboardInterrupt here, under Python's default SIGINT handler
+
+
+class OutputBusy(ValueError):
+    """Another live process holds the output (:func:`output_lock`): bad input, one line, exit code 2."""
+
+
+def lock_file(path: str) -> str:
+    """The lock file of an output ``path``: ``.<name>.lock`` beside it. Beside, not inside: export and model
+    folders are replaced whole (:func:`atomic_dir`), which would take a lock inside them along."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.lock")
+
+
+@contextmanager
+def output_lock(path: str, flag: str = "--out") -> Iterator[str]:
+    """Hold the one-writer lock of the output file or folder ``path`` for the block (yields the lock file).
+    Raises :class:`OutputBusy` (a ValueError naming ``flag``, the path and the holder's pid and host) at once
+    when another process holds it; never waits.
+
+    The lock is ``fcntl.flock`` on :func:`lock_file`, which the operating system releases when its process
+    ends however it ends (kill -9 included), so a crashed run never leaves its output locked; the file is
+    removed when the block ends. Creates the folder the lock file lives in (the output's parent), nothing
+    else. Advisory and per host: every writer of the project takes it; processes on other machines sharing a
+    network file system are covered only where that file system supports flock."""
+    lock = lock_file(path)
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    fd = _acquire(lock, path, flag)
+    try:
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)  # while still held, so that no one else holds the file removed
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+def _acquire(lock: str, path: str, flag: str) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise OutputBusy(f"{flag} {path!r} is being written by another process"
+                             f"{f' ({holder})' if holder else ''}: wait for it to end, or choose another {flag}"
+                             ) from None
+        # A holder that ended between our open and our lock removed the file we opened: lock the new one.
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            return fd
+        os.close(fd)

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from engine.cli import Parser, print_error, read_prompts, run_main
+from engine.cli import Int, Parser, Seed, check_seed, print_error, read_prompts, run_main
 from cmd_kernels.measure import environment, sync, wall_times
 
 TIMED_STAGES = ("text", "content", "motion", "decode", "vae")
@@ -49,14 +49,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, "
                    "float32 on CPU)")
     p.add_argument("--prompt", default="a red circle moving right")
-    p.add_argument("--batch", type=int, default=1, help="prompts per call")
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="content steps (default: the config's)")
-    p.add_argument("--motion-steps", type=int, default=None, help="motion steps (default: the config's)")
+    p.add_argument("--batch", type=Int(), default=1, help="prompts per call")
+    p.add_argument("--frames", type=Int(), default=None)
+    p.add_argument("--height", type=Int(), default=None)
+    p.add_argument("--width", type=Int(), default=None)
+    p.add_argument("--steps", type=Int(), default=None, help="content steps (default: the config's)")
+    p.add_argument("--motion-steps", type=Int(), default=None, help="motion steps (default: the config's)")
     p.add_argument("--scheduler", default=None, help="ddim or dpm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=Seed, default=0, help="prompt k of a call is seeded --seed + k")
 
 
 def request_kwargs(args) -> dict:
@@ -75,8 +75,7 @@ def resolve_run(args):
 
     device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    check_seed("--seed", args.seed, getattr(args, "num_prompts", None) or args.batch)
     spec = resolve_model(args.model)
     return spec, device, dtype, check_request(spec.load_config(), **request_kwargs(args))
 
@@ -360,7 +359,7 @@ def main_cache(argv: List[str]) -> int:
                         help="comma-separated MODE[:THRESHOLD][@START-END] (the first is the reference; default "
                         f"{DEFAULT_CACHE_SETTINGS})")
     parser.add_argument("--prompts-file", help="prompts, one a line (default: --prompt, --num-prompts times)")
-    parser.add_argument("--num-prompts", type=int, default=8, help="with --prompt: how many videos (seeds) of it")
+    parser.add_argument("--num-prompts", type=Int(), default=8, help="with --prompt: how many videos (seeds) of it")
     parser.add_argument("--flops-config", default=None, help="also count the FLOPs of each setting's evaluations "
                         "at this config's scale (e.g. sd21-512x1024)")
     parser.add_argument("--backend", default="eager", help="the backend every setting runs on (default eager)")
@@ -378,9 +377,8 @@ def _run_cache(args) -> int:
         raise ValueError("--settings lists no setting")
     if args.prompts_file:
         prompts = [p for _, p in read_prompts(args.prompts_file)]
+        check_seed("--seed", args.seed, len(prompts))  # prompt k is seeded --seed + k
     else:
-        if args.num_prompts < 1:
-            raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
         prompts = [args.prompt] * args.num_prompts
     from engine.backends import get_backend
     from engine.pipeline import CMDPipeline
@@ -426,15 +424,13 @@ def main(argv=None) -> int:
     parser.add_argument("kind", choices=("latency", "memory", "flops"))
     add_run_args(parser)
     parser.add_argument("--backends", default=None, help="comma-separated (default: eager,compile[,cudagraph])")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per backend (compile, capture)")
-    parser.add_argument("--iters", type=int, default=5, help="timed calls per backend")
+    parser.add_argument("--warmup", type=Int(0), default=2, help="untimed calls per backend (compile, capture)")
+    parser.add_argument("--iters", type=Int(), default=5, help="timed calls per backend")
     parser.add_argument("--json", action="store_true", help="print the result as JSON, the last line of stdout")
     return run_main(lambda: _run_backends(parser.parse_args(argv)))
 
 
 def _run_backends(args) -> int:
-    if args.warmup < 0 or args.iters < 1:
-        raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {args.warmup} and {args.iters}")
     spec, device, dtype, req = resolve_run(args)
     names = _backends(args.backends, device, dtype)
     from engine.pipeline import CMDPipeline

@@ -37,12 +37,13 @@ Config data (``sampling["cache"]``; older code ignores it, being a free-form ``s
      "calibration": {...}}              # how it was measured (prompts, sizes, seed, command)
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from engine.cli import check_number
 
 CACHE_MODES = ("static", "dynamic")
 REUSE_MODES = ("reuse", "extrapolate")
@@ -72,10 +73,7 @@ def _number(name: str, value) -> float:
 
 def check_threshold(value) -> float:
     """A cache threshold: a finite number >= 0 (a relative L1 change), else a one-line ValueError."""
-    value = _number("cache_threshold", value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"cache_threshold must be a finite number >= 0, got {value:g}")
-    return value
+    return check_number("cache_threshold", value, low=0.0)
 
 
 def check_guidance_interval(value) -> Tuple[float, float]:

@@ -36,12 +36,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.atomic import atomic_path
+from engine.atomic import atomic_path, output_lock
 from engine.backends.base import Backend
 from engine.cache import (CONFIG_KEY, DEFAULT_DYNAMIC_THRESHOLD, DEFAULT_REUSE, REUSE_MODES, cache_data,
                           check_threshold, guide, relative_change, schedule_from_change, schedule_key)
-from engine.cli import Parser, read_prompts, run_main
+from engine.cli import Int, Number, Parser, Seed, check_seed, read_prompts, run_main
 from engine.geometry import ClipSize, check_served, format_sizes
+from engine.text_files import read_json
 
 DEFAULT_THRESHOLD = 0.15
 DEFAULT_PROMPTS = (
@@ -181,12 +182,17 @@ def calibrate(pipe, prompts: Sequence[str], threshold: Optional[float] = None, r
 
 
 def write_cache_data(model_dir: str, data: Dict) -> str:
-    """Replace ``sampling["cache"]`` in ``model_dir/cmd_config.json`` (atomically); returns the path."""
+    """Replace ``sampling["cache"]`` in ``model_dir/cmd_config.json`` (atomically, holding the folder's
+    one-writer lock: another writer refuses, OutputBusy); returns the path."""
+    with output_lock(model_dir, "--model"):
+        return _write_cache_data(model_dir, data)
+
+
+def _write_cache_data(model_dir: str, data: Dict) -> str:
     from engine.default_model import CONFIG_FILE
 
     path = os.path.join(model_dir, CONFIG_FILE)
-    with open(path) as f:
-        config = json.load(f)
+    config = read_json(path, "model config")
     # The measured change lists go on one line each (placeholders, then their compact JSON): readable.
     data = json.loads(json.dumps(data))
     lists = [(entries, key) for entries in data.get("change", {}).values() for key in entries]
@@ -218,18 +224,18 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a CMD model folder ('default': the shipped one)")
     p.add_argument("--prompts-file", help="calibration prompts, one a line (default: the last calibration's, "
                    "else built-in ones)")
-    p.add_argument("--threshold", type=float, default=None, help="accumulated relative change that ends a reuse "
+    p.add_argument("--threshold", type=Number(low=0.0), default=None, help="accumulated relative change that ends a reuse "
                    f"run (default: the model's current one, else {DEFAULT_THRESHOLD})")
     p.add_argument("--reuse", choices=REUSE_MODES, help=f"what reuse steps take (default: kept, else {DEFAULT_REUSE})")
-    p.add_argument("--dynamic-threshold", type=float, help="cache='dynamic''s default threshold to store "
+    p.add_argument("--dynamic-threshold", type=Number(low=0.0), help="cache='dynamic''s default threshold to store "
                    f"(default: kept, else {DEFAULT_DYNAMIC_THRESHOLD})")
     p.add_argument("--scheduler", help="ddim or dpm (default: the config's)")
-    p.add_argument("--steps", type=int, help="content steps (default: the config's)")
-    p.add_argument("--motion-steps", type=int, help="motion steps (default: the config's)")
+    p.add_argument("--steps", type=Int(), help="content steps (default: the config's)")
+    p.add_argument("--motion-steps", type=Int(), help="motion steps (default: the config's)")
     p.add_argument("--sizes", help="comma-separated clip sizes FxHxW to measure at, each one the model serves "
                    "(default: every size it serves)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=Seed, default=0, help="prompt k is seeded --seed + k")
+    p.add_argument("--batch-size", type=Int(), default=8)
     p.add_argument("--dry-run", action="store_true", help="print the schedules, write nothing")
     return run_main(lambda: _calibrate(p.parse_args(argv)), interrupted="interrupted; nothing was written")
 
@@ -245,8 +251,6 @@ def _calibrate(args) -> int:
         check_threshold(args.threshold)
     if args.dynamic_threshold is not None:
         check_threshold(args.dynamic_threshold)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     from engine.request import check_request
 
     check_request(config, num_inference_steps=args.steps, motion_steps=args.motion_steps, scheduler=args.scheduler)
@@ -254,6 +258,7 @@ def _calibrate(args) -> int:
     if not os.access(os.path.join(spec.path, "cmd_config.json"), os.W_OK) and not args.dry_run:
         raise ValueError(f"cannot write {os.path.join(spec.path, 'cmd_config.json')!r}")
     prompts = _prompts(args, config)
+    check_seed("--seed", args.seed, len(prompts))  # prompt k is seeded --seed + k
 
     from engine.pipeline import CMDPipeline
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from engine.geometry import ClipGeometry, ClipSize, clip_geometry, parse_sizes
+from engine.text_files import read_json
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -397,9 +398,4 @@ def load_config(name_or_path: str) -> CMDConfig:
         path = os.path.join(CONFIG_DIR, f"{name_or_path}.json")
         if not os.path.isfile(path):
             raise ValueError(f"unknown config {name_or_path!r}: not a file and not one of {available_configs()}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read config {path!r}: {e}") from None
-    return CMDConfig.from_dict(data)
+    return CMDConfig.from_dict(read_json(path, "config"))

@@ -16,9 +16,10 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -123,6 +124,27 @@ def first_error(error: Optional[T], info: DistInfo) -> Optional[Tuple[int, T]]:
     others waiting in the next collective."""
     errors = gather_objects([error], info)
     return next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
+
+
+@contextmanager
+def owned_output(path: str, info: DistInfo, flag: str = "--out") -> Iterator[None]:
+    """Hold the one-writer lock of the output ``path`` (:func:`engine.atomic.output_lock`) for the block:
+    rank 0 takes it (one process, or under torchrun the one that writes), and when another process holds it
+    every rank raises the same :class:`engine.atomic.OutputBusy` (one line, exit code 2), so that all stop.
+    A collective under torchrun: every rank must enter it."""
+    from engine.atomic import OutputBusy, output_lock
+
+    with ExitStack() as stack:
+        error = None
+        if info.is_main:
+            try:
+                stack.enter_context(output_lock(path, flag))
+            except OutputBusy as e:
+                error = str(e)
+        failed = first_error(error, info)
+        if failed is not None:
+            raise OutputBusy(failed[1])
+        yield
 
 
 def shard(items: Sequence[T], info: DistInfo) -> List[T]:

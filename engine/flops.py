@@ -22,7 +22,6 @@ with the image VAE decode reported apart (the paper leaves it out). Two accounti
 (or ``python -m engine.flops ...``) prints a table and, with ``--json``, the result as the last line.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -35,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.baseline import BASELINE_NAME, MODELSCOPE_UNET3D_CONFIG, TEXT_TOKENS, build_baseline_unet
-from engine.cli import Parser, run_main
+from engine.cli import Int, Parser, run_main
 from engine.configs import CMDConfig, load_config
 from engine.geometry import ClipSize, frame_step
 from engine.models import CMDModel
@@ -326,16 +325,6 @@ def _paper_gap(result: dict, key: str) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _format_table(r: dict) -> str:
     unit = "T multiply-adds" if r["accounting"] == "paper" else "TFLOPs"
     frames, height, width = r["video"]
@@ -361,9 +350,9 @@ def main(argv=None) -> int:
     """``python -m engine.flops`` / ``python -m engine.bench flops``: ``argv`` is what follows ``flops``."""
     parser = Parser(prog="python -m engine.bench flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=PAPER_CONFIG, help="config name or JSON file (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="sampling steps of both denoisers")
+    parser.add_argument("--steps", type=Int(), default=50, help="sampling steps of both denoisers")
     parser.add_argument("--accounting", choices=ACCOUNTINGS, default="paper")
-    parser.add_argument("--frames", type=_positive_int, default=None, help="frames per video (default: the config's)")
+    parser.add_argument("--frames", type=Int(), default=None, help="frames per video (default: the config's)")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON, the last line of stdout")
 
     def body() -> int:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from engine.backends import Backend, check_backend_ready, get_backend
 from engine.cache import DynamicStep, Evaluations, OutputHistory, StagePlan, guide, plan_cache
+from engine.cli import check_seed
 from engine.configs import CMDConfig
 from engine.default_model import ModelSpec, resolve_model
 from engine.models.bundle import CMDModel
@@ -95,7 +96,8 @@ def _generators(generator: Generator, n: int) -> List[Optional[torch.Generator]]
     if generator is None or isinstance(generator, torch.Generator):
         return [generator] * n
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-        return [torch.Generator().manual_seed(int(generator) + i) for i in range(n)]
+        seed = check_seed("generator", generator, n)  # prompt i's seed + i must be a seed too
+        return [torch.Generator().manual_seed(seed + i) for i in range(n)]
     if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
         if len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} prompts")

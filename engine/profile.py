@@ -14,9 +14,9 @@ import os
 import shlex
 import sys
 
-from engine.atomic import atomic_path, write_text
+from engine.atomic import atomic_path, output_lock, write_text
 from engine.bench import TIMED_STAGES, add_run_args, call_kwargs, resolve_run
-from engine.cli import Parser, run_main
+from engine.cli import Int, Parser, run_main
 
 
 def nsys_command(argv) -> str:
@@ -42,17 +42,15 @@ def main(argv=None) -> int:
     parser = Parser(prog="python -m engine.profile", description=__doc__.split("\n\n")[0])
     add_run_args(parser)
     parser.add_argument("--backend", default="eager")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (compile, capture)")
+    parser.add_argument("--warmup", type=Int(0), default=1, help="untimed calls first (compile, capture)")
     parser.add_argument("--out-dir", default="profile", help="where trace.json and ops.txt go")
-    parser.add_argument("--row-limit", type=int, default=25, help="operators in the table")
+    parser.add_argument("--row-limit", type=Int(), default=25, help="operators in the table")
     parser.add_argument("--nsys", action="store_true", help="run under nsys: no torch.profiler, "
                         "cudaProfilerStart/Stop around the measured call")
     return run_main(lambda: _profile(parser.parse_args(argv), argv))
 
 
 def _profile(args, argv) -> int:
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     spec, device, dtype, req = resolve_run(args)
     from engine.backends import check_backend_ready
     from engine.video_io import check_output_dir
@@ -83,13 +81,14 @@ def _profile(args, argv) -> int:
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as prof:
             result = pipe.run(**call)
-        os.makedirs(args.out_dir, exist_ok=True)
         trace = os.path.join(args.out_dir, "trace.json")
-        with atomic_path(trace, suffix=".json") as tmp:
-            prof.export_chrome_trace(tmp)
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         ops = prof.key_averages().table(sort_by=sort, row_limit=args.row_limit)
-        write_text(os.path.join(args.out_dir, "ops.txt"), ops)
+        with output_lock(args.out_dir, "--out-dir"):  # the trace and its table from one run, not two
+            os.makedirs(args.out_dir, exist_ok=True)
+            with atomic_path(trace, suffix=".json") as tmp:
+                prof.export_chrome_trace(tmp)
+            write_text(os.path.join(args.out_dir, "ops.txt"), ops)
     print(f"profile: {args.model}, backend {args.backend}, {device} ({str(dtype).replace('torch.', '')}), "
           f"batch {args.batch}")
     print(_stage_table(result.timings))

@@ -11,14 +11,13 @@ graphs' sizes and batches) is :meth:`CMDPipeline.check_inputs` / :meth:`CMDPipel
 """
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from engine.cache import CachePlan, plan_cache
+from engine.cli import check_int, check_number
 from engine.configs import CMDConfig
 from engine.geometry import ClipGeometry, resolve_size, size_step
 from engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
@@ -60,21 +59,16 @@ class Request:
         return self.geometry.frames
 
 
+#: At most this many videos of one prompt in one request (num_videos_per_prompt x motion_variations).
+MAX_VIDEOS_PER_PROMPT = 1024
+
+
 def _int(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}{why}, got {value}")
-    return int(value)
+    return check_int(name, value, low, high, why)
 
 
 def _guidance(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+    return check_number(name, value, low=0.0)
 
 
 def check_request(config: CMDConfig, num_frames=None, height=None, width=None, num_inference_steps=None,
@@ -111,8 +105,9 @@ def check_request(config: CMDConfig, num_frames=None, height=None, width=None, n
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"config sampling.timestep_spacing {spacing!r} is unknown; choose from "
                          f"{', '.join(TIMESTEP_SPACINGS)}")
-    videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1)
-    variations = _int("motion_variations", motion_variations, 1)
+    videos = _int("num_videos_per_prompt", num_videos_per_prompt, 1, MAX_VIDEOS_PER_PROMPT)
+    variations = _int("motion_variations", motion_variations, 1, MAX_VIDEOS_PER_PROMPT // videos,
+                      f" (at most {MAX_VIDEOS_PER_PROMPT} videos a prompt with {videos} per prompt)")
     cache_plan = plan_cache(config, scheduler, steps, msteps, cache, cache_threshold, guidance_interval, backend,
                             content=not image_to_video)
     return Request(size.frames, size.height, size.width, steps, msteps, guidance, mguidance, scheduler,

@@ -15,13 +15,13 @@ write error) is recorded and the others go on; the exit code is then 1.
 """
 
 import argparse
-import math
 import os
 import signal
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-from engine.cli import Parser, one_line, read_prompts, run_ranks
+from engine.cli import Int, Number, Parser, Seed, check_number, check_seed, one_line, read_prompts, run_ranks
+from engine.video_io import FPS_MAX, FPS_MIN
 
 DEVICES_HELP = "cpu, cuda or cuda:N"
 
@@ -39,42 +39,35 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--skip-existing", action="store_true",
                      help="skip prompts whose files are complete (resume an interrupted run)")
     gen = p.add_argument_group("generation (defaults come from the model's config)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--frames", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--steps", type=float, default=None, help="content-model denoising steps")
-    gen.add_argument("--motion-steps", type=float, default=None, help="motion-DiT denoising steps")
-    gen.add_argument("--guidance", type=float, default=None, help="CFG scale of the content model")
-    gen.add_argument("--motion-guidance", type=float, default=None, help="CFG scale (text) of the motion DiT")
+    gen.add_argument("--seed", type=Seed, default=0,
+                     help="noise seed (default 0); with --prompts-file prompt i uses --seed + i")
+    gen.add_argument("--frames", type=Int(), default=None)
+    gen.add_argument("--height", type=Int(), default=None)
+    gen.add_argument("--width", type=Int(), default=None)
+    gen.add_argument("--steps", type=Int(), default=None, help="content-model denoising steps")
+    gen.add_argument("--motion-steps", type=Int(), default=None, help="motion-DiT denoising steps")
+    gen.add_argument("--guidance", type=Number(low=0.0), default=None, help="CFG scale of the content model")
+    gen.add_argument("--motion-guidance", type=Number(low=0.0), default=None, help="CFG scale (text) of the motion DiT")
     gen.add_argument("--scheduler", default=None, help="ddim or dpm (DPM-Solver++ 2M)")
-    gen.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
-    gen.add_argument("--motion-variations", type=int, default=1, help="motions per content frame")
-    gen.add_argument("--fps", type=float, default=None)
+    gen.add_argument("--num-videos", type=Int(), default=1, help="videos per prompt")
+    gen.add_argument("--motion-variations", type=Int(), default=1, help="motions per content frame")
+    gen.add_argument("--fps", type=Number(low=FPS_MIN, high=FPS_MAX), default=None,
+                     help=f"frames per second of the file ({FPS_MIN:g} to {FPS_MAX:g}; default: the config's)")
     gen.add_argument("--cache", choices=("static", "dynamic"), default=None,
                      help="fewer denoiser evaluations: the model's calibrated reuse schedule (static, any backend) "
                      "or first-block change decisions (dynamic, eager/compile)")
-    gen.add_argument("--cache-threshold", type=float, default=None,
+    gen.add_argument("--cache-threshold", type=Number(low=0.0), default=None,
                      help="static: derive the schedule at this threshold; dynamic: skip below this relative change")
-    gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"), default=None,
+    gen.add_argument("--guidance-interval", type=Number(low=0.0, high=1.0), nargs=2, metavar=("START", "END"), default=None,
                      help="CFG only on the steps in this fraction of each loop, e.g. 0.2 0.8")
     eng = p.add_argument_group("engine")
     eng.add_argument("--model", default=None, help="'default' (shipped weights), a model folder, or random:<config>")
     eng.add_argument("--backend", default="eager", help="eager, compile, cudagraph, onnxruntime or tensorrt")
     eng.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     eng.add_argument("--device", default="cpu", help=DEVICES_HELP)
-    eng.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call with --prompts-file")
+    eng.add_argument("--batch-size", type=Int(), default=8, help="prompts per pipeline call with --prompts-file")
     eng.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
-
-
-def _count(flag: str, value: Optional[float]) -> Optional[int]:
-    """Step counts parse as numbers so that 'nan', 'inf' and '2.5' get a clear message, not argparse's."""
-    if value is None:
-        return None
-    if not math.isfinite(value) or value != int(value) or value < 1:
-        raise ValueError(f"{flag} must be a whole number >= 1, got {value:g}")
-    return int(value)
 
 
 def _outputs(args, n_prompts: int, per_prompt: int) -> List[List[str]]:
@@ -106,18 +99,6 @@ def _plan(args):
         raise ValueError("--prompts-file needs --out-dir DIR")
     if args.out is not None and args.out_dir is not None:
         raise ValueError("give --out or --out-dir, not both")
-    steps, motion_steps = _count("--steps", args.steps), _count("--motion-steps", args.motion_steps)
-    for flag, value in (("--guidance", args.guidance), ("--motion-guidance", args.motion_guidance)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{flag} must be a finite number >= 0, got {value:g}")
-    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
-        raise ValueError(f"--fps must be a positive number, got {args.fps:g}")
-    for flag, value in (("--frames", args.frames), ("--height", args.height), ("--width", args.width),
-                        ("--num-videos", args.num_videos), ("--motion-variations", args.motion_variations),
-                        ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-
     from engine.backends import check_backend_ready, get_backend
     from engine.default_model import resolve_model
     from engine.request import check_request, parse_device, parse_dtype
@@ -129,10 +110,11 @@ def _plan(args):
 
     numbered = [(None, args.prompt)] if args.prompt is not None else read_prompts(args.prompts_file)
     prompts = [p for _, p in numbered]
+    check_seed("--seed", args.seed, len(prompts))  # prompt i uses --seed + i
     spec = resolve_model(args.model)
     config = spec.load_config()
     request = check_request(config, num_frames=args.frames, height=args.height, width=args.width,
-                            num_inference_steps=steps, motion_steps=motion_steps, guidance_scale=args.guidance,
+                            num_inference_steps=args.steps, motion_steps=args.motion_steps, guidance_scale=args.guidance,
                             motion_guidance_scale=args.motion_guidance, scheduler=args.scheduler,
                             num_videos_per_prompt=args.num_videos, motion_variations=args.motion_variations,
                             cache=args.cache, cache_threshold=args.cache_threshold,
@@ -147,7 +129,9 @@ def _plan(args):
 
         image = read_image(args.image)
     outputs = _outputs(args, len(prompts), request.num_videos * request.motion_variations)
-    fps = args.fps if args.fps is not None else float(config.sampling.fps)
+    # The config's frame rate too, before any work: the writer would refuse it only after generating.
+    fps = args.fps if args.fps is not None else check_number("the config's sampling.fps", config.sampling.fps,
+                                                             FPS_MIN, FPS_MAX)
     return dict(spec=spec, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
                 request=request, image=image, outputs=outputs, fps=fps)
 

@@ -24,8 +24,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.atomic import atomic_path, deferred_interrupts
+from engine.cli import check_int, check_number
 
 VIDEO_FORMATS = (".mp4", ".gif", ".npy")
+#: Frame rates a written file may have: ffmpeg writes larger ones wrongly (1e9 fps reads back as about 1e6);
+#: GIF stores delays in 1/100 s, so a GIF shows at most 100 frames a second.
+FPS_MIN, FPS_MAX = 0.01, 1000.0
 
 
 def output_format(path: str) -> str:
@@ -115,8 +119,7 @@ def _write_ffmpeg(path: str, frames, fps: float, ext: str) -> None:
 def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) -> str:
     """Write frames (L, H, W, 3), uint8 or float in [0, 1], to .mp4, .gif or .npy, atomically."""
     ext = output_format(path)
-    if not (fps > 0 and np.isfinite(fps)):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    check_number("fps", fps, FPS_MIN, FPS_MAX)
     _check_frames(frames)
     # The temporary name keeps the extension: ffmpeg picks the container from it. Ctrl-C included,
     # no partial file is ever left.
@@ -286,6 +289,65 @@ def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
     if not frames:
         raise ValueError(f"cannot read video {path!r}: no frames decoded")
     return np.stack(frames)
+
+
+def clip_filters(start: int, count: int, stride: int, height: int, width: int, top: float = 0.5,
+                 left: float = 0.5) -> str:
+    """The ffmpeg filter chain of :func:`read_clip`: keep stored frames ``start``, ``start + stride``, ... (by
+    index ``n``, so exact), scale them so that they cover ``height`` x ``width`` (aspect kept; the area
+    filter, which averages like an antialiased resize), crop there at fractions ``top``, ``left``."""
+    end = start + (count - 1) * stride
+    return (rf"select='between(n\,{start}\,{end})*not(mod(n-{start}\,{stride}))',"
+            f"scale={width}:{height}:force_original_aspect_ratio=increase:flags=area,"
+            f"crop={width}:{height}:round((iw-{width})*{left:.6f}):round((ih-{height})*{top:.6f})")
+
+
+def clip_command(path: str, start: int, count: int, stride: int, size: Tuple[int, int],
+                 crop: Tuple[float, float] = (0.5, 0.5), raw_size: Optional[Tuple[int, int]] = None) -> List[str]:
+    """The ffmpeg command of :func:`read_clip`: the clip's frames as raw RGB on stdout. ``raw_size``:
+    (height, width) of raw RGB frames on stdin (``path`` "-") instead of a file."""
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error"]
+    if raw_size is not None:
+        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{raw_size[1]}x{raw_size[0]}"]
+    cmd += ["-i", path, *_PASSTHROUGH, "-vf", clip_filters(start, count, stride, *size, *crop),
+            "-frames:v", str(count), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    return cmd
+
+
+def read_clip(path: str, start: int, count: int, stride: int = 1, size: Tuple[int, int] = (64, 64),
+              crop: Tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+    """Decode only the frames of one clip: stored frames ``start``, ``start + stride``, ... (``count`` of
+    them, indices as :func:`read_video` counts them), scaled by ffmpeg while decoding so that they cover
+    ``size`` = (height, width), aspect kept, and cropped to it at ``crop`` = (top, left) fractions (0.5, 0.5:
+    the centre). Returns uint8 (count, height, width, 3).
+
+    Memory is what the clip holds, whatever the video's length or resolution: no frame is kept at its stored
+    size, and ffmpeg stops decoding after the last frame kept. .npy files go through the same filters (the
+    kept frames only). Raises ValueError naming the file when it is missing or cannot be decoded, or holds
+    fewer frames than the clip needs."""
+    height, width = size
+    for name, value, low in (("start", start, 0), ("count", count, 1), ("stride", stride, 1),
+                             ("height", height, 1), ("width", width, 1)):
+        check_int(name, value, low)
+    _check_readable(path)
+    stdin = None
+    if path.lower().endswith(".npy"):  # the kept frames, as raw video on stdin
+        frames = _load_npy(path, mmap=True)[start:start + (count - 1) * stride + 1:stride]
+        stdin = np.ascontiguousarray(frames).tobytes()
+        cmd = clip_command("-", 0, count, 1, size, crop, raw_size=(frames.shape[1], frames.shape[2]))
+    else:
+        cmd = clip_command(path, start, count, stride, size, crop)
+    proc = subprocess.run(cmd, input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        reason = _ffmpeg_reason(proc.stderr.decode("utf-8", "replace"))
+        raise ValueError(f"cannot read video {path!r}: {reason}")
+    got = len(proc.stdout) // (height * width * 3)
+    if got < count:
+        raise ValueError(f"cannot read video {path!r}: {got} of the {count} frames from frame {start} at stride "
+                         f"{stride} decoded (the video is shorter)")
+    return np.frombuffer(proc.stdout, np.uint8, count * height * width * 3).reshape(count, height, width, 3)
 
 
 def _decode_error(path: str) -> str:

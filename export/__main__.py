@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from engine.cli import Parser, run_main
+from engine.cli import Int, Number, Parser, run_main
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,11 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--model", default="default", help="default, a model folder, or random:<config>")
     onnx.add_argument("--out", help="output folder (default: <cache>/onnx/<config>-<weights hash>-<precision>)")
     onnx.add_argument("--precision", default="float32", help="float32 or float16")
-    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (18..24, default 18)")
+    onnx.add_argument("--opset", type=Int(), default=None, help="ONNX opset (18..24, default 18)")
     onnx.add_argument("--network", action="append", help="only this network (repeatable)")
     onnx.add_argument("--bucket", action="append", help="shape bucket FRAMESxHEIGHTxWIDTH, one of the sizes the "
                                                         "model serves (repeatable; default: all of them)")
-    onnx.add_argument("--max-batch", type=int, default=None, help="videos per call the graphs serve (default 4)")
+    onnx.add_argument("--max-batch", type=Int(), default=None, help="videos per call the graphs serve (default 4)")
     onnx.add_argument("--external-data", default="auto", choices=("auto", "always", "never"),
                       help="weights in a separate .onnx.data file: past 2 GB (auto), always or never")
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     trt.add_argument("--precision", default="fp16", help="fp16, bf16 or fp32")
     trt.add_argument("--fp8", action="store_true", help="allow FP8 kernels (compute capability 8.9+; needs Q/DQ graphs)")
     trt.add_argument("--timing-cache", help="timing cache file (default: OUT/timing.cache)")
-    trt.add_argument("--workspace-gb", type=float, default=None, help="builder workspace limit in GiB (default 8)")
+    trt.add_argument("--workspace-gb", type=Number(above=0.0), default=None, help="builder workspace limit in GiB (default 8)")
     trt.add_argument("--network", action="append", help="only this network (repeatable)")
     trt.add_argument("--force", action="store_true", help="rebuild even where the plan cache has the plan")
     trt.add_argument("--check-only", action="store_true",
@@ -61,8 +61,6 @@ def _cmd_onnx(args) -> int:
     parse_precision(args.precision)
     opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)
     buckets = [ShapeBucket.parse(b) for b in args.bucket] if args.bucket else None
-    if args.max_batch is not None and args.max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     model, text_encoder = load_model(args.model)
     out = args.out or default_export_dir(model, args.precision)
     external = {"auto": None, "always": True, "never": False}[args.external_data]

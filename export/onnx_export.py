@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from engine.atomic import atomic_dir, write_json
+from engine.atomic import atomic_dir, output_lock, write_json
 from engine.configs import CMDConfig
 from engine.geometry import check_served
 from engine.artefacts import (FORMAT_VERSION, MANIFEST, PRECISIONS, file_hash, tokenizer_entry, weights_hash,
@@ -262,7 +262,8 @@ def export_model(model, out_dir: str, text_encoder=None, precision="float32", op
         "versions": _versions(),
         "networks": {},
     }
-    with atomic_dir(out_dir) as tmp:
+    # One exporter at a time into out_dir (another one refuses: OutputBusy), and the folder replaced whole.
+    with output_lock(out_dir, "--out"), atomic_dir(out_dir) as tmp:
         if text_encoder is not None and any(n.name == "text_encoder" for n in nets):
             manifest["text_encoder"] = tokenizer_entry(text_encoder, tmp)
         for net in nets:

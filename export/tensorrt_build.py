@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from engine.artefacts import PLANS_MANIFEST, gpu_identity, networks_from_manifest, read_manifest, read_plans
 from engine.backends.tensorrt import import_tensorrt
 from engine.networks import Network
-from engine.atomic import write_bytes, write_json
+from engine.atomic import output_lock, write_bytes, write_json
 from export.trt_compat import check_model
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -113,7 +113,8 @@ def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool 
                 names: Optional[Sequence[str]] = None, device=None, force: bool = False,
                 log: Callable[[str], None] = print) -> Dict:
     """Plans for the graphs of ``onnx_dir`` into ``out_dir`` (reusing those whose key is unchanged);
-    returns the written ``plans.json``."""
+    returns the written ``plans.json``. Holds the folder's one-writer lock (:func:`engine.atomic.output_lock`)
+    while it builds: another build into ``out_dir`` refuses (OutputBusy, a ValueError)."""
     manifest = read_manifest(onnx_dir)
     networks = networks_from_manifest(manifest)
     if names:
@@ -123,31 +124,33 @@ def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool 
     trt = import_tensorrt()  # say what is missing before any work
     target = gpu_identity(device)
     check_precision(precision, fp8, target["compute_capability"])
-    os.makedirs(out_dir, exist_ok=True)
-    timing_cache = timing_cache or os.path.join(out_dir, TIMING_CACHE)
-    options = {"fp8": fp8, "workspace_gb": workspace_gb}
-    plans = {"onnx_dir": os.path.abspath(onnx_dir), "tensorrt": trt.__version__, "target": target,
-             "precision": precision, "options": options, "weights_sha256": manifest["model"]["weights_sha256"],
-             "onnx_manifest": manifest, "networks": {}}
-    old = read_plans(out_dir, missing_ok=True)
-    same_build = all(old.get(k) == plans[k] for k in ("tensorrt", "target", "precision", "options", "weights_sha256"))
-    for name, network in networks.items():
-        if names and name not in names:
-            if same_build and name in old.get("networks", {}):  # keep plans of the same build
-                plans["networks"][name] = old["networks"][name]
-            continue
-        entry = manifest["networks"][name]
-        profiles = profiles_for(network)
-        key = plan_key(entry["onnx_sha256"], entry["weights_sha256"], precision, profiles, target["gpu"],
-                       target["compute_capability"], trt.__version__, options)
-        path = os.path.join(out_dir, plan_filename(name, key))
-        if os.path.isfile(path) and not force:
-            log(f"{name}: plan cache hit ({os.path.basename(path)})")
-        else:
-            log(f"{name}: building ({precision}{' + fp8' if fp8 else ''}, {len(profiles)} profile(s))")
-            build_plan(os.path.join(onnx_dir, entry["file"]), network, path, precision, fp8, timing_cache,
-                       workspace_gb, log)
-        plans["networks"][name] = {"plan": os.path.basename(path), "key": key, "profiles": profiles}
-    write_json(os.path.join(out_dir, PLANS_MANIFEST), plans)
+    with output_lock(out_dir, "--out"):  # one builder at a time in a plan folder
+        os.makedirs(out_dir, exist_ok=True)
+        timing_cache = timing_cache or os.path.join(out_dir, TIMING_CACHE)
+        options = {"fp8": fp8, "workspace_gb": workspace_gb}
+        plans = {"onnx_dir": os.path.abspath(onnx_dir), "tensorrt": trt.__version__, "target": target,
+                 "precision": precision, "options": options, "weights_sha256": manifest["model"]["weights_sha256"],
+                 "onnx_manifest": manifest, "networks": {}}
+        old = read_plans(out_dir, missing_ok=True)
+        same_build = all(old.get(k) == plans[k]
+                         for k in ("tensorrt", "target", "precision", "options", "weights_sha256"))
+        for name, network in networks.items():
+            if names and name not in names:
+                if same_build and name in old.get("networks", {}):  # keep plans of the same build
+                    plans["networks"][name] = old["networks"][name]
+                continue
+            entry = manifest["networks"][name]
+            profiles = profiles_for(network)
+            key = plan_key(entry["onnx_sha256"], entry["weights_sha256"], precision, profiles, target["gpu"],
+                           target["compute_capability"], trt.__version__, options)
+            path = os.path.join(out_dir, plan_filename(name, key))
+            if os.path.isfile(path) and not force:
+                log(f"{name}: plan cache hit ({os.path.basename(path)})")
+            else:
+                log(f"{name}: building ({precision}{' + fp8' if fp8 else ''}, {len(profiles)} profile(s))")
+                build_plan(os.path.join(onnx_dir, entry["file"]), network, path, precision, fp8, timing_cache,
+                           workspace_gb, log)
+            plans["networks"][name] = {"plan": os.path.basename(path), "key": key, "profiles": profiles}
+        write_json(os.path.join(out_dir, PLANS_MANIFEST), plans)
     return plans
 

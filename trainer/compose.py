@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import torch
 
+from engine.atomic import output_lock
 from engine.cli import Parser, run_main
 from engine.configs import load_config
 from engine.model_folder import check_model_folder
@@ -44,7 +45,8 @@ def compose(autoencoder: str, content: str, motion: str, out: str, config: Optio
                              "its stage was trained on other encodings")
     cfg = load_config(config) if config else content_model.config
     model = CMDModel(cfg, ae_model.autoencoder, motion_model.motion_dit, content_model.content_unet, ae_model.vae)
-    model.save_pretrained(out)
+    with output_lock(out, "--out"):  # one writer at a time (another one refuses: OutputBusy)
+        model.save_pretrained(out)
     return model
 
 

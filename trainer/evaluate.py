@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.atomic import check_output, write_json
-from engine.cli import Parser, run_ranks
+from engine.atomic import check_output, output_lock, write_json
+from engine.cli import DataSeed, Int, Number, Parser, check_seed, run_ranks
 from engine.distributed import DistInfo, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
@@ -114,24 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="CMD model folder (written by trainer.train)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a video folder (captions CSV / UCF-101)")
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)}")
-    p.add_argument("--num-clips", type=int, default=64, help="clips (prompts) in all, over all ranks")
+    p.add_argument("--num-clips", type=Int(2), default=64, help="clips (prompts) in all, over all ranks")
     p.add_argument("--split", default="heldout", help="synthetic split of the prompts: heldout or train")
     p.add_argument("--paraphrase", action="store_true",
                    help="synthetic prompts in paraphrased form (synonyms, templates) instead of canonical")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, help="content sampling steps (config default)")
-    p.add_argument("--motion-steps", type=int, help="motion sampling steps (config default)")
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--motion-guidance", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=Int(), default=8)
+    p.add_argument("--steps", type=Int(), help="content sampling steps (config default)")
+    p.add_argument("--motion-steps", type=Int(), help="motion sampling steps (config default)")
+    p.add_argument("--guidance", type=Number(low=0.0))
+    p.add_argument("--motion-guidance", type=Number(low=0.0))
+    p.add_argument("--seed", type=DataSeed, default=0, help="clip i is seeded --seed + i")
     p.add_argument("--cache", choices=("static", "dynamic"), help="sample with step caching (engine.cache)")
-    p.add_argument("--cache-threshold", type=float, help="the cache's threshold (see engine.run)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+    p.add_argument("--cache-threshold", type=Number(low=0.0), help="the cache's threshold (see engine.run)")
+    p.add_argument("--guidance-interval", type=Number(low=0.0, high=1.0), nargs=2, metavar=("START", "END"),
                    help="CFG only on this fraction of each sampling loop")
     p.add_argument("--size", help="clip size FRAMESxHEIGHTxWIDTH to evaluate at (default: the model's own); a size "
                                   "the model does not serve yet is evaluated as a candidate for its config's sizes")
     p.add_argument("--i3d", help="I3D weights file for FVD (.pt state dict or .safetensors)")
-    p.add_argument("--i3d-size", type=int, default=224, help="frame size the I3D sees (224 in the protocol)")
+    p.add_argument("--i3d-size", type=Int(), default=224, help="frame size the I3D sees (224 in the protocol)")
     p.add_argument("--clip", help="local CLIP folder for CLIPSIM")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -195,8 +195,7 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     from engine.pipeline import CMDPipeline
 
     metrics = _metrics(args)
-    if args.num_clips < 2:
-        raise ValueError(f"--num-clips must be at least 2, got {args.num_clips}")
+    check_seed("--seed", args.seed, args.num_clips, low=0)  # clip i is seeded --seed + i
     device = info.device
     size = eval_size(args.model, args.size)  # before loading any weights
     pipe = CMDPipeline.from_pretrained(args.model, device=str(device), dtype=args.dtype)
@@ -299,7 +298,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             summary = {k: v for k, v in results.items() if k != "attribute_rows"}
             print(json.dumps(summary, indent=1))
             if args.out:
-                write_json(args.out, results, indent=1)
+                with output_lock(args.out, "--out"):  # one writer at a time (another one refuses)
+                    write_json(args.out, results, indent=1)
         return 0
 
     return run_ranks(body)  # bad input: one line, exit 2; Ctrl-C: exit 130; the rank leaves its group

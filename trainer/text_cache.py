@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.atomic import atomic_path
-from engine.cli import Parser, run_main
+from engine.cli import TRAIN_SEED_MAX, Int, Parser, run_main
 
 
 class CaptionEmbeddings:
@@ -107,8 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     description="Precompute caption embeddings of the synthetic data set")
     parser.add_argument("--config", default="default")
     parser.add_argument("--data", default="synthetic", choices=["synthetic"])
-    parser.add_argument("--num-clips", type=int, default=20000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-clips", type=Int(), default=20000)
+    parser.add_argument("--seed", type=Int(0, TRAIN_SEED_MAX), default=0, help="the trainer's --seed")
     parser.add_argument("--out", required=True)
 
     def body() -> int:

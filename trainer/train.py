@@ -14,6 +14,12 @@ Every stage writes into ``--out``::
     logs/<stage>.jsonl          one JSON line per logged step (TensorBoard events too, when installed)
     samples/<stage>/step-N.gif  sample videos from the EMA weights (trainer/preview.py)
 
+A run folder has one owner at a time: the run holds its lock (``engine.atomic.output_lock``; rank 0 under
+torchrun) until it ends, and a second run given the same ``--out`` refuses in one line. A stage starts in a
+folder that already holds that stage's run (its checkpoints or log; for the autoencoder stage, any model/)
+only with ``--resume`` (continue it) or ``--overwrite`` (delete that stage's checkpoints, log, samples, and
+for the autoencoder stage model/, then start again); otherwise it refuses in one line.
+
 The content and motion stages start from the model folder of the stage before (``--init``, by default
 ``<out>/model``), keep its networks frozen and replace only their own. Under ``torchrun`` every rank
 trains on its shard of each epoch (DistributedSampler) with DDP (gloo on CPU, nccl on CUDA).
@@ -38,6 +44,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +56,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from engine.atomic import check_output
-from engine.cli import Parser, UsageError, run_ranks
+from engine.distributed import owned_output
+from engine.cli import TRAIN_SEED_MAX, Int, Number, Parser, UsageError, check_int, check_number, run_ranks
 from engine.configs import CMDConfig, load_config
 from engine.models import CMDModel
 from engine.models.bundle import CONFIG_FILE, build_motion_dit
@@ -76,32 +84,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of a freshly initialised one")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="autoencoder stage: train the decoder only (the encodings of --init stay valid)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (config: train.<stage>.steps)")
-    p.add_argument("--batch-size", type=int, help="clips per step per process (config: train.<stage>.batch_size)")
-    p.add_argument("--lr", type=float, help="peak learning rate (config: train.<stage>.lr)")
+    p.add_argument("--steps", type=Int(), help="total optimizer steps (config: train.<stage>.steps)")
+    p.add_argument("--batch-size", type=Int(), help="clips per step per process (config: train.<stage>.batch_size)")
+    p.add_argument("--lr", type=Number(above=0.0), help="peak learning rate (config: train.<stage>.lr)")
     p.add_argument("--sizes", help="comma-separated clip sizes FxHxW, one per batch in turn, a size repeated to "
                                    "weight it (config: train.<stage>.sizes; default: the config's own size); "
                                    "other sizes than the own need --data synthetic")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a run of this stage: delete its checkpoints, log and samples (autoencoder "
+                        "stage: and model/) and start again")
+    p.add_argument("--seed", type=Int(0, TRAIN_SEED_MAX), default=0,
+                   help=f"0 to {TRAIN_SEED_MAX} (numpy's global seed takes 32 bits)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (config: train.<stage>.precision)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--threads", type=int, help="CPU threads per process (default: cores / local processes)")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for synthetic data, else 2)")
-    p.add_argument("--num-clips", type=int, default=20000, help="size of the synthetic data set")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and model exports)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--log-every", type=int, help="steps between log lines")
-    p.add_argument("--sample-every", type=int, help="steps between sample videos (default: --checkpoint-every; "
+    p.add_argument("--threads", type=Int(), help="CPU threads per process (default: cores / local processes)")
+    p.add_argument("--workers", type=Int(0), help="DataLoader workers (default: 0 for synthetic data, else 2)")
+    p.add_argument("--num-clips", type=Int(), default=20000, help="size of the synthetic data set")
+    p.add_argument("--checkpoint-every", type=Int(), help="steps between checkpoints (and model exports)")
+    p.add_argument("--keep", type=Int(), default=3, help="checkpoints kept")
+    p.add_argument("--log-every", type=Int(), help="steps between log lines")
+    p.add_argument("--sample-every", type=Int(0), help="steps between sample videos (default: --checkpoint-every; "
                    "0: never)")
-    p.add_argument("--num-samples", type=int, default=4, help="clips in each sample grid")
+    p.add_argument("--num-samples", type=Int(), default=4, help="clips in each sample grid")
     p.add_argument("--text-cache", help="caption embedding file (trainer/text_cache.py): read at the start")
     p.add_argument("--no-encoding-cache", action="store_true",
                    help="re-run the frozen encoder on every batch instead of caching (xbar, z) per synthetic clip")
     p.add_argument("--vae", help="latent mode: a Stable Diffusion folder (or a VAE folder) for the image VAE")
     p.add_argument("--pretrained-unet", help="content stage: fine-tune the UNet of this Stable Diffusion folder")
     p.add_argument("--latent-cache", help="latent mode: folder for per-video VAE latents (video folders)")
-    p.add_argument("--frame-stride", type=int, default=1, help="video folders: take every N-th frame")
+    p.add_argument("--frame-stride", type=Int(), default=1, help="video folders: take every N-th frame")
     p.add_argument("--random-crop", action="store_true", help="video folders: random instead of centre crops")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -115,13 +127,10 @@ def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             hp[key] = value
+    # The config's values too (the flags were checked while parsing): the same rules (engine.cli).
     for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-        if int(hp[key]) < 1:
-            raise UsageError(f"{key.replace('_', '-')} must be at least 1, got {hp[key]}")
-    if not hp["lr"] > 0:
-        raise UsageError(f"lr must be positive, got {hp['lr']}")
-    if args.keep < 1:
-        raise UsageError(f"--keep must be at least 1, got {args.keep}")
+        hp[key] = check_int(key.replace("_", "-"), hp[key], 1)
+    hp["lr"] = check_number("lr", hp["lr"], above=0.0)
     hp["betas"] = tuple(hp["betas"])
     sizes = getattr(args, "sizes", None)
     hp["sizes"] = train_sizes(cfg, sizes if sizes is not None else hp.get("sizes"))
@@ -137,6 +146,8 @@ def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
 def check_flags(args) -> None:
     """The flag combinations that make no sense whatever the folders hold: a UsageError naming them, checked
     before any folder is read (so that it is the error a user sees, not a missing folder's)."""
+    if getattr(args, "overwrite", False) and args.resume:
+        raise UsageError("--resume continues the run in --out, --overwrite starts it again: give one")
     if getattr(args, "freeze_encoder", False) and args.stage != "autoencoder":
         raise UsageError("--freeze-encoder applies to the autoencoder stage only")
     if getattr(args, "finetune", False):
@@ -191,6 +202,43 @@ def check_stage_one_out(out: str) -> None:
         raise UsageError(f"{model!r} holds the {' and '.join(later)} stage's networks, which a stage-1 run from the "
                          f"config would replace with untrained ones: give stage 1 another --out (to fine-tune the "
                          f"decoder: --init {model} --freeze-encoder)")
+
+
+def stage_files(out: str, stage: str) -> List[str]:
+    """What a run of ``stage`` writes in the run folder ``out`` besides model/ (those that exist)."""
+    paths = [os.path.join(out, "checkpoints", stage), os.path.join(out, "logs", f"{stage}.jsonl"),
+             os.path.join(out, "logs", "tensorboard", stage), os.path.join(out, "samples", stage)]
+    return [p for p in paths if os.path.exists(p)]
+
+
+def check_new_run(args, out: str) -> List[str]:
+    """Without --resume, a stage must not mix with a run of the same stage already in ``out``: a UsageError
+    (one line) where ``out`` holds that stage's checkpoints or log, or, for the autoencoder stage built from
+    the config, any model/ (which it would replace); with --overwrite, the paths to delete before the run
+    writes (checked first, deleted by :func:`clear_old_run`)."""
+    if args.resume:
+        return []
+    old = [p for p in stage_files(out, args.stage) if not p.endswith(os.sep + "samples" + os.sep + args.stage)]
+    if args.stage == "autoencoder" and not args.init and os.path.isdir(run_model_dir(out)):
+        old.append(run_model_dir(out))
+    if not old:
+        return []
+    if not getattr(args, "overwrite", False):
+        names = ", ".join(os.path.relpath(p, out) for p in old)
+        raise UsageError(f"--out {out!r} already holds a run of the {args.stage} stage ({names}): continue it with --resume, "
+                         "start it again with --overwrite, or choose another --out")
+    return stage_files(out, args.stage) + [p for p in old if p == run_model_dir(out)]
+
+
+def clear_old_run(paths: List[str], info: DistInfo) -> None:
+    """--overwrite: delete the old run's ``paths`` (rank 0, the others wait), after every check passed."""
+    if info.is_main:
+        for path in paths:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    barrier(info)
 
 
 def stage_model(args, stage: str, out: str) -> CMDModel:
@@ -339,14 +387,10 @@ def make_dataset(args, cfg: CMDConfig, model: CMDModel, info: DistInfo, size=Non
     if args.data == "synthetic":
         from trainer.data import SyntheticVideos
 
-        if args.num_clips < 1:
-            raise UsageError(f"--num-clips must be at least 1, got {args.num_clips}")
         size = size or cfg.default_size
         return SyntheticVideos(args.num_clips, size.frames, size.height, size.width, seed=args.seed), None
     if not os.path.isdir(args.data):
         raise UsageError(f"--data must be 'synthetic' or a folder, got {args.data!r}")
-    if args.frame_stride < 1:
-        raise UsageError(f"--frame-stride must be at least 1, got {args.frame_stride}")
     from trainer.data.videos import open_video_folder
 
     clips = open_video_folder(args.data, cfg.num_frames, cfg.height, cfg.width, seed=args.seed,
@@ -582,7 +626,14 @@ class _Run:
 
 
 def train(args, info: DistInfo) -> TrainResult:
-    """Run one stage (the library entry point of the CLI; ``args`` from :func:`build_parser`)."""
+    """Run one stage (the library entry point of the CLI; ``args`` from :func:`build_parser`), owning its run
+    folder (:func:`engine.distributed.owned_output`) from the first check of what it holds to the end."""
+    out = check_output(args.out, folder=True, flag="--out")  # before any work
+    with owned_output(out, info, "--out"):
+        return _train(args, info)
+
+
+def _train(args, info: DistInfo) -> TrainResult:
     run = _setup(args, info)
     _resume(run)
     _build_data(run)
@@ -613,13 +664,17 @@ def train(args, info: DistInfo) -> TrainResult:
 
 def _setup(args, info: DistInfo) -> _Run:
     """The run's model, hyper-parameters, stage, EMA, optimizer and noise generator (seeded from --seed)."""
-    out = check_output(args.out, folder=True, flag="--out")  # before any work
+    out = args.out
     random.seed(args.seed)  # torch's global generator is seeded where the networks are built (stage_model)
     np.random.seed(args.seed)
     check_flags(args)  # before stage_model reads any folder
+    if args.stage == "autoencoder" and not args.init:
+        check_stage_one_out(out)  # the later stages' work first: the more specific refusal
+    old_run = check_new_run(args, out)
     model = stage_model(args, args.stage, out)
     cfg = model.config
     hp = hyperparams(cfg, args)
+    clear_old_run(old_run, info)  # --overwrite: every check passed
     device = info.device
     if device.type == "cpu":
         torch.set_num_threads(args.threads or default_threads())

@@ -31,6 +31,7 @@ from engine.atomic import atomic_dir
 from engine.configs import CMDConfig, load_config
 from engine.logs import quiet_loading
 from engine.model_folder import CONFIG_FILE, NETWORK_CONFIG, NETWORKS, check_model_folder, required_networks
+from engine.text_files import read_json
 from engine.models.autoencoder import CMDAutoencoder
 from engine.models.motion_dit import MotionDiT
 
@@ -163,11 +164,7 @@ class CMDModel(nn.Module):
         cfg = check_model_folder(path)
         names = required_networks(cfg)
         for name in names:  # every network's copy of the config before any weights: a clear error, not a shape one
-            try:
-                with open(os.path.join(path, name, NETWORK_CONFIG)) as f:
-                    network_config = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read {name}/{NETWORK_CONFIG} of {path!r}: {e}") from None
+            network_config = read_json(os.path.join(path, name, NETWORK_CONFIG), "network config")
             check_network_config(cfg, name, network_config, path)
         nets = {name: None for name in NETWORKS}
         for name in names:

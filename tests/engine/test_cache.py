@@ -442,8 +442,9 @@ def test_calibrate_measures_the_change_and_writes_schedules_the_pipeline_runs(mo
     # Dry runs and bad values write nothing.
     text = open(os.path.join(folder, "cmd_config.json")).read()
     assert calibrate(["--model", folder, "--steps", "2", "--motion-steps", "2", "--dry-run"]) == 0
-    for bad, needle in ((["--threshold", "-1"], "cache_threshold must be a finite number >= 0, got -1"),
-                        (["--steps", "0"], "num_inference_steps must be between 1 and 1000"),
+    for bad, needle in ((["--threshold", "-1"], "--threshold must be a finite number >= 0, got -1"),
+                        (["--steps", "0"], "--steps must be a whole number >= 1, got 0"),
+                        (["--steps", "5000"], "num_inference_steps must be a whole number between 1 and 1000"),
                         (["--scheduler", "euler"], "unknown scheduler 'euler'"),
                         (["--prompts-file", str(tmp_path / "none.txt")], "none.txt")):
         assert calibrate(["--model", folder, *bad]) == 2
@@ -536,10 +537,10 @@ def test_cli_flags_reach_the_pipeline_and_bad_ones_exit_2(model_dir, tmp_path, c
     capsys.readouterr()
     for bad, needle in ((["--cache", "fast"], "invalid choice: 'fast'"),
                         (["--cache-threshold", "0.1"], "cache_threshold=0.1 needs cache='static' or 'dynamic'"),
-                        (["--cache", "dynamic", "--cache-threshold", "-1"], "cache_threshold must be a finite number"),
+                        (["--cache", "dynamic", "--cache-threshold", "-1"], "--cache-threshold must be a finite number"),
                         (["--cache", "static"], "has no static cache schedule"),
                         (["--guidance-interval", "0.8", "0.2"], "guidance_interval is reversed"),
-                        (["--guidance-interval", "0.5", "2"], r"guidance_interval must lie in [0, 1]"),
+                        (["--guidance-interval", "0.5", "2"], "--guidance-interval must be a finite number between 0 and 1, got 2"),
                         (["--guidance-interval", "0.5"], "expected 2 arguments"),
                         (["--cache", "dynamic", "--backend", "onnxruntime"], "supports cache='static'")):
         target = str(tmp_path / "bad.npy")

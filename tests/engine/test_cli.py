@@ -108,7 +108,7 @@ def _corrupt_config(model_dir, tmp_path):
 
 
 BAD = [
-    (["--frames", "0"], "--frames must be >= 1, got 0"),
+    (["--frames", "0"], "--frames must be a whole number >= 1, got 0"),
     (["--frames", "99"], "got 99"),
     (["--height", "18"], "got 18"),
     (["--width", "4096"], "got 4096"),
@@ -199,7 +199,7 @@ def test_real_process_bad_value_has_no_traceback(tmp_path):
                            "--frames", "-4", "--out", str(tmp_path / "v.npy")],
                           capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --frames must be >= 1, got -4"
+    assert proc.stderr.strip() == "error: --frames must be a whole number >= 1, got -4"
     assert os.listdir(tmp_path) == []
 
 

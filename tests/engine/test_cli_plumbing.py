@@ -89,7 +89,7 @@ def test_read_prompts(tmp_path):
     with pytest.raises(ValueError, match="no prompts in"):
         cli.read_prompts(str(tmp_path / "blank.txt"))
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\xfa")
-    with pytest.raises(ValueError, match="cannot read prompts file"):
+    with pytest.raises(ValueError, match="prompts file .*bin.txt. is UTF-16 text"):
         cli.read_prompts(str(tmp_path / "bin.txt"))
 
 

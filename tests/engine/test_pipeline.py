@@ -185,7 +185,7 @@ def test_device_scheduler_tables_match_diffusers_step_end_to_end(pipe):
     (dict(num_inference_steps=-1), "-1"),
     (dict(motion_steps=0), "motion_steps"),
     (dict(guidance_scale=float("nan")), "nan"),
-    (dict(motion_guidance_scale=-2.0), "-2.0"),
+    (dict(motion_guidance_scale=-2.0), "motion_guidance_scale must be a finite number >= 0, got -2"),
     (dict(scheduler="euler"), "euler"),
     (dict(output_type="gif"), "gif"),
     (dict(num_videos_per_prompt=0), "num_videos_per_prompt"),

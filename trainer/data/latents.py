@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from engine.atomic import atomic_path
 from engine.models.vae import encode_frames
-from trainer.data.videos import ClipCounts, NoUsableClips, VideoClips, read_video, resize_crop
+from trainer.data.videos import ClipCounts, NoUsableClips, VideoClips, probe_video, read_clip
 
 
 def vae_fingerprint(vae) -> str:
@@ -62,15 +62,18 @@ class LatentCache:
 
     @torch.no_grad()
     def encode(self, video: str) -> Optional[str]:
-        """Encode every frame of ``video`` into the cache; returns the file, or None if it cannot be read."""
+        """Encode every frame of ``video`` (the first ``max_frames``), centre-cropped to the clip size, into the
+        cache; returns the file, or None if it cannot be read. ffmpeg scales the frames while decoding
+        (:func:`engine.video_io.read_clip`): no frame is held at its stored size."""
         try:
             target = self.path_for(video)
-            frames = read_video(video, self.max_frames)
+            count = min(probe_video(video).num_frames, self.max_frames)
+            frames = read_clip(video, 0, count, 1, (self.height, self.width))
         except Exception:  # missing or corrupt: the caller counts it
             return None
         device = next(self.vae.parameters()).device
         pixels = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float()
-        pixels = (resize_crop(pixels, self.height, self.width) / 127.5 - 1.0).clamp(-1, 1)
+        pixels = (pixels / 127.5 - 1.0).clamp(-1, 1)
         latents = encode_frames(self.vae, pixels[None].to(device), chunk=self.chunk)[0]
         with atomic_path(target, suffix=".safetensors") as tmp:
             save_file({"latents": latents.to("cpu", torch.float16).contiguous()}, tmp)

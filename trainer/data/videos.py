@@ -4,8 +4,13 @@ Both give items like the synthetic set: {"video": (L, 3, H, W) float in [-1, 1],
 is a random window of ``num_frames`` frames (every ``frame_stride``-th frame) of one video, resized so that
 it covers (H, W) and cropped to it (centre crop, or a random crop with ``random_crop``). The window and crop
 of item i depend only on (seed, epoch, i), so a resumed run sees the same clips as an uninterrupted one.
-Frames are the frames stored in the file (:func:`engine.video_io.read_video`: never resampled to a frame
-rate, so a 2-frame GIF is 2 frames, too short for a 16-frame window, whatever its per-frame delays).
+Frames are the frames stored in the file (:func:`engine.video_io.read_video` counts them: never resampled to
+a frame rate, so a 2-frame GIF is 2 frames, too short for a 16-frame window, whatever its per-frame delays).
+
+Only the frames of the window are decoded, scaled down by ffmpeg while decoding
+(:func:`engine.video_io.read_clip`): an item costs ``num_frames`` x H x W x 3 bytes of frames however long
+or large the video is (docs/data.md has the measured memory). The window's start is drawn over the whole
+video, from the frame count of the probe.
 
 Before training, :meth:`VideoClips.check` probes every video without decoding it (ffmpeg counts the stored
 frames) and :meth:`VideoClips.usable` keeps the usable ones, counting the others by reason ("missing",
@@ -16,14 +21,16 @@ Decoding uses imageio-ffmpeg (its own ffmpeg binary, no system install needed).
 
 Layouts (:func:`open_video_folder` tells them apart):
 
-* captions CSV: ``DIR/captions.csv`` with rows ``path,caption`` (a header row ``path,caption`` is optional;
-  paths relative to DIR);
+* captions CSV: ``DIR/captions.csv`` with rows ``path,caption`` (paths relative to DIR), as a spreadsheet or
+  an editor saves it (:func:`engine.text_files.read_csv`: UTF-8 with or without a byte-order mark, CRLF,
+  quoted captions holding commas, blank lines and empty trailing columns). An optional header row is
+  recognised by its first field: a column name (``path``, ``video``, ``file``, ...) or any text that is
+  neither a video file name nor an existing file;
 * UCF-101: class folders of ``.avi`` files (``DIR/<Class>/v_<Class>_gXX_cYY.avi``, or under ``DIR/UCF-101/``),
   the split lists in ``DIR/ucfTrainTestlist/`` (``trainlist01.txt`` ...) or DIR itself; the caption is the
   class name in words ("ApplyEyeMakeup" -> "apply eye makeup"). Without split lists every video is used.
 """
 
-import csv
 import math
 import os
 import re
@@ -36,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from engine.video_io import probe_video, read_video  # noqa: F401  (read_video: the one reader, re-exported)
+from engine.text_files import read_csv, read_lines
+from engine.video_io import probe_video, read_clip, read_video  # noqa: F401  (read_video: re-exported)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v")
 CAPTIONS_FILE = "captions.csv"
@@ -57,13 +65,16 @@ def resize_crop(frames: torch.Tensor, height: int, width: int, top: float = 0.5,
 SKIP_REASONS = ("missing", "unreadable", "too short")
 
 
-def clip_problem(path: str, span: int) -> Tuple[Optional[str], str]:
+def clip_problem(path: str, span: int, frames: Optional[Dict[str, int]] = None) -> Tuple[Optional[str], str]:
     """(reason, detail): why ``path`` cannot give a window of ``span`` stored frames ("missing",
-    "unreadable", "too short"), or (None, "") when it can. Probes without decoding (ffmpeg's packet count)."""
+    "unreadable", "too short"), or (None, "") when it can. Probes without decoding (ffmpeg's packet count);
+    the count goes into ``frames[path]`` when given."""
     try:
         info = probe_video(path)
     except ValueError as e:
         return ("missing" if not os.path.exists(path) else "unreadable"), str(e)
+    if frames is not None:
+        frames[path] = info.num_frames
     if info.num_frames < span:
         return "too short", f"{path!r} has {info.num_frames} frames"
     return None, ""
@@ -113,11 +124,12 @@ class ClipCounts:
 class VideoClips(Dataset):
     """Captioned videos -> random fixed-length clips (see the module doc).
 
-    ``entries``: (path, caption) pairs; ``root``: the folder they came from (for messages)."""
+    ``entries``: (path, caption) pairs; ``root``: the folder they came from (for messages); ``frame_counts``:
+    stored frames per path where already probed (:meth:`check` adds the others)."""
 
     def __init__(self, entries: Sequence[Tuple[str, str]], num_frames: int = 16, height: int = 32, width: int = 32,
-                 frame_stride: int = 1, random_crop: bool = False, seed: int = 0, max_frames: int = 1024,
-                 root: Optional[str] = None):
+                 frame_stride: int = 1, random_crop: bool = False, seed: int = 0, root: Optional[str] = None,
+                 frame_counts: Optional[Mapping[str, int]] = None):
         if not entries:
             raise ValueError(f"no videos to train on{f' in {root!r}' if root else ''}")
         if num_frames < 1 or height < 1 or width < 1 or frame_stride < 1:
@@ -128,11 +140,8 @@ class VideoClips(Dataset):
         self.random_crop = random_crop
         self.seed = seed
         self.epoch = 0
-        self.max_frames = max_frames  # decode at most this many frames of a long video
         self.root = root or os.path.dirname(os.path.abspath(self.entries[0][0]))
-        if self.span > max_frames:
-            raise ValueError(f"a window of {num_frames} frames at stride {frame_stride} spans {self.span} frames, "
-                             f"more than the {max_frames} decoded per video")
+        self.frame_counts: Dict[str, int] = dict(frame_counts or {})
 
     @property
     def span(self) -> int:
@@ -152,7 +161,7 @@ class VideoClips(Dataset):
         indices = list(range(len(self)) if indices is None else indices)
         threads = threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            found = pool.map(lambda i: clip_problem(self.entries[i][0], self.span), indices)
+            found = pool.map(lambda i: clip_problem(self.entries[i][0], self.span, self.frame_counts), indices)
             return dict(zip(indices, found))
 
     def usable(self, problems: Optional[Mapping[int, Tuple[Optional[str], str]]] = None
@@ -175,38 +184,66 @@ class VideoClips(Dataset):
     def subset(self, entries: Sequence[Tuple[str, str]]) -> "VideoClips":
         """The same clip geometry, seed and root over other entries."""
         return VideoClips(entries, self.num_frames, self.height, self.width, self.frame_stride, self.random_crop,
-                          self.seed, self.max_frames, self.root)
+                          self.seed, self.root, self.frame_counts)
+
+    def num_stored_frames(self, path: str) -> int:
+        """Stored frames of ``path`` (probed once; ValueError when it cannot be probed)."""
+        if path not in self.frame_counts:
+            self.frame_counts[path] = probe_video(path).num_frames
+        return self.frame_counts[path]
+
+    def window(self, index: int, num_frames: int) -> Tuple[int, float, float]:
+        """(start frame, crop top, crop left) of item ``index`` in a video of ``num_frames`` stored frames:
+        drawn from (seed, epoch, index) alone."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start = int(rng.integers(0, num_frames - self.span + 1))
+        top, left = (rng.random(), rng.random()) if self.random_crop else (0.5, 0.5)
+        return start, top, left
 
     def __getitem__(self, index: int):
         path, caption = self.entries[index]
-        span = self.span
         try:
-            frames = read_video(path, self.max_frames)
+            stored = self.num_stored_frames(path)
+            if stored < self.span:
+                return None
+            start, top, left = self.window(index, stored)
+            frames = read_clip(path, start, self.num_frames, self.frame_stride, (self.height, self.width),
+                               (top, left))
         except Exception:  # corrupt, truncated or not a video: skipped, never fatal
             return None
-        if len(frames) < span:
-            return None
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        start = int(rng.integers(0, len(frames) - span + 1))
-        clip = torch.from_numpy(frames[start:start + span:self.frame_stride].copy()).permute(0, 3, 1, 2).float()
-        top, left = (rng.random(), rng.random()) if self.random_crop else (0.5, 0.5)
-        clip = resize_crop(clip, self.height, self.width, top, left)
+        clip = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float()
         return {"video": (clip / 127.5 - 1.0).clamp(-1, 1), "caption": caption, "path": path}
 
 
+HEADER_NAMES = ("path", "video", "file", "filename", "file_name", "video_path", "clip", "name")
+
+
+def is_header(fields: Sequence[str], root: str) -> bool:
+    """Whether the first row of a captions CSV is a header: its first field is a column name, or text that
+    is neither a video file name (by extension) nor an existing file under ``root``."""
+    first = fields[0].strip()
+    if first.lower().replace(" ", "_") in HEADER_NAMES:
+        return True
+    return not first.lower().endswith(VIDEO_EXTENSIONS) and not os.path.exists(os.path.join(root, first))
+
+
 def read_captions_csv(root: str) -> List[Tuple[str, str]]:
-    """(absolute path, caption) rows of ``root/captions.csv``."""
+    """(absolute path, caption) rows of ``root/captions.csv`` (see the module doc for what it accepts). A
+    one-line ValueError naming the file and the line for a row that is not ``path,caption``."""
     path = os.path.join(root, CAPTIONS_FILE)
+    rows = read_csv(path, "captions file")
+    if rows and is_header(rows[0][1], root):
+        rows = rows[1:]
     entries = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line, row in enumerate(csv.reader(f), 1):
-            if not row or (line == 1 and [c.strip().lower() for c in row[:2]] == ["path", "caption"]):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{path}:{line}: expected 'path,caption', got {row!r}")
-            entries.append((os.path.join(root, row[0].strip()), row[1].strip()))
+    for line, fields in rows:
+        while len(fields) > 2 and not fields[-1]:  # a spreadsheet's empty trailing columns
+            fields = fields[:-1]
+        if len(fields) != 2 or not fields[0] or not fields[1]:
+            raise ValueError(f"captions file {path!r}, line {line}: expected 2 fields path,caption (quote a caption "
+                             f"that holds commas), got {len(fields)}: {','.join(fields)[:80]!r}")
+        entries.append((os.path.join(root, fields[0]), fields[1]))
     if not entries:
-        raise ValueError(f"{path} lists no videos")
+        raise ValueError(f"captions file {path!r} lists no videos")
     return entries
 
 
@@ -246,8 +283,7 @@ def read_ucf101(root: str, split: str = "train", fold: int = 1) -> List[Tuple[st
         list_file = os.path.join(lists, f"{split}list0{fold}.txt")
         if not os.path.isfile(list_file):
             raise ValueError(f"UCF-101 split list not found: {list_file!r}")
-        with open(list_file) as f:
-            names = [line.split()[0] for line in f if line.strip()]
+        names = [line.split()[0] for _, line in read_lines(list_file, "UCF-101 split list")]
     entries = [(os.path.join(videos, n), class_caption(n.replace("\\", "/").split("/")[0])) for n in names]
     if not entries:
         raise ValueError(f"no UCF-101 videos found under {root!r}")
