@@ -33,8 +33,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from engine.cli import check_int, check_number
 from engine.configs import CMDConfig
 from engine.request import Request, check_request
+from engine.video_io import FPS_MAX, FPS_MIN
 
 # API field -> check_request's keyword; None: not a request argument.
 FIELDS = {
@@ -144,12 +146,9 @@ def check_fields(fields: Dict[str, Any], config: CMDConfig, model_name: str, lim
         if "width" in f or "height" in f:
             raise ValueError("give size or width/height, not both")
         f["width"], f["height"] = _size(f["size"])
-    seed = f.get("seed", secrets.randbelow(MAX_SEED))
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
-    fps = f.get("fps", float(config.sampling.fps))
-    if fps <= 0:
-        raise ValueError(f"fps must be a positive number, got {fps:g}")
+    # The engine's one range rule (engine.cli); seeds also fit the job store's signed 64-bit column.
+    seed = check_int("seed", f.get("seed", secrets.randbelow(MAX_SEED)), 0, MAX_SEED, " (the job store's range)")
+    fps = check_number("fps", f.get("fps", float(config.sampling.fps)), FPS_MIN, FPS_MAX)
     kwargs = {arg: f[name] for name, arg in FIELDS.items() if arg is not None and name in f}
     request = check_request(config, image_to_video=image, backend=backend, **kwargs)
     params = dict(prompt=f["prompt"], negative_prompt=f.get("negative_prompt"), seed=seed, fps=fps, image=image,
