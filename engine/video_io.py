@@ -131,8 +131,9 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> (H, W, 3) float32 in [0, 1]; grey is repeated to RGB, alpha dropped, 8- and 16-bit
-    files scaled by their full range (:func:`engine.images.to_pixels`, the one place these rules live).
+    """An image file -> (H, W, 3) float32 in [0, 1]: the picture an image viewer shows (EXIF orientation,
+    CMYK / palette / grey as RGB, transparency over white), 8- and 16-bit files scaled by their full range
+    (:func:`engine.images.to_pixels`, the one place these rules live).
     ValueError / TypeError for a missing or unreadable file or one of an unsupported kind."""
     from engine.images import to_pixels
 

@@ -100,8 +100,9 @@ def test_read_image_rgb_grey_rgba_and_errors(tmp_path):
     iio.imwrite(tmp_path / "grey.png", rgb[..., 0])
     assert read_image(str(tmp_path / "grey.png")).shape == (12, 10, 3)
     rgba = np.concatenate([rgb, np.full((12, 10, 1), 128, np.uint8)], axis=2)
-    iio.imwrite(tmp_path / "rgba.png", rgba)
-    np.testing.assert_allclose(read_image(str(tmp_path / "rgba.png")), rgb / 255.0, atol=1e-6)
+    iio.imwrite(tmp_path / "rgba.png", rgba)  # half transparent: shown over white, as a viewer does
+    np.testing.assert_allclose(read_image(str(tmp_path / "rgba.png")),
+                               (rgb.astype(np.float64) * 128 + 255 * 127) / 255 / 255, atol=1 / 255)
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="cannot read image .*bad.png"):
         read_image(str(tmp_path / "bad.png"))
