@@ -60,7 +60,7 @@ def _profile(args, argv) -> int:
     check_backend_ready(args.backend, device, dtype)  # before the output folder and any weights
 
     if not args.nsys:
-        check_output_dir(args.out_dir, create=True)
+        check_output_dir(args.out_dir)
     import torch
 
     from engine.pipeline import CMDPipeline

@@ -87,7 +87,7 @@ def _outputs(args, n_prompts: int, per_prompt: int) -> List[List[str]]:
             return [[args.out]]
         stem, ext = os.path.splitext(args.out)
         return [[f"{stem}-{k}{ext}" for k in range(per_prompt)]]
-    check_output_dir(args.out_dir, create=True)
+    check_output_dir(args.out_dir)
     ext = "." + args.format
     check_writer(ext)
     names = [[f"{i:03d}{ext}" if per_prompt == 1 else f"{i:03d}-{k}{ext}" for k in range(per_prompt)]

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.atomic import atomic_path, deferred_interrupts
+from engine.atomic import atomic_path, check_output, deferred_interrupts
 
 VIDEO_FORMATS = (".mp4", ".gif", ".npy")
 
@@ -37,14 +37,13 @@ def output_format(path: str) -> str:
     return ext
 
 
-def check_output_path(path: str) -> str:
-    """Everything about an output path that can be checked before generating: format, writer
-    available, not a folder, parent folder present and writable. Returns the format."""
+def check_output_path(path: str, flag: str = "--out") -> str:
+    """Everything about an output path that can be checked before generating: format, writer available, and
+    (:func:`engine.atomic.check_output`, the one rule) not a folder, below a folder that exists or can be
+    made. Returns the format."""
     ext = output_format(path)
     check_writer(ext)
-    if os.path.isdir(path):
-        raise ValueError(f"output path is a folder: {path!r}")
-    check_output_dir(os.path.dirname(os.path.abspath(path)), create=False)
+    check_output(path, flag=flag)
     return ext
 
 
@@ -55,24 +54,10 @@ def check_writer(ext: str) -> None:
                          "write .npy instead")
 
 
-def check_output_dir(folder: str, create: bool = True) -> None:
-    """A folder we can write into: present and writable, or (``create``) creatable under a writable
-    parent. Nothing is created here."""
-    probe = os.path.abspath(folder)
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise ValueError(f"output folder is a file: {folder!r}")
-    if not os.path.isdir(probe):
-        if not create:
-            raise ValueError(f"output folder does not exist: {folder!r}")
-        while not os.path.isdir(probe):  # the nearest existing ancestor must be writable
-            parent = os.path.dirname(probe)
-            if parent == probe:
-                break
-            probe = parent
-            if os.path.exists(probe) and not os.path.isdir(probe):
-                raise ValueError(f"cannot create output folder {folder!r}: {probe!r} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder is not writable: {probe!r}")
+def check_output_dir(folder: str, flag: str = "--out-dir") -> None:
+    """A folder we can write into: present and writable, or creatable under a writable parent
+    (:func:`engine.atomic.check_output`). Nothing is created here."""
+    check_output(folder, folder=True, flag=flag)
 
 
 def _check_frames(frames) -> None:
@@ -118,6 +103,7 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
     if not (fps > 0 and np.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     _check_frames(frames)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # The temporary name keeps the extension: ffmpeg picks the container from it. Ctrl-C included,
     # no partial file is ever left.
     with atomic_path(path, suffix=f".part{ext}") as tmp:

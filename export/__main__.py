@@ -11,9 +11,11 @@ MODEL: ``default`` (the shipped weights), a CMD model folder, or ``random:<confi
 """
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
+from engine.atomic import check_output
 from engine.cli import Parser, run_main
 
 
@@ -54,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_onnx(args) -> int:
-    from engine.artefacts import default_export_dir
+    from engine.artefacts import cache_root, default_export_dir
     from engine.networks import ShapeBucket
     from export.onnx_export import DEFAULT_OPSET, check_opset, export_model, load_model, parse_precision
 
@@ -63,6 +65,10 @@ def _cmd_onnx(args) -> int:
     buckets = [ShapeBucket.parse(b) for b in args.bucket] if args.bucket else None
     if args.max_batch is not None and args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.out:  # the output before the model loads (the default one's name needs the weights: its cache)
+        check_output(args.out, folder=True)
+    else:
+        check_output(os.path.join(cache_root(), "onnx"), folder=True, flag="the export cache ($CMD_CACHE/onnx)")
     model, text_encoder = load_model(args.model)
     out = args.out or default_export_dir(model, args.precision)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
@@ -79,6 +85,8 @@ def _cmd_check(args) -> int:
     from export.onnx_export import load_model
 
     manifests = [read_manifest(d) for d in args.onnx]  # fail on a bad folder before loading anything
+    if args.json:
+        check_output(args.json, flag="--json")
     specs = []
     for folder, manifest in zip(args.onnx, manifests):
         spec = args.model or manifest["model"].get("spec")
@@ -114,6 +122,10 @@ def _cmd_tensorrt(args) -> int:
         raise ValueError(f"unknown --precision {args.precision!r}; choose from {', '.join(PRECISIONS)}")
     if not args.check_only and not args.out:
         raise ValueError("--out DIR is required (the plan folder), unless --check-only")
+    if args.out and not args.check_only:
+        check_output(args.out, folder=True)
+    if args.timing_cache:
+        check_output(args.timing_cache, flag="--timing-cache")
     problems = check_graphs(args.onnx, args.network)
     for name, found in problems.items():
         status = "ok" if not found else f"{len(found)} problem(s)"
