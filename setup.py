@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 TEST = ["pytest>=7", "scipy", "matplotlib"]
 EXPORT = ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript"]
@@ -8,8 +8,10 @@ setup(
     version="0.1.0",
     description="Fast CMD (content-frame motion-latent decomposition) video diffusion: Triton kernels, "
                 "compiled CUDA-graph engine, ONNX/TensorRT export and a trainer",
-    packages=find_packages(include=["engine", "engine.*", "cmd_kernels", "cmd_kernels.*", "export", "export.*",
-                                    "trainer", "trainer.*"]),
+    # Namespace packages too: the data folders (engine/configs, engine/weights/...) hold no __init__.py, and
+    # setuptools warns at every install about importable folders missing from the list.
+    packages=find_namespace_packages(include=["engine", "engine.*", "cmd_kernels", "cmd_kernels.*", "export",
+                                              "export.*", "trainer", "trainer.*"], exclude=["*.__pycache__"]),
     package_data={"engine": ["configs/*.json", "weights/*/*.json", "weights/*/*.safetensors",
                              "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.md"],
                   "export": ["trt_supported_ops.json"]},

@@ -112,11 +112,13 @@ def run_ranks(body: Callable[[Callable], Optional[int]], **kwargs) -> int:
 
 
 def read_prompts(path: str) -> List[Tuple[int, str]]:
-    """(line number from 1, prompt) for each non-blank line of a UTF-8 text file (stripped). ValueError naming
-    the file when it is missing, unreadable or holds no prompt."""
+    """(line number from 1, prompt) for each line of a UTF-8 text file that is neither blank nor a comment
+    (its first non-blank character ``#``), stripped. ValueError naming the file when it is missing, unreadable
+    or holds no prompt."""
     try:
         with open(path, encoding="utf-8") as f:
-            prompts = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+            prompts = [(n, line.strip()) for n, line in enumerate(f, 1)
+                       if line.strip() and not line.lstrip().startswith("#")]
     except FileNotFoundError:
         raise ValueError(f"prompts file not found: {path!r}") from None
     except (OSError, UnicodeDecodeError) as e:

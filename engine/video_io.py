@@ -15,11 +15,13 @@ metadata (per-frame durations and the mean fps).
 """
 
 import importlib.util
+import logging
 import os
 import re
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -259,7 +261,8 @@ def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
     try:
         reader = imageio_ffmpeg.read_frames(path, output_params=list(_PASSTHROUGH))
         try:
-            meta = next(reader)
+            with _no_rotation_notice():  # logged as ffmpeg's header is parsed, at the first item
+                meta = next(reader)
             width, height = meta["size"]
             for raw in reader:
                 frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
@@ -273,6 +276,28 @@ def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
     if not frames:
         raise ValueError(f"cannot read video {path!r}: no frames decoded")
     return np.stack(frames)
+
+
+# imageio-ffmpeg logs "The frame size for reading (w, h) is different from the source frame size (h, w)." for
+# every clip stored rotated (a phone video's rotation metadata): ffmpeg turns the frames upright as it decodes,
+# which is what we want, so the line alarms without cause. Only that record is dropped, only while we open a clip.
+_FFMPEG_LOGGER = "imageio_ffmpeg"
+ROTATION_NOTICE = "The frame size for reading "
+
+
+class _RotationNoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(ROTATION_NOTICE)
+
+
+@contextmanager
+def _no_rotation_notice() -> Iterator[None]:
+    logger, notice = logging.getLogger(_FFMPEG_LOGGER), _RotationNoticeFilter()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _decode_error(path: str) -> str:
