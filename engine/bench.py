@@ -20,7 +20,7 @@ settings (:mod:`engine.cache`) side by side on the same prompts and seeds (see :
 denoiser evaluations, wall time per video, PSNR/SSIM against the uncached videos, and the FLOPs the
 same evaluation counts would cost at paper scale (``--flops-config``). ``cpu`` runs the default model with
 its default settings under the engine's CPU thread policy (:mod:`engine.cpu`), with one thread, and with
-PyTorch's own defaults, each in its own process, on an idle machine and with busy loops beside it
+PyTorch's own defaults, each in its own process, on the machine as it is and with busy loops beside it
 (:func:`bench_cpu`; docs/performance-cpu.md).
 
 ``--model``: ``random:<config>`` (the default, ``random:default``; random weights and a random text
@@ -463,16 +463,17 @@ def _busy_loops(n: int) -> List["subprocess.Popen"]:  # noqa: F821
 
 
 def bench_cpu(model: str, busy: int, warmup: int, iters: int, rounds: int) -> List[Dict]:
-    """Each of :data:`CPU_SETTINGS` in its own process, side by side, on an idle machine and with ``busy``
-    busy loops beside it (one Python process each, a core's worth of work), ``rounds`` times in turn (the
-    settings interleaved so that other load on the machine falls on all of them alike). Rows: condition,
-    setting, median seconds per pipeline call (default settings of ``model``), all times, threads used."""
+    """Each of :data:`CPU_SETTINGS` in its own process, side by side, on the machine as it is (idle, if nothing
+    else runs) and with ``busy`` busy loops beside it (one Python process each, a core's worth of work),
+    ``rounds`` times in turn (the settings interleaved so that other load on the machine falls on all of them
+    alike). Rows: condition, setting, median seconds per pipeline call (default settings of ``model``), all
+    times, threads used."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in _CPU_ENV}
     code = "import sys; from engine.bench import cpu_child; cpu_child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
     rows = []
-    for condition, loops in (("idle", 0), (f"{busy} busy loops", busy)):
+    for condition, loops in (("no busy loops", 0), (f"{busy} busy loops", busy)):
         found = {name: [] for name in CPU_SETTINGS}
         info = {}
         procs = _busy_loops(loops)

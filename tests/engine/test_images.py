@@ -145,7 +145,7 @@ def test_cli_takes_a_16bit_image_and_refuses_an_unusable_one(tmp_path, capsys):
     Image.fromarray(grey).save(tmp_path / "grey16.png")
     out = tmp_path / "v.npy"
     assert run_main(["--prompt", "moving left", "--model", model, "--image", str(tmp_path / "grey16.png"),
-                     "--steps", "1", "--motion-steps", "1", "--quiet", "--out", str(out)]) == 0
+                     "--motion-steps", "1", "--quiet", "--out", str(out)]) == 0
     assert out.is_file()
     bad = np.full((16, 16), 3.0, np.float32)
     Image.fromarray(bad).save(tmp_path / "bright.tiff")

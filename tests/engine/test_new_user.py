@@ -87,7 +87,7 @@ def test_bench_cpu_measures_every_setting_idle_and_busy(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     rows = json.loads(out[-1])["rows"]
     assert [(r["condition"], r["setting"]) for r in rows] == [
-        (c, s) for c in ("idle", "1 busy loops") for s in ("default", "one thread", "torch defaults")]
+        (c, s) for c in ("no busy loops", "1 busy loops") for s in ("default", "one thread", "torch defaults")]
     for r in rows:
         assert r["median_s"] > 0 and len(r["times_s"]) == 1
         assert r["omp_wait_policy"] == {"default": "PASSIVE", "one thread": None, "torch defaults": None}[r["setting"]]
