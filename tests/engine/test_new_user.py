@@ -203,3 +203,13 @@ def test_prompts_file_comments_are_skipped_and_line_numbers_kept(tmp_path):
         read_prompts(str(path))
     assert "# (comments)" in build_parser().format_help() or "with # (comments)" in " ".join(
         build_parser().format_help().split())
+
+
+@pytest.mark.parametrize("package", ["engine", "trainer"])
+def test_the_wait_policy_is_set_before_torch_loads(package):
+    """OpenMP reads OMP_WAIT_POLICY when torch loads it: the packages a command starts from set it first."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", cpu.ENV)}
+    code = f"import sys, os, {package}; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(base, PYTHONPATH=ROOT), capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "False"]
