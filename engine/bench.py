@@ -1,9 +1,10 @@
-"""python -m engine.bench latency|memory|flops|cache: how fast, how big, how much work.
+"""python -m engine.bench latency|memory|flops|cache|cpu: how fast, how big, how much work.
 
     python -m engine.bench latency [--model random:default] [--backends eager,compile,cudagraph] [--json]
     python -m engine.bench memory  [same options]
     python -m engine.bench flops   [--config NAME] [--steps N] [--accounting paper|full] [--json]
     python -m engine.bench cache   --model default [--settings none,static,dynamic:0.1,...] [--json]
+    python -m engine.bench cpu     [--model default] [--busy 3] [--iters 3] [--rounds 2] [--json]
 
 ``latency`` runs the backends side by side in one process on one model: each gets ``--warmup``
 untimed calls (compilation and CUDA-graph capture happen there), then ``--iters`` timed calls;
@@ -17,7 +18,10 @@ RSS on a CPU (which only grows: read it per backend in its own run for absolute 
 is :mod:`engine.flops` (meta-device FLOP counts for any config). ``cache`` compares step-caching
 settings (:mod:`engine.cache`) side by side on the same prompts and seeds (see :func:`bench_cache`):
 denoiser evaluations, wall time per video, PSNR/SSIM against the uncached videos, and the FLOPs the
-same evaluation counts would cost at paper scale (``--flops-config``).
+same evaluation counts would cost at paper scale (``--flops-config``). ``cpu`` runs the default model with
+its default settings under the engine's CPU thread policy (:mod:`engine.cpu`), with one thread, and with
+PyTorch's own defaults, each in its own process, on the machine as it is and with busy loops beside it
+(:func:`bench_cpu`; docs/performance-cpu.md).
 
 ``--model``: ``random:<config>`` (the default, ``random:default``; random weights and a random text
 encoder, enough for timing any config, e.g. ``random:ucf101-64`` on a GPU), ``default`` or a model
@@ -27,6 +31,7 @@ folder. ``--json`` prints the whole result as JSON on the last stdout line.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from typing import Dict, List, Optional
@@ -409,10 +414,139 @@ def _run_cache(args) -> int:
     return 0
 
 
+# -- cpu: the CPU thread policy on an idle and a busy machine ------------------------------------------
+
+# Each setting is a child process's environment: OpenMP reads its variables once, when torch loads.
+CPU_SETTINGS = {
+    "default": {},                                  # the engine's policy (engine/cpu.py)
+    "one thread": {"OMP_NUM_THREADS": "1"},
+    "torch defaults": {"CMD_CPU_THREADS": "torch"},  # what the engine did before the policy
+}
+_CPU_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CMD_CPU_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
+
+
+def cpu_child(model: str, warmup: int, iters: int) -> None:
+    """In a child process: the pipeline's wall time (s) of ``iters`` calls of ``model`` with default settings
+    after ``warmup`` calls, and the threads torch ran them with, as one JSON line on stdout."""
+    import time
+
+    import torch
+
+    from engine.pipeline import CMDPipeline
+
+    pipe = CMDPipeline.from_pretrained(model)
+    threads = []
+    real_set = torch.set_num_threads
+
+    def record(n):  # the count the policy chose for each call
+        threads.append(n)
+        real_set(n)
+
+    torch.set_num_threads = record
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        pipe("a red circle moving right", generator=i, progress=False)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    torch.set_num_threads = real_set
+    print(json.dumps({"times": times, "torch_threads": torch.get_num_threads(), "set": threads,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
+
+
+def _busy_loops(n: int) -> List["subprocess.Popen"]:  # noqa: F821
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def bench_cpu(model: str, busy: int, warmup: int, iters: int, rounds: int) -> List[Dict]:
+    """Each of :data:`CPU_SETTINGS` in its own process, side by side, on the machine as it is (idle, if nothing
+    else runs) and with ``busy`` busy loops beside it (one Python process each, a core's worth of work),
+    ``rounds`` times in turn (the settings interleaved so that other load on the machine falls on all of them
+    alike). Rows: condition, setting, median seconds per pipeline call (default settings of ``model``), all
+    times, threads used."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in _CPU_ENV}
+    code = "import sys; from engine.bench import cpu_child; cpu_child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
+    rows = []
+    for condition, loops in (("no busy loops", 0), (f"{busy} busy loops", busy)):
+        found = {name: [] for name in CPU_SETTINGS}
+        info = {}
+        procs = _busy_loops(loops)
+        try:
+            for _ in range(rounds):
+                for name, extra in CPU_SETTINGS.items():
+                    proc = subprocess.run([sys.executable, "-c", code, model, str(warmup), str(iters)],
+                                          env=dict(env, **extra), capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"cpu bench child ({name}) failed: {proc.stderr.strip()[-2000:]}")
+                    result = json.loads(proc.stdout.strip().splitlines()[-1])
+                    found[name] += result["times"]
+                    info[name] = result
+                    print(f"  {condition}, {name}: {', '.join(f'{t:.3f}' for t in result['times'])} s", file=sys.stderr,
+                          flush=True)  # progress: a busy machine's rows take minutes
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        for name in CPU_SETTINGS:
+            chosen = info[name]["set"][0::2]  # per call: the policy's count, then the count put back
+            threads = ",".join(str(n) for n in sorted(set(chosen))) if chosen else str(info[name]["torch_threads"])
+            rows.append({"condition": condition, "setting": name, "median_s": statistics.median(found[name]),
+                         "times_s": found[name], "threads": threads,
+                         "omp_wait_policy": info[name]["omp_wait_policy"]})
+    return rows
+
+
+def _cpu_table(rows: List[Dict]) -> str:
+    lines = ["| machine | setting | threads | OMP_WAIT_POLICY | median s / video | vs one thread |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        one = next(r["median_s"] for r in rows if r["condition"] == row["condition"] and r["setting"] == "one thread")
+        lines.append(f"| {row['condition']} | {row['setting']} | {row['threads']} | {row['omp_wait_policy'] or '-'} | "
+                     f"{row['median_s']:.3f} | {row['median_s'] / one:.2f}x |")
+    return "\n".join(lines)
+
+
+def main_cpu(argv: List[str]) -> int:
+    """``python -m engine.bench cpu``: :func:`bench_cpu` from the command line."""
+    parser = Parser(prog="python -m engine.bench cpu", description=bench_cpu.__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="the model to run with its default settings "
+                        "(default: default, the shipped one)")
+    parser.add_argument("--busy", type=int, default=3, help="busy loops beside it in the busy condition (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per process (default 1)")
+    parser.add_argument("--iters", type=int, default=3, help="timed calls per process (default 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per setting and condition (default 2)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON, the last line of stdout")
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        for flag, value, least in (("--busy", args.busy, 1), ("--warmup", args.warmup, 0), ("--iters", args.iters, 1),
+                                   ("--rounds", args.rounds, 1)):
+            if value < least:
+                raise ValueError(f"{flag} must be >= {least}, got {value}")
+        from engine.default_model import resolve_model
+
+        resolve_model(args.model)  # a bad model: one line here, not in every child
+        rows = bench_cpu(args.model, args.busy, args.warmup, args.iters, args.rounds)
+        print(f"cpu: {args.model}, default settings, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+              f"{args.rounds} process(es) x {args.iters} call(s) per row")
+        print(_cpu_table(rows))
+        if args.json:
+            print(json.dumps({"kind": "cpu", "model": args.model, "rows": rows}))
+        return 0
+
+    return run_main(body)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["cache"]:
         return main_cache(argv[1:])
+    if argv[:1] == ["cpu"]:
+        return main_cpu(argv[1:])
     if argv[:1] == ["flops"]:
         try:
             from engine import flops
@@ -420,8 +554,13 @@ def main(argv=None) -> int:
             print_error(f"the FLOP counter (engine.flops) is not available in this version: {e}")
             return 2
         return flops.main(argv[1:])
-    parser = Parser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("latency", "memory", "flops"))
+    parser = Parser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0],
+                    epilog="cache, cpu and flops take options of their own: python -m engine.bench cache --help, "
+                    "python -m engine.bench cpu --help, python -m engine.bench flops --help")
+    parser.add_argument("kind", choices=("latency", "memory", "flops", "cache", "cpu"),
+                        help="latency or memory: the backends side by side; flops: FLOP counts (engine.flops); "
+                        "cache: step-caching settings side by side; cpu: the CPU thread policy on an idle and a "
+                        "busy machine")
     add_run_args(parser)
     parser.add_argument("--backends", default=None, help="comma-separated (default: eager,compile[,cudagraph])")
     parser.add_argument("--warmup", type=Int(0), default=2, help="untimed calls per backend (compile, capture)")

@@ -221,12 +221,13 @@ def run_ranks(body: Callable[[Callable], Optional[int]], **kwargs) -> int:
 
 
 def read_prompts(path: str) -> List[Tuple[int, str]]:
-    """(line number from 1, prompt) for each non-blank line of a UTF-8 text file (stripped; a byte-order mark
-    and CRLF line ends as editors write them: :func:`engine.text_files.read_lines`). ValueError naming the
-    file (and the line, for bytes that are not UTF-8) when it is missing, unreadable or holds no prompt."""
+    """(line number from 1, prompt) for each line of a UTF-8 text file that is neither blank nor a comment
+    (its first non-blank character ``#``), stripped (a byte-order mark and CRLF line ends as editors write
+    them: :func:`engine.text_files.read_lines`). ValueError naming the file (and the line, for bytes that are
+    not UTF-8) when it is missing, unreadable or holds no prompt."""
     from engine.text_files import read_lines
 
-    prompts = read_lines(path, "prompts file")
+    prompts = [(n, line) for n, line in read_lines(path, "prompts file") if not line.startswith("#")]
     if not prompts:
         raise ValueError(f"no prompts in {path!r}")
     return prompts

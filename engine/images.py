@@ -2,9 +2,10 @@
 
 Accepted, and all giving the same pixels for the same picture:
 
-- a file path (str or ``os.PathLike``): anything imageio reads; grey is repeated to RGB, alpha dropped,
-  8- and 16-bit files alike;
-- a PIL image: any mode PIL converts to RGB, 16-bit grey (``I;16``) and float grey (``F``, in [0, 1]);
+- a file path (str or ``os.PathLike``): any image file PIL reads, and
+- a PIL image: both decoded to the picture an image viewer shows (:func:`viewer_array`: EXIF orientation,
+  CMYK / palette / grey converted to RGB, transparency composited over :data:`BACKGROUND`), 8-bit, 16-bit
+  grey (``I;16``) or float grey (``F``, in [0, 1]);
 - a numpy array or torch tensor of one image, ``(H, W, 3)`` or ``(3, H, W)``, or a batch ``(N, H, W, 3)`` /
   ``(N, 3, H, W)`` (N = 1, or one per prompt), of dtype uint8 (0-255), uint16 (0-65535) or float (0-1: any
   numpy float, torch float16 / bfloat16 / float32 / float64).
@@ -28,46 +29,62 @@ ACCEPTED = ("a file path, a PIL image, or a numpy array / torch tensor (H, W, 3)
 _INT_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PIL_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# What a transparent pixel is shown over (RGB, 0-255): white, a page's and most viewers' colour.
+BACKGROUND = (255, 255, 255)
 
 ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor, "PIL.Image.Image"]  # noqa: F821
 
 
 def read_image_array(path: Union[str, os.PathLike]) -> np.ndarray:
-    """An image file -> its (H, W, 3) array in the file's own dtype (uint8, uint16, ...): grey repeated to
-    RGB, alpha dropped. ValueError for a missing or unreadable file, or one that is not a single image."""
+    """An image file -> the (H, W, 3) array a viewer shows (:func:`viewer_array`), in the file's own sample
+    type (uint8, uint16 for 16-bit grey, float32 for float grey). ValueError for a missing file or one PIL
+    cannot read as an image."""
+    from PIL import Image, UnidentifiedImageError
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path!r}")
     try:
-        import imageio.v3 as iio
-
-        image = np.asarray(iio.imread(path))
-    except Exception as e:  # imageio raises many kinds for unreadable files
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, with the file's name
+            return viewer_array(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL's kinds for a bad file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot read image {path!r}: {first}") from None
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"cannot read image {path!r}: expected one grey, RGB or RGBA image, got an array of "
-                         f"shape {image.shape}")
-    if not (image.dtype in (np.uint8, np.uint16) or np.issubdtype(image.dtype, np.floating)):
-        raise ValueError(f"cannot read image {path!r}: samples of type {image.dtype} are not supported (8- or "
-                         "16-bit, or float in [0, 1])")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return image[..., :3]
 
 
-def _pil_array(image) -> np.ndarray:
-    """A PIL image -> (H, W, 3) array: 16-bit grey as uint16, 32-bit float grey ("F") as float32 (then held to
-    [0, 1] like any float image), every other mode through PIL's own conversion to 8-bit RGB."""
+def viewer_array(image) -> np.ndarray:
+    """A PIL image -> the (H, W, 3) picture an image viewer shows of it, the one rule for files and PIL images:
+
+    - turned by its EXIF orientation (a phone photo taken upright comes out upright);
+    - colour converted by PIL to RGB: CMYK (PIL's JPEG decoder already undoes Adobe's inverted CMYK), YCbCr,
+      LAB, palette, 1-bit and grey (grey repeated to RGB);
+    - transparency (an alpha channel, or a palette's / grey's transparent colour) composited over
+      :data:`BACKGROUND`, as a viewer shows it over a page: dropping alpha would bring back whatever colour
+      the transparent pixels happen to store;
+    - 16-bit grey kept as uint16 and 32-bit float grey ("F") as float32 (then held to [0, 1] like any float
+      image); every other mode is 8-bit.
+
+    TypeError for mode "I" (32-bit integers have no fixed full scale)."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
     if image.mode in _PIL_16BIT or image.mode == "F":
         grey = np.array(image, dtype=np.uint16 if image.mode != "F" else np.float32)  # native byte order
         return np.repeat(grey[..., None], 3, axis=2)
     if image.mode == "I":
         raise TypeError("PIL images of mode 'I' (32-bit integers) have no fixed range: convert to 'RGB' or 'I;16', "
                         "or pass a float array in [0, 1]")
+    if _has_transparency(image):
+        rgba = image.convert("RGBA")  # premultiplied modes (RGBa, La) and palettes with transparency included
+        page = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return np.array(Image.alpha_composite(page, rgba).convert("RGB"))
     return np.array(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def _has_transparency(image) -> bool:
+    """Whether a viewer would show part of ``image`` see-through: an alpha band, or a transparent colour."""
+    return "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
 
 
 def _as_tensor(image) -> torch.Tensor:
@@ -75,7 +92,7 @@ def _as_tensor(image) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         return torch.from_numpy(np.ascontiguousarray(read_image_array(image)))
     if type(image).__module__.startswith("PIL.") and hasattr(image, "mode"):
-        return torch.from_numpy(np.ascontiguousarray(_pil_array(image)))
+        return torch.from_numpy(np.ascontiguousarray(viewer_array(image)))
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint16 or image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating):
             return torch.from_numpy(np.ascontiguousarray(image))

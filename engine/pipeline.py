@@ -531,8 +531,17 @@ class CMDPipeline:
         return self._generate(request, prompts, negative_prompt, generator, image, output_type, callback_on_step_end,
                               progress)
 
-    def _generate(self, req: Request, prompts: List[str], negative_prompt, generator: Generator, image,
-                  output_type: str, callback_on_step_end: Optional[Callable], progress: bool) -> CMDPipelineOutput:
+    def _generate(self, *args) -> CMDPipelineOutput:
+        """:meth:`_generate_now`, on the CPU with the threads the machine has free now (engine/cpu.py)."""
+        if self.device.type != "cpu":
+            return self._generate_now(*args)
+        from engine.cpu import cpu_threads
+
+        with cpu_threads():
+            return self._generate_now(*args)
+
+    def _generate_now(self, req: Request, prompts: List[str], negative_prompt, generator: Generator, image,
+                      output_type: str, callback_on_step_end: Optional[Callable], progress: bool) -> CMDPipelineOutput:
         """The generation of a checked request; the per-call inputs (image, generators, negative prompts) are
         checked first."""
         pixels = self.image_pixels(image, req.height, req.width, len(prompts)) if image is not None else None

@@ -10,9 +10,12 @@ ranges. ``--nsys`` is the mode that command uses: no torch.profiler, and the mea
 ``cudaProfilerStart/Stop`` so that nsys records the steady state only.
 """
 
+import contextlib
 import os
 import shlex
 import sys
+import threading
+from typing import Iterator
 
 from engine.atomic import atomic_path, output_lock, write_text
 from engine.bench import TIMED_STAGES, add_run_args, call_kwargs, resolve_run
@@ -37,6 +40,35 @@ def _stage_table(timings) -> str:
     return "\n".join(rows)
 
 
+@contextlib.contextmanager
+def _without_stderr_lines(prefix: bytes) -> Iterator[None]:
+    """Drop the lines starting with ``prefix`` that anything (native code included) writes to file descriptor 2
+    inside the block; every other line passes through. torch.profiler's Kineto writes "USDT:... profiler_start"
+    and "profiler_stop" there from C++, whatever KINETO_LOG_LEVEL says: tracing-probe markers, not a message
+    for a user, so no Python logging setting can hide them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not line.startswith(prefix):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the pump reads to its end and stops
+        thread.join()
+        os.close(saved)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="python -m engine.profile", description=__doc__.split("\n\n")[0])
@@ -58,7 +90,7 @@ def _profile(args, argv) -> int:
     check_backend_ready(args.backend, device, dtype)  # before the output folder and any weights
 
     if not args.nsys:
-        check_output_dir(args.out_dir, create=True)
+        check_output_dir(args.out_dir)
     import torch
 
     from engine.pipeline import CMDPipeline
@@ -79,7 +111,7 @@ def _profile(args, argv) -> int:
             torch.cuda.profiler.stop()
     else:
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
+        with _without_stderr_lines(b"USDT:"), torch.profiler.profile(activities=activities) as prof:
             result = pipe.run(**call)
         trace = os.path.join(args.out_dir, "trace.json")
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"

@@ -24,35 +24,46 @@ from engine.cli import Int, Number, Parser, Seed, check_number, check_seed, one_
 from engine.video_io import FPS_MAX, FPS_MIN
 
 DEVICES_HELP = "cpu, cuda or cuda:N"
+DEFAULT_BATCH = 8  # prompts per pipeline call, where the backend takes that many
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m engine.run", description="Generate videos from text with a CMD model.")
     src = p.add_argument_group("prompts and outputs")
     src.add_argument("--prompt", help="the text of one video (or several with --num-videos)")
-    src.add_argument("--prompts-file", help="a text file, one prompt a line (blank lines skipped); needs --out-dir")
-    src.add_argument("--negative-prompt", default=None, help="what the content frame should not show")
-    src.add_argument("--image", default=None, help="image-to-video: this image becomes the content frame")
+    src.add_argument("--prompts-file", help="a UTF-8 text file, one prompt a line; blank lines and lines starting "
+                     "with # (comments) are skipped; needs --out-dir")
+    src.add_argument("--negative-prompt", default=None, help="what the content frame should not show (not with "
+                     "--image: the content model does not run)")
+    src.add_argument("--image", default=None, help="image-to-video: this image (as an image viewer shows it) becomes "
+                     "the content frame; the content model's flags (--steps, --guidance, --negative-prompt) do "
+                     "not apply")
     src.add_argument("--out", help="output file: .mp4, .gif or .npy (uint8 frames, H, W, 3)")
     src.add_argument("--out-dir", help="output folder for --prompts-file: DIR/000.mp4, DIR/001.mp4, ...")
-    src.add_argument("--format", default="mp4", choices=("mp4", "gif", "npy"), help="file format with --out-dir")
+    src.add_argument("--format", default=None, choices=("mp4", "gif", "npy"),
+                     help="file format with --out-dir (default mp4; with --out, its extension chooses)")
     src.add_argument("--skip-existing", action="store_true",
                      help="skip prompts whose files are complete (resume an interrupted run)")
     gen = p.add_argument_group("generation (defaults come from the model's config)")
-    gen.add_argument("--seed", type=Seed, default=0,
-                     help="noise seed (default 0); with --prompts-file prompt i uses --seed + i")
-    gen.add_argument("--frames", type=Int(), default=None)
-    gen.add_argument("--height", type=Int(), default=None)
-    gen.add_argument("--width", type=Int(), default=None)
-    gen.add_argument("--steps", type=Int(), default=None, help="content-model denoising steps")
-    gen.add_argument("--motion-steps", type=Int(), default=None, help="motion-DiT denoising steps")
-    gen.add_argument("--guidance", type=Number(low=0.0), default=None, help="CFG scale of the content model")
-    gen.add_argument("--motion-guidance", type=Number(low=0.0), default=None, help="CFG scale (text) of the motion DiT")
-    gen.add_argument("--scheduler", default=None, help="ddim or dpm (DPM-Solver++ 2M)")
-    gen.add_argument("--num-videos", type=Int(), default=1, help="videos per prompt")
-    gen.add_argument("--motion-variations", type=Int(), default=1, help="motions per content frame")
+    gen.add_argument("--seed", type=Seed, default=0, help="noise seed (default 0); with --prompts-file, the prompt "
+                     "on line i (from 0) uses seed + i")
+    gen.add_argument("--frames", type=Int(), default=None, help="frames per video (default: the model's)")
+    gen.add_argument("--height", type=Int(), default=None, help="pixels (default: the model's; one of the sizes it "
+                     "serves)")
+    gen.add_argument("--width", type=Int(), default=None, help="pixels (default: the model's, or the one served with "
+                     "--height)")
+    gen.add_argument("--steps", type=Int(), default=None, help="content-model denoising steps (default: the model's)")
+    gen.add_argument("--motion-steps", type=Int(), default=None, help="motion-DiT denoising steps (default: the "
+                     "model's)")
+    gen.add_argument("--guidance", type=Number(low=0.0), default=None, help="CFG scale of the content model "
+                     "(default: the model's)")
+    gen.add_argument("--motion-guidance", type=Number(low=0.0), default=None, help="CFG scale (text) of the motion "
+                     "DiT (default: the model's)")
+    gen.add_argument("--scheduler", default=None, help="ddim or dpm (DPM-Solver++ 2M) (default: the model's)")
+    gen.add_argument("--num-videos", type=Int(), default=1, help="videos per prompt (default 1)")
+    gen.add_argument("--motion-variations", type=Int(), default=1, help="motions per content frame (default 1)")
     gen.add_argument("--fps", type=Number(low=FPS_MIN, high=FPS_MAX), default=None,
-                     help=f"frames per second of the file ({FPS_MIN:g} to {FPS_MAX:g}; default: the config's)")
+                     help=f"frames per second of .mp4/.gif ({FPS_MIN:g} to {FPS_MAX:g}; default: the model's)")
     gen.add_argument("--cache", choices=("static", "dynamic"), default=None,
                      help="fewer denoiser evaluations: the model's calibrated reuse schedule (static, any backend) "
                      "or first-block change decisions (dynamic, eager/compile)")
@@ -61,13 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-interval", type=Number(low=0.0, high=1.0), nargs=2, metavar=("START", "END"), default=None,
                      help="CFG only on the steps in this fraction of each loop, e.g. 0.2 0.8")
     eng = p.add_argument_group("engine")
-    eng.add_argument("--model", default=None, help="'default' (shipped weights), a model folder, or random:<config>")
-    eng.add_argument("--backend", default="eager", help="eager, compile, cudagraph, onnxruntime or tensorrt")
-    eng.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    eng.add_argument("--device", default="cpu", help=DEVICES_HELP)
-    eng.add_argument("--batch-size", type=Int(), default=8, help="prompts per pipeline call with --prompts-file")
+    eng.add_argument("--model", default=None, help="'default' (shipped weights; the default), a model folder, or "
+                     "random:<config>")
+    eng.add_argument("--backend", default="eager", help="eager (default), compile, cudagraph, onnxruntime or tensorrt")
+    eng.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    eng.add_argument("--device", default="cpu", help=DEVICES_HELP + " (default cpu)")
+    eng.add_argument("--batch-size", type=Int(), default=None, help=f"prompts per pipeline call with --prompts-file "
+                     f"(default {DEFAULT_BATCH}, or the most the backend takes: ONNX exports hold 4 by default)")
     eng.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _check_image_flags(args, config) -> None:
+    """With --image the content model does not run: its flags would be ignored, so they are refused (one line),
+    except --steps / --guidance where the motion loop takes its count / scale from them (neither
+    --motion-steps / --motion-guidance nor the model's config sets it)."""
+    s = config.sampling
+    ignored = []
+    if args.steps is not None and (args.motion_steps is not None or s.motion_steps is not None):
+        ignored.append("--steps")
+    if args.guidance is not None and (args.motion_guidance is not None or s.motion_guidance is not None):
+        ignored.append("--guidance")
+    if args.negative_prompt is not None:
+        ignored.append("--negative-prompt")
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)} set(s) the content model, which --image replaces: nothing would "
+                         "use it; drop it (--motion-steps and --motion-guidance set the motion loop)")
 
 
 def _outputs(args, n_prompts: int, per_prompt: int) -> List[List[str]]:
@@ -80,8 +110,8 @@ def _outputs(args, n_prompts: int, per_prompt: int) -> List[List[str]]:
             return [[args.out]]
         stem, ext = os.path.splitext(args.out)
         return [[f"{stem}-{k}{ext}" for k in range(per_prompt)]]
-    check_output_dir(args.out_dir, create=True)
-    ext = "." + args.format
+    check_output_dir(args.out_dir)
+    ext = "." + (args.format or "mp4")
     check_writer(ext)
     names = [[f"{i:03d}{ext}" if per_prompt == 1 else f"{i:03d}-{k}{ext}" for k in range(per_prompt)]
              for i in range(n_prompts)]
@@ -99,6 +129,9 @@ def _plan(args):
         raise ValueError("--prompts-file needs --out-dir DIR")
     if args.out is not None and args.out_dir is not None:
         raise ValueError("give --out or --out-dir, not both")
+    if args.out is not None and args.format is not None:
+        raise ValueError(f"--format {args.format} applies to --out-dir; with --out the file's extension chooses the "
+                         f"format ({args.out!r})")
     from engine.backends import check_backend_ready, get_backend
     from engine.default_model import resolve_model
     from engine.request import check_request, parse_device, parse_dtype
@@ -113,6 +146,8 @@ def _plan(args):
     check_seed("--seed", args.seed, len(prompts))  # prompt i uses --seed + i
     spec = resolve_model(args.model)
     config = spec.load_config()
+    if args.image is not None:
+        _check_image_flags(args, config)
     request = check_request(config, num_frames=args.frames, height=args.height, width=args.width,
                             num_inference_steps=args.steps, motion_steps=args.motion_steps, guidance_scale=args.guidance,
                             motion_guidance_scale=args.motion_guidance, scheduler=args.scheduler,
@@ -164,8 +199,22 @@ def _prepare(args):
                                        backend=args.backend)
     _check_prompt_lengths(pipe.text_encoder, plan, args)
     # The backend's limits (exported graphs' sizes and batches) for the largest batch, before any work.
+    if args.batch_size is None:
+        args.batch_size = _default_batch(pipe, plan["request"], len(plan["prompts"]))
     pipe.check_backend(plan["request"], min(args.batch_size, len(plan["prompts"])))
     return plan, pipe
+
+
+def _default_batch(pipe, request, num_prompts: int) -> int:
+    """The largest batch up to :data:`DEFAULT_BATCH` prompts that the backend takes for ``request`` (exported
+    graphs hold a fixed largest batch); 1 when none does, whose error :meth:`check_backend` then reports."""
+    for batch in range(min(DEFAULT_BATCH, num_prompts), 1, -1):
+        try:
+            pipe.check_backend(request, batch)
+            return batch
+        except ValueError:
+            continue
+    return 1
 
 
 def run(args, info=None) -> List[dict]:

@@ -15,15 +15,17 @@ metadata (per-frame durations and the mean fps).
 """
 
 import importlib.util
+import logging
 import os
 import re
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.atomic import atomic_path, deferred_interrupts
+from engine.atomic import atomic_path, check_output, deferred_interrupts
 from engine.cli import check_int, check_number
 
 VIDEO_FORMATS = (".mp4", ".gif", ".npy")
@@ -41,14 +43,13 @@ def output_format(path: str) -> str:
     return ext
 
 
-def check_output_path(path: str) -> str:
-    """Everything about an output path that can be checked before generating: format, writer
-    available, not a folder, parent folder present and writable. Returns the format."""
+def check_output_path(path: str, flag: str = "--out") -> str:
+    """Everything about an output path that can be checked before generating: format, writer available, and
+    (:func:`engine.atomic.check_output`, the one rule) not a folder, below a folder that exists or can be
+    made. Returns the format."""
     ext = output_format(path)
     check_writer(ext)
-    if os.path.isdir(path):
-        raise ValueError(f"output path is a folder: {path!r}")
-    check_output_dir(os.path.dirname(os.path.abspath(path)), create=False)
+    check_output(path, flag=flag)
     return ext
 
 
@@ -59,24 +60,10 @@ def check_writer(ext: str) -> None:
                          "write .npy instead")
 
 
-def check_output_dir(folder: str, create: bool = True) -> None:
-    """A folder we can write into: present and writable, or (``create``) creatable under a writable
-    parent. Nothing is created here."""
-    probe = os.path.abspath(folder)
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise ValueError(f"output folder is a file: {folder!r}")
-    if not os.path.isdir(probe):
-        if not create:
-            raise ValueError(f"output folder does not exist: {folder!r}")
-        while not os.path.isdir(probe):  # the nearest existing ancestor must be writable
-            parent = os.path.dirname(probe)
-            if parent == probe:
-                break
-            probe = parent
-            if os.path.exists(probe) and not os.path.isdir(probe):
-                raise ValueError(f"cannot create output folder {folder!r}: {probe!r} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder is not writable: {probe!r}")
+def check_output_dir(folder: str, flag: str = "--out-dir") -> None:
+    """A folder we can write into: present and writable, or creatable under a writable parent
+    (:func:`engine.atomic.check_output`). Nothing is created here."""
+    check_output(folder, folder=True, flag=flag)
 
 
 def _check_frames(frames) -> None:
@@ -121,6 +108,7 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
     ext = output_format(path)
     check_number("fps", fps, FPS_MIN, FPS_MAX)
     _check_frames(frames)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # The temporary name keeps the extension: ffmpeg picks the container from it. Ctrl-C included,
     # no partial file is ever left.
     with atomic_path(path, suffix=f".part{ext}") as tmp:
@@ -134,8 +122,9 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence], fps: float = 8) 
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> (H, W, 3) float32 in [0, 1]; grey is repeated to RGB, alpha dropped, 8- and 16-bit
-    files scaled by their full range (:func:`engine.images.to_pixels`, the one place these rules live).
+    """An image file -> (H, W, 3) float32 in [0, 1]: the picture an image viewer shows (EXIF orientation,
+    CMYK / palette / grey as RGB, transparency over white), 8- and 16-bit files scaled by their full range
+    (:func:`engine.images.to_pixels`, the one place these rules live).
     ValueError / TypeError for a missing or unreadable file or one of an unsupported kind."""
     from engine.images import to_pixels
 
@@ -275,7 +264,8 @@ def read_video(path: str, max_frames: Optional[int] = None) -> np.ndarray:
     try:
         reader = imageio_ffmpeg.read_frames(path, output_params=list(_PASSTHROUGH))
         try:
-            meta = next(reader)
+            with _no_rotation_notice():  # logged as ffmpeg's header is parsed, at the first item
+                meta = next(reader)
             width, height = meta["size"]
             for raw in reader:
                 frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
@@ -348,6 +338,28 @@ def read_clip(path: str, start: int, count: int, stride: int = 1, size: Tuple[in
         raise ValueError(f"cannot read video {path!r}: {got} of the {count} frames from frame {start} at stride "
                          f"{stride} decoded (the video is shorter)")
     return np.frombuffer(proc.stdout, np.uint8, count * height * width * 3).reshape(count, height, width, 3)
+
+
+# imageio-ffmpeg logs "The frame size for reading (w, h) is different from the source frame size (h, w)." for
+# every clip stored rotated (a phone video's rotation metadata): ffmpeg turns the frames upright as it decodes,
+# which is what we want, so the line alarms without cause. Only that record is dropped, only while we open a clip.
+_FFMPEG_LOGGER = "imageio_ffmpeg"
+ROTATION_NOTICE = "The frame size for reading "
+
+
+class _RotationNoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(ROTATION_NOTICE)
+
+
+@contextmanager
+def _no_rotation_notice() -> Iterator[None]:
+    logger, notice = logging.getLogger(_FFMPEG_LOGGER), _RotationNoticeFilter()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _decode_error(path: str) -> str:

@@ -11,9 +11,11 @@ MODEL: ``default`` (the shipped weights), a CMD model folder, or ``random:<confi
 """
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
+from engine.atomic import check_output
 from engine.cli import Int, Number, Parser, run_main
 
 
@@ -54,13 +56,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_onnx(args) -> int:
-    from engine.artefacts import default_export_dir
+    from engine.artefacts import cache_root, default_export_dir
     from engine.networks import ShapeBucket
     from export.onnx_export import DEFAULT_OPSET, check_opset, export_model, load_model, parse_precision
 
     parse_precision(args.precision)
     opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)
     buckets = [ShapeBucket.parse(b) for b in args.bucket] if args.bucket else None
+    if args.out:  # the output before the model loads (the default one's name needs the weights: its cache)
+        check_output(args.out, folder=True)
+    else:
+        check_output(os.path.join(cache_root(), "onnx"), folder=True, flag="the export cache ($CMD_CACHE/onnx)")
     model, text_encoder = load_model(args.model)
     out = args.out or default_export_dir(model, args.precision)
     external = {"auto": None, "always": True, "never": False}[args.external_data]
@@ -77,6 +83,8 @@ def _cmd_check(args) -> int:
     from export.onnx_export import load_model
 
     manifests = [read_manifest(d) for d in args.onnx]  # fail on a bad folder before loading anything
+    if args.json:
+        check_output(args.json, flag="--json")
     specs = []
     for folder, manifest in zip(args.onnx, manifests):
         spec = args.model or manifest["model"].get("spec")
@@ -112,6 +120,10 @@ def _cmd_tensorrt(args) -> int:
         raise ValueError(f"unknown --precision {args.precision!r}; choose from {', '.join(PRECISIONS)}")
     if not args.check_only and not args.out:
         raise ValueError("--out DIR is required (the plan folder), unless --check-only")
+    if args.out and not args.check_only:
+        check_output(args.out, folder=True)
+    if args.timing_cache:
+        check_output(args.timing_cache, flag="--timing-cache")
     problems = check_graphs(args.onnx, args.network)
     for name, found in problems.items():
         status = "ok" if not found else f"{len(found)} problem(s)"

@@ -144,30 +144,41 @@ def op_counts(proto) -> Dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-# torch.onnx's exporter builds its operator registry on every export and, where torchvision is not
-# installed, logs one warning per torchvision op it has a translation for ("torchvision is not installed.
-# Skipping torchvision::nms", roi_align, roi_pool, deform_conv2d): four lines per network. The CMD networks
-# call no torchvision op (without torchvision they could not), so the lines tell a user nothing. This filter
-# drops those records only, on the logger that emits them, while an export runs; every other message of
-# that logger (and of torch.onnx) still shows.
+# Notices an export logs that tell a user of the graphs nothing, by logger: the lines they start with. These
+# records only are dropped, on the logger that emits them, while an export runs; every other message of those
+# loggers (and of torch.onnx) still shows.
+# - torch.onnx's exporter builds its operator registry on every export and, where torchvision is not installed,
+#   logs one warning per torchvision op it has a translation for ("torchvision is not installed. Skipping
+#   torchvision::nms", roi_align, roi_pool, deform_conv2d): four lines per network. The CMD networks call no
+#   torchvision op (without torchvision they could not).
+# - onnxscript's constant folding tries ONNX's reference implementation on nodes whose inputs are constants
+#   and logs "Evaluation failed: cannot reshape array ..." where it cannot (a Reshape of a shape that is
+#   symbolic until run time): the node is kept as it is, the graph is whole (onnx.checker and the parity checks
+#   run on it), so the line alarms without cause.
 _REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
-_TORCHVISION_NOTICE = "torchvision is not installed. Skipping "
+_FOLDING_LOGGER = "onnxscript.optimizer._constant_folding"
+QUIET_NOTICES = {_REGISTRY_LOGGER: "torchvision is not installed. Skipping ", _FOLDING_LOGGER: "Evaluation failed: "}
 
 
-class _TorchvisionNoticeFilter(logging.Filter):
+class _PrefixFilter(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_TORCHVISION_NOTICE)
+        return not str(record.msg).startswith(self.prefix)
 
 
 @contextmanager
-def _no_torchvision_notices():
-    logger = logging.getLogger(_REGISTRY_LOGGER)
-    notice_filter = _TorchvisionNoticeFilter()
-    logger.addFilter(notice_filter)
+def _no_export_notices():
+    added = [(logging.getLogger(name), _PrefixFilter(prefix)) for name, prefix in QUIET_NOTICES.items()]
+    for logger, notice_filter in added:
+        logger.addFilter(notice_filter)
     try:
         yield
     finally:
-        logger.removeFilter(notice_filter)
+        for logger, notice_filter in added:
+            logger.removeFilter(notice_filter)
 
 
 def export_network(network: Network, model, out_dir: str, precision="float32", opset: int = DEFAULT_OPSET,
@@ -188,7 +199,7 @@ def export_network(network: Network, model, out_dir: str, precision="float32", o
     args = network.sample_inputs(batch=_export_batch(network), dtype=dtype, device=device)
 
     start = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings(), _no_torchvision_notices():
+    with torch.no_grad(), warnings.catch_warnings(), _no_export_notices():
         # torch.export is chatty about things that do not concern a user of the graph
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, tuple(args.values()), dynamo=True, opset_version=opset,

@@ -21,7 +21,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from engine.artefacts import PLANS_MANIFEST, gpu_identity, networks_from_manifest, read_manifest, read_plans
+from engine.artefacts import PLANS_MANIFEST, file_hash, gpu_identity, networks_from_manifest, read_manifest, read_plans
 from engine.backends.tensorrt import import_tensorrt
 from engine.networks import Network
 from engine.atomic import output_lock, write_bytes, write_json
@@ -144,13 +144,16 @@ def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool 
             key = plan_key(entry["onnx_sha256"], entry["weights_sha256"], precision, profiles, target["gpu"],
                            target["compute_capability"], trt.__version__, options)
             path = os.path.join(out_dir, plan_filename(name, key))
-            if os.path.isfile(path) and not force:
+            cached = old.get("networks", {}).get(name, {})
+            if (not force and os.path.isfile(path) and cached.get("plan") == os.path.basename(path)
+                    and cached.get("plan_sha256") == file_hash(path)):  # a changed or truncated plan is built again
                 log(f"{name}: plan cache hit ({os.path.basename(path)})")
             else:
                 log(f"{name}: building ({precision}{' + fp8' if fp8 else ''}, {len(profiles)} profile(s))")
                 build_plan(os.path.join(onnx_dir, entry["file"]), network, path, precision, fp8, timing_cache,
                            workspace_gb, log)
-            plans["networks"][name] = {"plan": os.path.basename(path), "key": key, "profiles": profiles}
+            plans["networks"][name] = {"plan": os.path.basename(path), "plan_sha256": file_hash(path), "key": key,
+                                       "profiles": profiles}
         write_json(os.path.join(out_dir, PLANS_MANIFEST), plans)
     return plans
 

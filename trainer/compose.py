@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from engine.atomic import output_lock
+from engine.atomic import check_output, output_lock
 from engine.cli import Parser, run_main
 from engine.configs import load_config
 from engine.model_folder import check_model_folder
@@ -31,11 +31,13 @@ def _same_encoder(a, b) -> bool:
 def compose(autoencoder: str, content: str, motion: str, out: str, config: Optional[str] = None) -> CMDModel:
     """The model folder ``out`` from the autoencoder (and image VAE) of one folder, the content UNet of another
     and the motion DiT of a third. A one-line ValueError, before any weights load, for a folder with a missing
-    or truncated file (:func:`engine.model_folder.check_model_folder`) or an unknown ``config``; after loading,
+    or truncated file (:func:`engine.model_folder.check_model_folder`), an ``out`` that cannot be written or an
+    unknown ``config``; after loading,
     for folders whose encoders differ."""
     folders = (autoencoder, content, motion)
     for folder in folders:
         check_model_folder(folder)
+    check_output(out, folder=True)
     if config:
         load_config(config)
     ae_model, content_model, motion_model = (CMDModel.from_pretrained(p) for p in folders)

@@ -99,6 +99,7 @@ class CaptionEmbeddings:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from engine.atomic import check_output
     from engine.configs import load_config
     from engine.models.text import TextEncoder
     from trainer.data import SyntheticVideos
@@ -113,6 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def body() -> int:
         args = parser.parse_args(argv)
+        check_output(args.out)  # before the text encoder runs
         cfg = load_config(args.config)
         data = SyntheticVideos(args.num_clips, cfg.num_frames, cfg.height, cfg.width, seed=args.seed)
         captions = sorted({data[i]["caption"] for i in range(len(data))} | {""})

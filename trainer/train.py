@@ -61,7 +61,7 @@ from engine.cli import TRAIN_SEED_MAX, Int, Number, Parser, UsageError, check_in
 from engine.configs import CMDConfig, load_config
 from engine.models import CMDModel
 from engine.models.bundle import CONFIG_FILE, build_motion_dit
-from engine.model_folder import check_model_folder
+from engine.model_folder import check_model_folder, check_tensors
 from engine.models.content import build_content_unet, find_content_unet, load_content_unet
 from engine.models.vae import find_vae, load_vae
 from trainer import checkpoint as ckpt
@@ -720,6 +720,8 @@ def _resume(run: _Run) -> None:
     if list(saved_sizes) != hp["sizes"] and info.is_main:
         print(f"note: resuming with sizes {','.join(hp['sizes'])} (checkpoint: {','.join(saved_sizes)}): "
               "the batches' sizes differ from the uninterrupted run's", file=sys.stderr)
+    for name in ("model", "ema"):  # integer, misshapen or NaN weights: one line naming the tensor, not a cast
+        check_tensors(state[name].items(), run.net.state_dict(), f"checkpoint {path!r}: {name}.safetensors")
     run.net.load_state_dict(state["model"])
     run.ema.load_state_dict(state["ema"], state["state"]["ema_updates"])
     run.rng_saved = state["rng"]  # set just before the first step: nothing may draw after it

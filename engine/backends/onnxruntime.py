@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.artefacts import (EXPORT_AGAIN, ONNX_DIR_ENV, PRECISIONS, check_export_exists, check_weights,
+from engine.artefacts import (EXPORT_AGAIN, ONNX_DIR_ENV, PRECISIONS, check_export_exists, check_files, check_weights,
+                              graph_files,
                               load_tokenizer, locate_export, networks_from_manifest, read_manifest, weights_hash)
 from engine.backends import register_backend
 from engine.backends.graph import GraphBackend
@@ -117,6 +118,7 @@ class OnnxRuntimeBackend(GraphBackend):
         folder = locate_export(model, self.dtype, onnx_dir, digest)
         self.manifest = read_manifest(folder)
         self.attach(folder, networks_from_manifest(self.manifest), "graphs")
+        check_files(folder, graph_files(self.manifest), self.source, EXPORT_AGAIN)  # before any graph runs
         if verify_weights:
             check_weights(self.manifest["model"]["weights_sha256"], model, self.source, EXPORT_AGAIN, digest)
         self.providers = list(providers) if providers is not None else providers_for(self.device)
@@ -162,6 +164,7 @@ class OnnxTextEncoder(TextEncoder):
         networks = networks_from_manifest(manifest)
         if "text_encoder" not in networks:
             raise ValueError(f"export folder {onnx_dir!r} has no text_encoder graph; export it with the text encoder")
+        check_files(onnx_dir, graph_files(manifest, ["text_encoder"]), f"the graphs in {onnx_dir!r}", EXPORT_AGAIN)
         info = manifest["text_encoder"]
         graph = OrtNetwork(onnx_dir, networks["text_encoder"], manifest["networks"]["text_encoder"], device,
                            providers, threads)

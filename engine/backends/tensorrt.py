@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from engine.artefacts import (BUILD_PLANS, PLAN_DIR_ENV, check_plans_runnable, check_weights,
-                              gpu_identity, plan_networks, read_plans)
+from engine.artefacts import (BUILD_PLANS, PLAN_DIR_ENV, check_files, check_plans_runnable, check_weights,
+                              gpu_identity, plan_files, plan_networks, read_plans)
 from engine.backends import register_backend
 from engine.backends.graph import GraphBackend
 from engine.networks import Network, NetworkCall, check_calls
@@ -165,6 +165,7 @@ class TensorRTBackend(GraphBackend):
         self.cuda_graph = cuda_graph
         self.stream = torch.cuda.Stream(self.device)
         self.attach(plan_dir, plan_networks(self.plans), "plans")  # the networks that have a plan
+        check_files(plan_dir, plan_files(self.plans), self.source, f"build them again: {BUILD_PLANS}")
         if verify_weights:
             check_weights(self.plans["weights_sha256"], model, self.source, "export and build again")
 

@@ -30,7 +30,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from engine.atomic import atomic_dir
 from engine.configs import CMDConfig, load_config
 from engine.logs import quiet_loading
-from engine.model_folder import CONFIG_FILE, NETWORK_CONFIG, NETWORKS, check_model_folder, required_networks
+from engine.model_folder import (CONFIG_FILE, NETWORK_CONFIG, NETWORKS, check_model_folder, check_network_weights,
+                                 network_tensors, required_networks)
 from engine.text_files import read_json
 from engine.models.autoencoder import CMDAutoencoder
 from engine.models.motion_dit import MotionDiT
@@ -160,12 +161,17 @@ class CMDModel(nn.Module):
         """Load a model folder written by ``save_pretrained`` (safetensors only, nothing unpickled). A
         one-line ValueError naming the folder and the file, before any network loads, when a file is missing
         or truncated (:func:`engine.model_folder.check_model_folder`) or a network's hyper-parameters
-        disagree with the config's."""
+        disagree with the config's, or a weight is not one of the network's (an integer tensor, another shape,
+        NaN/inf, a missing or an extra tensor: :func:`engine.model_folder.check_tensors`)."""
         cfg = check_model_folder(path)
         names = required_networks(cfg)
+        network_configs = {}
         for name in names:  # every network's copy of the config before any weights: a clear error, not a shape one
-            network_config = read_json(os.path.join(path, name, NETWORK_CONFIG), "network config")
-            check_network_config(cfg, name, network_config, path)
+            network_configs[name] = read_json(os.path.join(path, name, NETWORK_CONFIG), "network config")
+            check_network_config(cfg, name, network_configs[name], path)
+        for name in names:  # then every tensor, before any network loads
+            check_network_weights(os.path.join(path, name), network_tensors(CLASSES[name], network_configs[name]),
+                                  f"model folder {path!r}: {name}/")
         nets = {name: None for name in NETWORKS}
         for name in names:
             kind, sub = CLASSES[name], os.path.join(path, name)

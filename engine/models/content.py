@@ -9,7 +9,7 @@ from typing import Any, Dict
 from diffusers import UNet2DConditionModel
 
 from engine.logs import quiet_loading
-from engine.model_folder import find_network_folder
+from engine.model_folder import check_network_weights, find_network_folder, network_tensors
 
 
 def build_content_unet(unet_kwargs: Dict[str, Any]) -> UNet2DConditionModel:
@@ -31,6 +31,9 @@ def load_content_unet(path: str) -> UNet2DConditionModel:
     # Its files first (one line naming a missing or truncated one, not diffusers' error lines), and the
     # format found, so that diffusers does not log an error looking for safetensors in a .bin folder.
     sub, safetensors = find_content_unet(path)
+    if safetensors:  # a Stable Diffusion folder's names may be older ones diffusers renames: names not checked
+        folder = os.path.join(path, sub or "")
+        check_network_weights(folder, network_tensors(UNet2DConditionModel, folder), f"{folder!r}: ", keys=False)
     try:
         return UNet2DConditionModel.from_pretrained(path, subfolder=sub, use_safetensors=safetensors)
     except Exception as e:  # diffusers raises many kinds; say which folder is bad

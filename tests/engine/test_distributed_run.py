@@ -250,7 +250,7 @@ def test_a_failed_prompt_is_recorded_while_the_rest_finish(tmp_path, model_dir, 
 BAD = [
     ("empty", "no prompts in"),
     ("too long", "line 3 of"),
-    ("out-dir is a file", "output folder is a file"),
+    ("out-dir is a file", "--out-dir is a folder, got"),
 ]
 
 

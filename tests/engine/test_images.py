@@ -56,8 +56,7 @@ def _forms(u8: np.ndarray, tmp_path):
     forms["torch-bfloat16-CHW"] = (torch.from_numpy(f64.transpose(2, 0, 1).copy()).to(torch.bfloat16), 4e-3)
     forms["list-of-one"] = ([u8], 1e-6)
     forms["PIL-RGB"] = (Image.fromarray(u8), 1e-6)
-    rgba = np.concatenate([u8, np.full(u8.shape[:2] + (1,), 77, np.uint8)], axis=2)
-    forms["PIL-RGBA"] = (Image.fromarray(rgba), 1e-6)  # alpha dropped, as for files
+    forms["PIL-RGBA-opaque"] = (Image.fromarray(np.dstack([u8, np.full(u8.shape[:2], 255, np.uint8)])), 1e-6)
     Image.fromarray(u8).save(tmp_path / "rgb8.png")
     forms["file-png8"] = (str(tmp_path / "rgb8.png"), 1e-6)
     forms["file-png8-pathlib"] = (tmp_path / "rgb8.png", 1e-6)
@@ -146,7 +145,7 @@ def test_cli_takes_a_16bit_image_and_refuses_an_unusable_one(tmp_path, capsys):
     Image.fromarray(grey).save(tmp_path / "grey16.png")
     out = tmp_path / "v.npy"
     assert run_main(["--prompt", "moving left", "--model", model, "--image", str(tmp_path / "grey16.png"),
-                     "--steps", "1", "--motion-steps", "1", "--quiet", "--out", str(out)]) == 0
+                     "--motion-steps", "1", "--quiet", "--out", str(out)]) == 0
     assert out.is_file()
     bad = np.full((16, 16), 3.0, np.float32)
     Image.fromarray(bad).save(tmp_path / "bright.tiff")
@@ -156,3 +155,97 @@ def test_cli_takes_a_16bit_image_and_refuses_an_unusable_one(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "bright.tiff" in err and "\n" not in err, err
     assert not (tmp_path / "w.npy").exists()
+
+
+# -- images as a viewer shows them (issue 25.5): each kind of file built with PIL here, read as a path and as
+# the PIL image a user would hold, both giving the picture a viewer shows.
+
+def _blocks(h=32, w=24) -> np.ndarray:
+    """A picture of flat 8x8 blocks of saturated and mid colours (JPEG keeps flat blocks within a few levels)."""
+    colours = np.array([(255, 0, 0), (0, 200, 0), (0, 0, 255), (250, 220, 30), (30, 30, 30), (140, 90, 200)],
+                       np.uint8)
+    idx = (np.arange(h)[:, None] // 8 + 2 * (np.arange(w)[None] // 8)) % len(colours)
+    return colours[idx]
+
+
+def _viewer_checks(path, want: np.ndarray, atol: float):
+    """The file as a path and as a PIL image both give ``want`` (H, W, 3) uint8 within ``atol`` levels."""
+    for form in (str(path), Image.open(path)):
+        got = (to_pixels(form)[0].permute(1, 2, 0).numpy() * 255).round()
+        assert got.shape == want.shape, (type(form), got.shape, want.shape)
+        err = np.abs(got - want.astype(np.float64)).max()
+        assert err <= atol, f"{type(form).__name__} {path}: off by {err} levels"
+
+
+def test_cmyk_jpeg_adobe_inverted_gives_the_picture_not_its_negative(tmp_path):
+    rgb = _blocks()
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(path, quality=98)
+    data = path.read_bytes()
+    assert b"Adobe" in data[:200], "PIL writes CMYK JPEGs as Photoshop does: an Adobe marker, inverted samples"
+    assert Image.open(path).mode == "CMYK"
+    _viewer_checks(path, rgb, atol=12)
+
+
+@pytest.mark.parametrize("orientation, turn", [(3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)),
+                                               (8, lambda a: np.rot90(a, 1)), (2, lambda a: a[:, ::-1])])
+def test_exif_orientation_is_applied(tmp_path, orientation, turn):
+    rgb = np.random.default_rng(7).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    Image.fromarray(rgb).save(path, exif=exif)
+    _viewer_checks(path, np.ascontiguousarray(turn(rgb)), atol=0)
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float64)[..., None] / 255
+    return rgb * a + 255 * (1 - a)
+
+
+def test_alpha_is_composited_over_white_in_every_mode_that_has_it(tmp_path):
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (10, 14), dtype=np.uint8)
+    alpha[0, :3] = (0, 255, 128)  # fully transparent, opaque and half
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "rgba.png")
+    _viewer_checks(tmp_path / "rgba.png", _over_white(rgb, alpha), atol=1)
+    grey = rgb[..., 0]
+    Image.fromarray(np.dstack([grey, alpha]), mode="LA").save(tmp_path / "la.png")
+    _viewer_checks(tmp_path / "la.png", _over_white(np.repeat(grey[..., None], 3, 2), alpha), atol=1)
+    # a palette whose entry 0 is transparent (GIF/PNG "transparency"): those pixels show white
+    pal = Image.fromarray(rgb).quantize(8)
+    indices = np.array(pal)
+    pal.save(tmp_path / "p.png", transparency=0)
+    want = np.array(pal.convert("RGB")).astype(np.float64)
+    want[indices == 0] = 255
+    _viewer_checks(tmp_path / "p.png", want, atol=0)
+    pal.save(tmp_path / "p.gif", transparency=0)
+    _viewer_checks(tmp_path / "p.gif", want, atol=0)
+
+
+def test_palette_grey_and_one_bit_images(tmp_path):
+    rgb = np.random.default_rng(9).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    pal = Image.fromarray(rgb).quantize(16)
+    pal.save(tmp_path / "p.png")
+    _viewer_checks(tmp_path / "p.png", np.array(pal.convert("RGB")), atol=0)
+    grey = rgb[..., 1]
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    _viewer_checks(tmp_path / "l.png", np.repeat(grey[..., None], 3, 2), atol=0)
+    Image.fromarray(grey > 128).save(tmp_path / "1.png")
+    _viewer_checks(tmp_path / "1.png", np.repeat(np.where(grey > 128, 255, 0)[..., None], 3, 2), atol=0)
+
+
+def test_cli_image_is_the_pil_image_of_the_same_file(pipe, tmp_path):
+    """--image and pipe(image=PIL image) go through one rule: same content frame for a rotated CMYK JPEG."""
+    cfg = pipe.config
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_blocks(cfg.width, cfg.height)).convert("CMYK").save(tmp_path / "c.jpg", exif=exif, quality=98)
+    from engine.video_io import read_image
+
+    from_path = pipe.prepare_image(read_image(str(tmp_path / "c.jpg")), cfg.height, cfg.width, 1)
+    from_pil = pipe.prepare_image(Image.open(tmp_path / "c.jpg"), cfg.height, cfg.width, 1)
+    torch.testing.assert_close(from_path, from_pil)
+    want = torch.from_numpy(np.rot90(_blocks(cfg.width, cfg.height), -1).copy()).permute(2, 0, 1).double() / 255 * 2 - 1
+    assert (from_pil[0].double() - want).abs().max().item() < 0.1

@@ -209,4 +209,8 @@ def test_cli_checks_the_graphs_before_any_work(default_model, default_export, tm
         assert err.startswith("error: the graphs in") and f"{max_batch + 1} prompt(s)" in err and "\n" not in err, err
         assert runs == [] and not os.path.exists(tmp_path / "videos")
         assert run_main(argv + ["--batch-size", str(max_batch)]) == 0
-    assert sorted(os.listdir(tmp_path / "videos")) == [f"{i:03d}.npy" for i in range(len(prompts))] and runs
+        assert sorted(os.listdir(tmp_path / "videos")) == [f"{i:03d}.npy" for i in range(len(prompts))] and runs
+        # without --batch-size (the README's example): the batch default is the most the graphs take
+        runs.clear()
+        assert run_main(argv[:3] + [str(tmp_path / "default-batch")] + argv[4:]) == 0, capsys.readouterr().err
+        assert len(os.listdir(tmp_path / "default-batch")) == len(prompts) and runs
