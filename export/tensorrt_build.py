@@ -28,7 +28,8 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from engine.artefacts import PLANS_MANIFEST, gpu_identity, networks_from_manifest, read_manifest, read_plans
+from engine.artefacts import (PLANS_MANIFEST, PRECISIONS as EXPORTABLE, gpu_identity, networks_from_manifest,
+                              read_manifest, read_plans)
 from engine.atomic import write_bytes, write_json
 from engine.backends.tensorrt import import_tensorrt, tensorrt_major
 from engine.networks import Network
@@ -80,6 +81,9 @@ def plan_precision(requested: Optional[str], export_precision: str, onnx_dir: st
         raise ValueError(f"{onnx_dir!r} holds {export_precision!r} graphs, which no TensorRT plan precision matches")
     if requested not in (None, exported):
         wanted = next(k for k, v in EXPORT_PRECISIONS.items() if v == requested)
+        if wanted not in EXPORTABLE:
+            raise ValueError(f"plans are strongly typed (their precision is the graphs'): {requested} plans need "
+                             f"{wanted} graphs, and python -m export onnx writes {' and '.join(EXPORTABLE)} only")
         raise ValueError(f"plans are strongly typed (their precision is the graphs'): {onnx_dir!r} holds "
                          f"{export_precision} graphs, so {requested} plans need a {wanted} export "
                          f"(python -m export onnx --precision {wanted}), or drop --precision")

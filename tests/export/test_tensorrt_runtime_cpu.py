@@ -49,6 +49,8 @@ def test_plan_precision_is_the_exports():
     with pytest.raises(ValueError, match="strongly typed.*float32 graphs.*fp16 plans need a float16 export.*"
                                          "--precision float16"):
         tb.plan_precision("fp16", "float32", "o")
+    with pytest.raises(ValueError, match="bf16 plans need bfloat16 graphs.*float32 and float16 only"):
+        tb.plan_precision("bf16", "float16", "o")
     with pytest.raises(ValueError, match="unknown TensorRT precision 'int8'"):
         tb.plan_precision("int8", "float32", "o")
 
