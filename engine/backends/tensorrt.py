@@ -108,14 +108,17 @@ class SlotContexts:
     replays against exactly the state it was captured with, whatever other slots ran in between (a
     guidance interval's batch B then 2B, a smaller last batch, two buckets).
 
-    Where TensorRT refuses a second context the slot's profile (one profile per context in some
+    Without CUDA graphs (``per_slot=False``) one context serves every slot and is rebound when the slot
+    changes (one activation memory instead of one per slot). Where TensorRT refuses a second context the
+    slot's profile (one profile per context in some
     versions), the slot shares that profile's first context instead; then binding the shared context to
     another slot drops the graphs captured on it, and the next call of those slots re-captures.
     Needs only the engine's context API, no CUDA (the runtime passes the stream handle)."""
 
-    def __init__(self, engine, stream_handle: int):
+    def __init__(self, engine, stream_handle: int, per_slot: bool = True):
         self.engine = engine
         self.stream_handle = stream_handle
+        self.per_slot = per_slot  # False (no CUDA graphs): one context for all slots, rebound on a change
         self.bound: Dict[int, tuple] = {}  # id(context) -> the slot key it is bound to
         self.by_profile: Dict[int, object] = {}  # profile -> the first context that took it
         self.slots: Dict[tuple, _Slot] = {}
@@ -143,6 +146,8 @@ class SlotContexts:
         self.bound[id(context)] = key
 
     def _context_for(self, profile: int):
+        if not self.per_slot and self.by_profile:  # nothing captured: one context (one device memory) serves all
+            return next(iter(self.by_profile.values()))
         context = self.engine.create_execution_context()
         if context is not None and self._try_profile(context, profile):
             self.by_profile.setdefault(profile, context)
@@ -183,7 +188,8 @@ class TrtNetwork:
         expected = set(network.input_names + network.output_names)
         if set(names) != expected:
             raise ValueError(f"plan {plan_path!r} has tensors {sorted(names)}, the declaration {sorted(expected)}")
-        self.contexts = SlotContexts(self.engine, stream.cuda_stream)
+        # Per-slot contexts only where graphs are captured: each holds its own activation memory.
+        self.contexts = SlotContexts(self.engine, stream.cuda_stream, per_slot=cuda_graph)
         self.slots: Dict[Tuple[int, int], _Slot] = {}
 
     def _slot(self, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Tuple[int, int], _Slot]:

@@ -298,3 +298,16 @@ def test_shared_context_invalidates_its_graphs():
     large.graph = "g-large"
     contexts.bind((0, 1), small)
     assert large.graph is None and small.context.shapes == {"x": (1, 3)}
+
+
+def test_without_graphs_one_context_serves_every_slot():
+    """No CUDA graphs: one context (one activation memory), rebound to each slot's profile and buffers."""
+    engine = FakeEngine()
+    contexts = SlotContexts(engine, stream_handle=7, per_slot=False)
+    slots = {(0, 1): slot(0, 1), (1, 2): slot(1, 2)}
+    for key in [(0, 1), (1, 2), (0, 1)]:
+        contexts.bind(key, slots[key])
+        context = slots[key].context
+        assert context.profile == key[0] and context.shapes == {"x": (key[1], 3)}
+        assert context.addresses["y"] == slots[key].outputs["y"].data_ptr()
+    assert len(engine.contexts) == 1
