@@ -52,6 +52,7 @@ from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sam
 from engine.cli import Parser, fail, parse_or_exit  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.geometry import ClipSize, check_fits  # noqa: E402
+from engine.memory import peak_memory, reset_peak  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
 from engine.models import CMDModel  # noqa: E402
 from engine.pipeline import CMDPipeline  # noqa: E402
@@ -407,7 +408,9 @@ def plot(report: dict, path: Path) -> Optional[str]:
     return str(path)
 
 
-def run_benchmark(args) -> dict:
+def check_run_args(args) -> tuple:
+    """(device, dtype, config, backends to run) from the arguments; bad ones end the run with one line
+    (exit 2) before any work. Sets ``args.guidance`` to the config's where not given."""
     try:
         device, dtype = parse_device(args.device), parse_dtype(args.dtype)
         cfg = load_config(args.config)
@@ -430,15 +433,12 @@ def run_benchmark(args) -> dict:
         print(f"[skip] backend {b!r} needs CUDA", flush=True)
     if not backends:
         fail("no backend left to run on this device")
+    return device, dtype, cfg, backends
 
-    report = {"environment": environment(device),
-              "settings": {"dtype": args.dtype, "steps": args.steps, "motion_steps": args.motion_steps,
-                           "guidance": guidance, "repeats": args.repeats, "warmup": args.warmup,
-                           "batch_sizes": args.batch_sizes, "seed": args.seed, "prompt": PROMPT},
-              "config": {"name": cfg.name, "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}}
-    report["ceiling"] = matmul_ceiling(device, dtype)
 
-    # FLOPs on the meta device, per frame count (full accounting: what the GPU executes, CFG included).
+def count_flops(cfg, args) -> tuple:
+    """FLOPs on the meta device per frame count (full accounting: what the GPU executes, CFG included), and
+    the paper's accounting at the config's frame count: (by frames, paper)."""
     frame_counts = sorted(set(args.frames) | {cfg.num_frames} | set(args.baseline_frames or []))
     flops_by_frames, flops_paper = {}, None
     for frames in frame_counts:
@@ -446,25 +446,20 @@ def run_benchmark(args) -> dict:
         flops_by_frames[frames] = summarize(costs, cfg, args.steps, "full", frames, args.motion_steps)
         if frames == cfg.num_frames:
             flops_paper = summarize(costs, cfg, args.steps, "paper", frames, args.motion_steps)
-    report["flops"] = {"full": flops_by_frames[cfg.num_frames], "paper": flops_paper}
+    return flops_by_frames, flops_paper
 
-    if not args.skip_baseline:  # first, alone on the device, so its peak holds no CMD weights
-        report["baseline"] = bench_baseline(cfg, device, dtype, guidance, flops_by_frames, args)
 
-    torch.manual_seed(args.seed)
-    model = CMDModel.from_config(cfg, device=device).to(dtype=dtype)
-    text = cfg.text_encoder
-    encoder = RandomTextEncoder(text.hidden_size, text.max_length).to(device)
-    report["params"] = {"content_unet": _params(model.content_unet), "motion_dit": _params(model.motion_dit),
-                        "ae_decoder": flops_paper["networks"]["ae_decoder"]["params"],
-                        "autoencoder": _params(model.autoencoder), "image_vae": _params(model.vae),
-                        "text_encoder (random)": _params(encoder),
-                        "baseline_unet3d": (report.get("baseline") or {}).get("params")}
+def _pipeline(model, encoder, backend: str, args) -> CMDPipeline:
+    return CMDPipeline(model, encoder, backend,
+                       {"mode": args.compile_mode} if backend == "compile" and args.compile_mode else None)
 
+
+def run_backends(model, encoder, backends, cfg, device, args, flops_by_frames, report) -> tuple:
+    """Each backend at each batch size, timed: (runs, outputs at the smallest batch per backend). The first
+    backend also times the image VAE decode apart (unless ``--skip-vae``)."""
     runs, outputs = [], {}
     for backend in backends:
-        pipe = CMDPipeline(model, encoder, backend,
-                           {"mode": args.compile_mode} if backend == "compile" and args.compile_mode else None)
+        pipe = _pipeline(model, encoder, backend, args)
         for batch in args.batch_sizes:
             print(f"[cmd] backend {backend}, batch {batch}", flush=True)
             keep = {} if batch == min(args.batch_sizes) else None
@@ -483,32 +478,30 @@ def run_benchmark(args) -> dict:
             report["vae_decode"] = vae_apart(pipe, device, args)
         del pipe
         _free(device)
-    report["runs"] = runs
-    # Same seed and inputs: each backend's output against eager's (batch min(--batch-sizes)).
-    report["vs_eager_output"] = ({b: compare_outputs(v, outputs["eager"]) for b, v in outputs.items() if b != "eager"}
-                                 if "eager" in outputs else {})
-    del outputs
+    return runs, outputs
 
+
+def best_and_speedups(runs: List[dict], baseline: Optional[dict], cfg, args) -> tuple:
+    """The fastest backend at the smallest batch and its speedups over eager and the baseline (same run)."""
     b1 = {r["backend"]: r for r in runs if r["batch"] == min(args.batch_sizes)}
     best = min(b1, key=lambda b: b1[b]["latency_s"])
-    report["best_backend"] = best
     speedup = {}
     if "eager" in b1:
         speedup["vs_eager"] = _sig(b1["eager"]["latency_s"] / b1[best]["latency_s"])
-    base16 = [r for r in (report.get("baseline") or {}).get("runs", []) if r["frames"] == cfg.num_frames]
+    base16 = [r for r in (baseline or {}).get("runs", []) if r["frames"] == cfg.num_frames]
     if base16 and min(args.batch_sizes) == 1:
         speedup["vs_baseline"] = _sig(base16[0]["latency_s"] / b1[best]["latency_s"])
-    report["speedup"] = speedup
+    return best, speedup
 
-    # Frame scaling with the fastest backend: the same networks, configs that allow longer clips.
-    report["scaling_backend"] = best
+
+def frame_scaling(model, encoder, best: str, cfg, device, args, flops_by_frames) -> List[dict]:
+    """Frame scaling with the fastest backend: the same networks, configs that allow longer clips."""
     scaling = []
     for frames in args.frames:
         print(f"[scaling] {frames} frames ({best})", flush=True)
         model_f = CMDModel(_with_frames(cfg, frames), model.autoencoder, model.motion_dit, model.content_unet,
                            model.vae)
-        pipe = CMDPipeline(model_f, encoder, best,
-                           {"mode": args.compile_mode} if best == "compile" and args.compile_mode else None)
+        pipe = _pipeline(model_f, encoder, best, args)
         result = timed(cmd_run(pipe, 1, args), device, args.repeats, args.warmup)
         result.update(frames=frames, tflops=round(flops_by_frames[frames]["cmd"]["total"], 3))
         scaling.append(result)
@@ -517,7 +510,44 @@ def run_benchmark(args) -> dict:
                                         "peak_reserved_gb": result["peak_reserved_gb"]}), flush=True)
         del pipe, model_f
         _free(device)
-    report["scaling"] = scaling
+    return scaling
+
+
+def run_benchmark(args) -> dict:
+    """The whole measurement as named steps: check the arguments, count FLOPs, time the baseline (first,
+    alone on the device), build the model, time every backend, compare outputs, find the best backend,
+    scale frames with it, check the targets."""
+    device, dtype, cfg, backends = check_run_args(args)
+    report = {"environment": environment(device),
+              "settings": {"dtype": args.dtype, "steps": args.steps, "motion_steps": args.motion_steps,
+                           "guidance": args.guidance, "repeats": args.repeats, "warmup": args.warmup,
+                           "batch_sizes": args.batch_sizes, "seed": args.seed, "prompt": PROMPT},
+              "config": {"name": cfg.name, "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}}
+    report["ceiling"] = matmul_ceiling(device, dtype)
+    flops_by_frames, flops_paper = count_flops(cfg, args)
+    report["flops"] = {"full": flops_by_frames[cfg.num_frames], "paper": flops_paper}
+    if not args.skip_baseline:  # first, alone on the device, so its peak holds no CMD weights
+        report["baseline"] = bench_baseline(cfg, device, dtype, args.guidance, flops_by_frames, args)
+
+    torch.manual_seed(args.seed)
+    model = CMDModel.from_config(cfg, device=device).to(dtype=dtype)
+    text = cfg.text_encoder
+    encoder = RandomTextEncoder(text.hidden_size, text.max_length).to(device)
+    report["params"] = {"content_unet": _params(model.content_unet), "motion_dit": _params(model.motion_dit),
+                        "ae_decoder": flops_paper["networks"]["ae_decoder"]["params"],
+                        "autoencoder": _params(model.autoencoder), "image_vae": _params(model.vae),
+                        "text_encoder (random)": _params(encoder),
+                        "baseline_unet3d": (report.get("baseline") or {}).get("params")}
+
+    runs, outputs = run_backends(model, encoder, backends, cfg, device, args, flops_by_frames, report)
+    report["runs"] = runs
+    # Same seed and inputs: each backend's output against eager's (batch min(--batch-sizes)).
+    report["vs_eager_output"] = ({b: compare_outputs(v, outputs["eager"]) for b, v in outputs.items() if b != "eager"}
+                                 if "eager" in outputs else {})
+    del outputs
+    best, report["speedup"] = best_and_speedups(runs, report.get("baseline"), cfg, args)
+    report["best_backend"] = report["scaling_backend"] = best
+    report["scaling"] = frame_scaling(model, encoder, best, cfg, device, args, flops_by_frames)
     report["targets"] = check_targets(report)
     return report
 
