@@ -37,7 +37,8 @@ def test_dry_run_runs_every_stage_and_summarises(tmp_path):
     stages = {s["name"]: s for s in report["stages"]}
     assert [s["name"] for s in report["stages"]] == STAGES
     assert {n: s["status"] for n, s in stages.items()} == dict.fromkeys(STAGES[:-1], "ok") | {"extra_compile": "timed out"}
-    assert stages["extra_compile"]["rc"] == 124 and stages["extra_compile"]["limit_s"] == 3
+    # 124: ended by the SIGINT at the limit; 137: killed 15 s later (a loaded machine may not wind down sooner)
+    assert stages["extra_compile"]["rc"] in (124, 137) and stages["extra_compile"]["limit_s"] == 3
 
     setup = stages["setup"]["result"]
     assert setup["requirements"]["ok"] is True and "diffusers" in setup["requirements"]["distributions"]
