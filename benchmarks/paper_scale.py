@@ -13,8 +13,9 @@ on, one 16x512x1024 video (``sd21-512x1024``). Measured:
 - the issue's targets (on CUDA): <= 1.0 s, >= 2.5x eager, >= 15x the baseline, <= 4.0 / 8.0 GB.
 
 Writes ``<out>/<name>.json`` (raw), ``<name>.md`` (tables) and ``<name>.png`` (plots; only where
-matplotlib is installed). Memory is ``torch.cuda.max_memory_allocated`` (and reserved), in GB = 1e9
-bytes, the CUDA context not included.
+matplotlib is installed). Memory is peak *reserved* memory (:mod:`engine.memory`: CUDA graphs' private pools
+count, which ``max_memory_allocated`` leaves out), with allocated beside it, in GB = 1e9 bytes, the CUDA
+context not included; the memory targets are judged on reserved.
 
     python benchmarks/paper_scale.py                       # the GPU run: sd21-512x1024 on cuda, bf16
     python benchmarks/paper_scale.py --config default --steps 2 --device cpu --dtype float32 \\
@@ -51,6 +52,7 @@ from engine.baseline import BASELINE_NAME, TEXT_TOKENS, build_baseline_unet, sam
 from engine.cli import Int, Number, Parser, Seed, fail, parse_or_exit  # noqa: E402
 from engine.configs import CMDConfig, load_config  # noqa: E402
 from engine.geometry import ClipSize, check_fits  # noqa: E402
+from engine.memory import peak_memory, reset_peak  # noqa: E402
 from engine.flops import measure as measure_flops, summarize  # noqa: E402
 from engine.models import CMDModel  # noqa: E402
 from engine.pipeline import CMDPipeline  # noqa: E402
@@ -97,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-size", choices=("full", "tiny"), default="full",
                    help="tiny: a narrow UNet3D for smoke runs (its numbers say nothing about ModelScope)")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--skip-vae", action="store_true",
+                   help="do not time the image VAE decode apart (a run that measured it already)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the compile backend")
     p.add_argument("--repeats", type=Int(), default=3, help="timed runs per measurement (the median is reported)")
     p.add_argument("--warmup", type=Int(0), default=1, help="untimed runs first (compilation, graph capture)")
@@ -123,18 +127,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> Dict[str, Optional[float]]:
-    if device.type != "cuda":
-        return {"peak_allocated_gb": None, "peak_reserved_gb": None}
-    return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / GB, 3),
-            "peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / GB, 3)}
-
-
 def timed(run: Callable[[], Dict[str, float]], device: torch.device, repeats: int, warmup: int) -> dict:
     """Warm up, then ``repeats`` timed runs: median wall-clock latency (synchronised), median stage
     times (``run`` returns its per-stage seconds) and the peak memory over the timed runs."""
@@ -142,11 +134,11 @@ def timed(run: Callable[[], Dict[str, float]], device: torch.device, repeats: in
         run()
     sync(device)
     _free(device)  # cached blocks of earlier work (an fp32 build, other backends) must not count as reserved
-    _reset_peak(device)
+    reset_peak(device)
     totals, stages = wall_times(run, device, repeats)
     names = [k for k in stages[0] if k != "total"]
     return {"latency_s": round(statistics.median(totals), 5), "latencies_s": [round(t, 5) for t in totals],
-            "stages_s": {k: round(statistics.median(s[k] for s in stages), 5) for k in names}, **_peak(device)}
+            "stages_s": {k: round(statistics.median(s[k] for s in stages), 5) for k in names}, **peak_memory(device)}
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> dict:
@@ -283,7 +275,7 @@ def bench_baseline(cfg: CMDConfig, device, dtype, guidance: float, flops_by_fram
                            args.warmup)
             result.update(frames=frames, batch=1)
             print("[result] " + json.dumps({"baseline": BASELINE_NAME, "frames": frames, "latency_s": result["latency_s"],
-                                            "peak_allocated_gb": result["peak_allocated_gb"]}), flush=True)
+                                            "peak_reserved_gb": result["peak_reserved_gb"]}), flush=True)
             flops = flops_by_frames.get(frames)
             if flops is not None and args.baseline_size == "full":
                 result["tflops_per_s"] = {"total": _sig(flops["baseline"]["total"] / result["latency_s"])}
@@ -317,7 +309,7 @@ def format_tables(report: dict) -> str:
              f"weights; image VAE decode excluded (timed apart). Median of {report['settings']['repeats']} runs. "
              f"Matmul ceiling: {report['ceiling']['tflops']} TFLOP/s ({report['ceiling']['dtype']}).",
              "",
-             "| run | batch | latency s | text | content | motion | decode | peak alloc GB | peak reserved GB "
+             "| run | batch | latency s | text | content | motion | decode | peak reserved GB | peak alloc GB "
              "| TFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -328,18 +320,18 @@ def format_tables(report: dict) -> str:
         s = r["stages_s"]
         lines.append(f"| CMD {r['backend']} | {r['batch']} | {fmt(r['latency_s'])} | "
                      + " | ".join(fmt(s.get(k)) for k in TIMED_STAGES)
-                     + f" | {fmt(r['peak_allocated_gb'])} | {fmt(r['peak_reserved_gb'])} | "
+                     + f" | {fmt(r['peak_reserved_gb'])} | {fmt(r['peak_allocated_gb'])} | "
                        f"{fmt(r.get('tflops_per_s', {}).get('total'))} |")
     if report.get("baseline"):
         for r in report["baseline"]["runs"]:
             lines.append(f"| {report['baseline']['name']} ({report['baseline']['size']}, {r['frames']} frames) | "
                          f"{r['batch']} | {fmt(r['latency_s'])} | {fmt(r['stages_s'].get('text'))} | "
-                         f"{fmt(r['stages_s'].get('unet'))} (UNet3D loop) | - | - | {fmt(r['peak_allocated_gb'])} | "
-                         f"{fmt(r['peak_reserved_gb'])} | {fmt(r.get('tflops_per_s', {}).get('total'))} |")
+                         f"{fmt(r['stages_s'].get('unet'))} (UNet3D loop) | - | - | {fmt(r['peak_reserved_gb'])} | "
+                         f"{fmt(r['peak_allocated_gb'])} | {fmt(r.get('tflops_per_s', {}).get('total'))} |")
     if report.get("vae_decode"):
         v = report["vae_decode"]
         lines.append(f"| image VAE decode (apart) | 1 | {fmt(v['latency_s'])} | | | | | "
-                     f"{fmt(v['peak_allocated_gb'])} | {fmt(v['peak_reserved_gb'])} | |")
+                     f"{fmt(v['peak_reserved_gb'])} | {fmt(v['peak_allocated_gb'])} | |")
     speedup = report["speedup"]
     lines += ["", f"Best backend: {report['best_backend']}; speedup vs eager {fmt(speedup.get('vs_eager'))}x, "
                   f"vs baseline {fmt(speedup.get('vs_baseline'))}x.",
@@ -351,12 +343,12 @@ def format_tables(report: dict) -> str:
                      f"{'identical' if c['identical'] else fmt(c['psnr_db']) + ' dB'}, max |diff| {fmt(c['max_abs_diff'])}.")
     if report["scaling"]:
         lines += ["", f"Frame scaling ({report['scaling_backend']}, batch 1), seconds per stage:", "",
-                  "| frames | latency s | " + " | ".join(TIMED_STAGES) + " | peak alloc GB | TFLOPs (full) |",
+                  "| frames | latency s | " + " | ".join(TIMED_STAGES) + " | peak reserved GB | TFLOPs (full) |",
                   "|---|---|" + "---|" * len(TIMED_STAGES) + "---|---|"]
     for r in report["scaling"]:
         lines.append(f"| {r['frames']} | {fmt(r['latency_s'])} | "
                      + " | ".join(fmt(r["stages_s"].get(k)) for k in TIMED_STAGES)
-                     + f" | {fmt(r['peak_allocated_gb'])} | {fmt(r.get('tflops'))} |")
+                     + f" | {fmt(r['peak_reserved_gb'])} | {fmt(r.get('tflops'))} |")
     if report.get("targets"):
         lines += ["", "| target | rule | measured | met |", "|---|---|---|---|"]
         for key, t in report["targets"].items():
@@ -410,7 +402,9 @@ def plot(report: dict, path: Path) -> Optional[str]:
     return str(path)
 
 
-def run_benchmark(args) -> dict:
+def check_run_args(args) -> tuple:
+    """(device, dtype, config, backends to run) from the arguments; bad ones end the run with one line
+    (exit 2) before any work. Sets ``args.guidance`` to the config's where not given."""
     try:
         device, dtype = parse_device(args.device), parse_dtype(args.dtype)
         cfg = load_config(args.config)
@@ -433,15 +427,12 @@ def run_benchmark(args) -> dict:
         print(f"[skip] backend {b!r} needs CUDA", flush=True)
     if not backends:
         fail("no backend left to run on this device")
+    return device, dtype, cfg, backends
 
-    report = {"environment": environment(device),
-              "settings": {"dtype": args.dtype, "steps": args.steps, "motion_steps": args.motion_steps,
-                           "guidance": guidance, "repeats": args.repeats, "warmup": args.warmup,
-                           "batch_sizes": args.batch_sizes, "seed": args.seed, "prompt": PROMPT},
-              "config": {"name": cfg.name, "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}}
-    report["ceiling"] = matmul_ceiling(device, dtype)
 
-    # FLOPs on the meta device, per frame count (full accounting: what the GPU executes, CFG included).
+def count_flops(cfg, args) -> tuple:
+    """FLOPs on the meta device per frame count (full accounting: what the GPU executes, CFG included), and
+    the paper's accounting at the config's frame count: (by frames, paper)."""
     frame_counts = sorted(set(args.frames) | {cfg.num_frames} | set(args.baseline_frames or []))
     flops_by_frames, flops_paper = {}, None
     for frames in frame_counts:
@@ -449,25 +440,20 @@ def run_benchmark(args) -> dict:
         flops_by_frames[frames] = summarize(costs, cfg, args.steps, "full", frames, args.motion_steps)
         if frames == cfg.num_frames:
             flops_paper = summarize(costs, cfg, args.steps, "paper", frames, args.motion_steps)
-    report["flops"] = {"full": flops_by_frames[cfg.num_frames], "paper": flops_paper}
+    return flops_by_frames, flops_paper
 
-    if not args.skip_baseline:  # first, alone on the device, so its peak holds no CMD weights
-        report["baseline"] = bench_baseline(cfg, device, dtype, guidance, flops_by_frames, args)
 
-    torch.manual_seed(args.seed)
-    model = CMDModel.from_config(cfg, device=device).to(dtype=dtype)
-    text = cfg.text_encoder
-    encoder = RandomTextEncoder(text.hidden_size, text.max_length).to(device)
-    report["params"] = {"content_unet": _params(model.content_unet), "motion_dit": _params(model.motion_dit),
-                        "ae_decoder": flops_paper["networks"]["ae_decoder"]["params"],
-                        "autoencoder": _params(model.autoencoder), "image_vae": _params(model.vae),
-                        "text_encoder (random)": _params(encoder),
-                        "baseline_unet3d": (report.get("baseline") or {}).get("params")}
+def _pipeline(model, encoder, backend: str, args) -> CMDPipeline:
+    return CMDPipeline(model, encoder, backend,
+                       {"mode": args.compile_mode} if backend == "compile" and args.compile_mode else None)
 
+
+def run_backends(model, encoder, backends, cfg, device, args, flops_by_frames, report) -> tuple:
+    """Each backend at each batch size, timed: (runs, outputs at the smallest batch per backend). The first
+    backend also times the image VAE decode apart (unless ``--skip-vae``)."""
     runs, outputs = [], {}
     for backend in backends:
-        pipe = CMDPipeline(model, encoder, backend,
-                           {"mode": args.compile_mode} if backend == "compile" and args.compile_mode else None)
+        pipe = _pipeline(model, encoder, backend, args)
         for batch in args.batch_sizes:
             print(f"[cmd] backend {backend}, batch {batch}", flush=True)
             keep = {} if batch == min(args.batch_sizes) else None
@@ -481,46 +467,81 @@ def run_benchmark(args) -> dict:
             runs.append(result)
             # One line per measurement as it ends: a run cut short (a time limit) still shows what finished.
             print("[result] " + json.dumps({k: result[k] for k in ("backend", "batch", "frames", "latency_s",
-                                                                    "stages_s", "peak_allocated_gb")}), flush=True)
-        if backend == backends[0]:
+                                                                    "stages_s", "peak_reserved_gb")}), flush=True)
+        if backend == backends[0] and not args.skip_vae:
             report["vae_decode"] = vae_apart(pipe, device, args)
         del pipe
         _free(device)
-    report["runs"] = runs
-    # Same seed and inputs: each backend's output against eager's (batch min(--batch-sizes)).
-    report["vs_eager_output"] = ({b: compare_outputs(v, outputs["eager"]) for b, v in outputs.items() if b != "eager"}
-                                 if "eager" in outputs else {})
-    del outputs
+    return runs, outputs
 
+
+def best_and_speedups(runs: List[dict], baseline: Optional[dict], cfg, args) -> tuple:
+    """The fastest backend at the smallest batch and its speedups over eager and the baseline (same run)."""
     b1 = {r["backend"]: r for r in runs if r["batch"] == min(args.batch_sizes)}
     best = min(b1, key=lambda b: b1[b]["latency_s"])
-    report["best_backend"] = best
     speedup = {}
     if "eager" in b1:
         speedup["vs_eager"] = _sig(b1["eager"]["latency_s"] / b1[best]["latency_s"])
-    base16 = [r for r in (report.get("baseline") or {}).get("runs", []) if r["frames"] == cfg.num_frames]
+    base16 = [r for r in (baseline or {}).get("runs", []) if r["frames"] == cfg.num_frames]
     if base16 and min(args.batch_sizes) == 1:
         speedup["vs_baseline"] = _sig(base16[0]["latency_s"] / b1[best]["latency_s"])
-    report["speedup"] = speedup
+    return best, speedup
 
-    # Frame scaling with the fastest backend: the same networks, configs that allow longer clips.
-    report["scaling_backend"] = best
+
+def frame_scaling(model, encoder, best: str, cfg, device, args, flops_by_frames) -> List[dict]:
+    """Frame scaling with the fastest backend: the same networks, configs that allow longer clips."""
     scaling = []
     for frames in args.frames:
         print(f"[scaling] {frames} frames ({best})", flush=True)
         model_f = CMDModel(_with_frames(cfg, frames), model.autoencoder, model.motion_dit, model.content_unet,
                            model.vae)
-        pipe = CMDPipeline(model_f, encoder, best,
-                           {"mode": args.compile_mode} if best == "compile" and args.compile_mode else None)
+        pipe = _pipeline(model_f, encoder, best, args)
         result = timed(cmd_run(pipe, 1, args), device, args.repeats, args.warmup)
         result.update(frames=frames, tflops=round(flops_by_frames[frames]["cmd"]["total"], 3))
         scaling.append(result)
         print("[result] " + json.dumps({"scaling": best, "frames": frames, "latency_s": result["latency_s"],
                                         "stages_s": result["stages_s"],
-                                        "peak_allocated_gb": result["peak_allocated_gb"]}), flush=True)
+                                        "peak_reserved_gb": result["peak_reserved_gb"]}), flush=True)
         del pipe, model_f
         _free(device)
-    report["scaling"] = scaling
+    return scaling
+
+
+def run_benchmark(args) -> dict:
+    """The whole measurement as named steps: check the arguments, count FLOPs, time the baseline (first,
+    alone on the device), build the model, time every backend, compare outputs, find the best backend,
+    scale frames with it, check the targets."""
+    device, dtype, cfg, backends = check_run_args(args)
+    report = {"environment": environment(device),
+              "settings": {"dtype": args.dtype, "steps": args.steps, "motion_steps": args.motion_steps,
+                           "guidance": args.guidance, "repeats": args.repeats, "warmup": args.warmup,
+                           "batch_sizes": args.batch_sizes, "seed": args.seed, "prompt": PROMPT},
+              "config": {"name": cfg.name, "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width}}
+    report["ceiling"] = matmul_ceiling(device, dtype)
+    flops_by_frames, flops_paper = count_flops(cfg, args)
+    report["flops"] = {"full": flops_by_frames[cfg.num_frames], "paper": flops_paper}
+    if not args.skip_baseline:  # first, alone on the device, so its peak holds no CMD weights
+        report["baseline"] = bench_baseline(cfg, device, dtype, args.guidance, flops_by_frames, args)
+
+    torch.manual_seed(args.seed)
+    model = CMDModel.from_config(cfg, device=device).to(dtype=dtype)
+    text = cfg.text_encoder
+    encoder = RandomTextEncoder(text.hidden_size, text.max_length).to(device)
+    report["params"] = {"content_unet": _params(model.content_unet), "motion_dit": _params(model.motion_dit),
+                        "ae_decoder": flops_paper["networks"]["ae_decoder"]["params"],
+                        "autoencoder": _params(model.autoencoder), "image_vae": _params(model.vae),
+                        "text_encoder (random)": _params(encoder),
+                        "baseline_unet3d": (report.get("baseline") or {}).get("params")}
+
+    runs, outputs = run_backends(model, encoder, backends, cfg, device, args, flops_by_frames, report)
+    report["runs"] = runs
+    # Same seed and inputs: each backend's output against eager's (batch min(--batch-sizes)).
+    report["vs_eager_output"] = ({b: compare_outputs(v, outputs["eager"]) for b, v in outputs.items() if b != "eager"}
+                                 if "eager" in outputs else {})
+    del outputs
+    best, report["speedup"] = best_and_speedups(runs, report.get("baseline"), cfg, args)
+    report["best_backend"] = report["scaling_backend"] = best
+    report["scaling"] = frame_scaling(model, encoder, best, cfg, device, args, flops_by_frames)
     report["targets"] = check_targets(report)
     return report
 

@@ -56,6 +56,18 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
+# The kernel argument that carries a launch's grid-size bucket into the autotune key; kernels take it
+# unspecialised (``do_not_specialize``), so it changes which tuned config serves a launch, never the binary.
+GRID_BUCKET = "GRID_BUCKET"
+
+
+def grid_bucket(programs: int) -> int:
+    """The autotune key's bucket of a launch's independent programs along its batch axis (batch x heads for
+    the attention, the batch for the content frame): the next power of two. A tile tuned at batch 1 fills
+    the GPU differently from one at batch 8, so each bucket tunes once, and batches 5 to 8 share one."""
+    return next_pow2(programs)
+
+
 # ------------------------------------------------------------------------------ launch configs
 
 AUTOTUNE_MODES = ("off", "fast", "full")

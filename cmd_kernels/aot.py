@@ -602,7 +602,7 @@ def _print_row(r: dict) -> None:
           f"{'' if r['kept'] else ' [pruned]'} {r['seconds']}s", flush=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cmd_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (80, 90)")
     parser.add_argument("--config", nargs="+", default=None,
@@ -626,15 +626,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--use-cache", default=None, metavar="DIR",
                         help="on the machine that uses a filled cache: point it at DIR and check that it fits "
                              "this Triton and GPU (exit 1 if not); compiles nothing")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.use_cache:
-        if not os.path.isdir(args.use_cache):
-            parser.error(f"--use-cache: no folder {args.use_cache!r}")
-        ok, message = use_cache(args.use_cache)
-        print(message)
-        return 0 if ok else 1
 
+def _check_args(parser: argparse.ArgumentParser, args) -> Tuple[List[int], List[str], str, Optional[bytes]]:
+    """(archs, configs, autotune mode, Triton key or None) from the arguments; bad ones end in
+    ``parser.error`` (exit 2) before any compile."""
     try:
         archs = [int(a) for a in args.arch.split(",") if a.strip()]
     except ValueError:
@@ -650,7 +647,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--fill-cache: {args.fill_cache!r} exists and is not a folder")
     from cmd_kernels.bench import CONFIGS
     configs = args.config or list(CONFIGS)
-    mode = "off" if args.quick else args.autotune
     key = None
     try:
         for c in configs:
@@ -659,14 +655,78 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             key = triton_key_from_wheel(args.triton_key_from)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         parser.error(str(e))
+    return archs, configs, "off" if args.quick else args.autotune, key
 
+
+def _compile_all(work: List, jobs: int, scratch: str, key) -> List[dict]:
+    """Run every compile task (slow ones first), in ``jobs`` processes; the rows in ``work``'s order."""
+    order = sorted(range(len(work)), key=lambda i: _cost_rank(work[i]))
+    done: Dict[int, dict] = {}
+    if jobs == 1:
+        for i in order:
+            done[i] = run_task(work[i])
+            _print_row(done[i])
+    else:
+        import multiprocessing
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(scratch, key)) as pool:
+            for i, r in zip(order, pool.map(run_task, [work[i] for i in order])):
+                done[i] = r
+                _print_row(r)
+    rows = [done[i] for i in range(len(work))]
+    _share_ptxas_info(rows)
+    return rows
+
+
+def _summarise(rows: List[dict], seconds: float) -> Tuple[dict, List]:
+    """The run's summary and its (row, problems) findings, printed."""
+    failed = [(r, p) for r in rows for p in [problems(r)] if p]
+    summary = {"compiles": len(rows), "unique_kernels": len({r["hash"] for r in rows if r.get("ok")}),
+               "failed": sum(not r["ok"] for r in rows), "problems": len(failed), "seconds": round(seconds, 1)}
+    print(f"{summary['compiles']} compiles ({summary['unique_kernels']} distinct kernels) in {seconds:.1f} s: "
+          f"{summary['failed']} failed to compile, {len(failed)} rows with problems", flush=True)
+    for r, p in failed:
+        print(f"PROBLEM sm_{r['arch']} {r['dtype']} {r['kernel']} {r['config']} {r['launch']}: {'; '.join(p)}")
+    return summary, failed
+
+
+def _fill_cache(args, rows: List[dict], scratch: str, key, archs: List[int], configs: List[str], mode: str) -> None:
+    """Export the compiled kernels into ``args.fill_cache`` with its manifest."""
+    from triton.runtime.cache import triton_key
+
+    from cmd_kernels.bench import _write_json
+    os.makedirs(args.fill_cache, exist_ok=True)
+    n = export_cache(rows, scratch, args.fill_cache)
+    manifest = {"triton": triton.__version__, "triton_key_sha256": _key_digest(key or triton_key()),
+                "key_from": os.path.basename(args.triton_key_from) if args.triton_key_from else
+                f"this Python ({sys.version.split()[0]})", "archs": archs,
+                "backend": {str(a): backend_hash(a) for a in archs}, "configs": configs,
+                "autotune": mode, "dtypes": args.dtype or "default", "kernels": n,
+                "hashes": sorted({r["hash"] for r in rows if r.get("ok")})}
+    _write_json(os.path.join(args.fill_cache, MANIFEST), manifest)
+    print(f"filled {args.fill_cache}: {n} kernels for Triton {triton.__version__} "
+          f"(key {manifest['triton_key_sha256'][:12]}, {manifest['key_from']}); on the GPU machine run "
+          f"python -m cmd_kernels.aot --use-cache DIR, then export TRITON_CACHE_DIR=DIR")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cmd_kernels.aot``: check arguments, (re)start outside the interpreter, compile every task,
+    summarise, fill a cache and write the JSON where asked. Exit 1 on a compile problem, 2 on bad input."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.use_cache:
+        if not os.path.isdir(args.use_cache):
+            parser.error(f"--use-cache: no folder {args.use_cache!r}")
+        ok, message = use_cache(args.use_cache)
+        print(message)
+        return 0 if ok else 1
+    archs, configs, mode, key = _check_args(parser, args)
     if INTERPRETED:
         # The kernels were built for the interpreter (TRITON_INTERPRET=1 at import): start again without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         again = list(argv) if argv is not None else sys.argv[1:]
         os.execve(sys.executable, [sys.executable, "-m", "cmd_kernels.aot", *again], env)
 
-    from triton.runtime.cache import triton_key
     scratch = tempfile.mkdtemp(prefix="cmd-aot-cache-")
     try:
         _init_worker(scratch, key)
@@ -674,43 +734,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"triton {triton.__version__}, torch {torch.__version__}: {len(work)} compiles "
               f"({mode} configs, sm_{','.join(map(str, archs))}, {args.jobs} process(es))", flush=True)
         start = time.perf_counter()
-        order = sorted(range(len(work)), key=lambda i: _cost_rank(work[i]))  # slow compiles first
-        done: Dict[int, dict] = {}
-        if args.jobs == 1:
-            for i in order:
-                done[i] = run_task(work[i])
-                _print_row(done[i])
-        else:
-            import multiprocessing
-            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(scratch, key)) as pool:
-                for i, r in zip(order, pool.map(run_task, [work[i] for i in order])):
-                    done[i] = r
-                    _print_row(r)
-        rows = [done[i] for i in range(len(work))]
-        _share_ptxas_info(rows)
-        seconds = time.perf_counter() - start
-        failed = [(r, p) for r in rows for p in [problems(r)] if p]
-        summary = {"compiles": len(rows), "unique_kernels": len({r["hash"] for r in rows if r.get("ok")}),
-                   "failed": sum(not r["ok"] for r in rows), "problems": len(failed), "seconds": round(seconds, 1)}
-        print(f"{summary['compiles']} compiles ({summary['unique_kernels']} distinct kernels) in {seconds:.1f} s: "
-              f"{summary['failed']} failed to compile, {len(failed)} rows with problems", flush=True)
-        for r, p in failed:
-            print(f"PROBLEM sm_{r['arch']} {r['dtype']} {r['kernel']} {r['config']} {r['launch']}: {'; '.join(p)}")
+        rows = _compile_all(work, args.jobs, scratch, key)
+        summary, failed = _summarise(rows, time.perf_counter() - start)
         if args.fill_cache:
-            os.makedirs(args.fill_cache, exist_ok=True)
-            n = export_cache(rows, scratch, args.fill_cache)
-            manifest = {"triton": triton.__version__, "triton_key_sha256": _key_digest(key or triton_key()),
-                        "key_from": os.path.basename(args.triton_key_from) if args.triton_key_from else
-                        f"this Python ({sys.version.split()[0]})", "archs": archs,
-                        "backend": {str(a): backend_hash(a) for a in archs}, "configs": configs,
-                        "autotune": mode, "dtypes": args.dtype or "default", "kernels": n,
-                        "hashes": sorted({r["hash"] for r in rows if r.get("ok")})}
-            from cmd_kernels.bench import _write_json
-            _write_json(os.path.join(args.fill_cache, MANIFEST), manifest)
-            print(f"filled {args.fill_cache}: {n} kernels for Triton {triton.__version__} "
-                  f"(key {manifest['triton_key_sha256'][:12]}, {manifest['key_from']}); on the GPU machine run "
-                  f"python -m cmd_kernels.aot --use-cache DIR, then export TRITON_CACHE_DIR=DIR")
+            _fill_cache(args, rows, scratch, key, archs, configs, mode)
         if args.json:
             from cmd_kernels.bench import _write_json
             _write_json(args.json, {"triton": triton.__version__, "torch": torch.__version__, "autotune": mode,

@@ -189,98 +189,186 @@ def _row(name, config, shape, dtype, ms, ceil, *, nbytes=None, flops=None, basel
     return row
 
 
-def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = True) -> List[dict]:
-    import cmd_kernels
-    from cmd_kernels.ops.content_frame import content_frame_reference
-    from cmd_kernels.ops.decoder_fusion import decoder_fusion_reference
-    from cmd_kernels.ops.modulated_layernorm import modulated_layernorm_reference
+# Rotation through input copies: a working set that fits in L2 would be timed at L2 bandwidth against a
+# DRAM ceiling. Copies are cycled until more than twice the L2 is touched between two uses of one copy,
+# within ROTATION_BUDGET bytes; a row that cannot get there says so (l2_resident).
+ROTATION_BUDGET = 2 ** 30
+MAX_COPIES = 64
 
-    size = torch.tensor([], dtype=dtype).element_size()
-    rows = []
 
-    def timed(name, shape, kernel, reference, inputs, nbytes=None, flops=None, extra=None):
-        baselines = {"eager": _maybe_time(lambda: reference(*inputs))}
-        if compile_baselines:
+def l2_bytes(device) -> Optional[int]:
+    """The GPU's L2 cache size in bytes; None off CUDA (or where torch does not report it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None) or None
+
+
+def rotation_copies(working_set: int, l2: Optional[int], budget: int = ROTATION_BUDGET) -> Tuple[int, bool]:
+    """(copies to cycle through, whether the row stays L2-resident anyway) for a call that touches
+    ``working_set`` bytes: enough copies that the others' bytes between two uses of one exceed 2 x L2."""
+    if not l2 or working_set <= 0:
+        return 1, False
+    needed = 1 if working_set >= 2 * l2 else -(-2 * l2 // working_set) + 1
+    affordable = max(1, min(MAX_COPIES, budget // working_set))
+    copies = min(needed, affordable)
+    return copies, copies < needed
+
+
+def rotating(fn, copies: List[tuple]):
+    """A call of ``fn`` on the next input copy at each call (cycled; a CUDA graph capturing n calls
+    captures them on n successive copies)."""
+    state = {"i": 0}
+
+    def call():
+        args = copies[state["i"] % len(copies)]
+        state["i"] += 1
+        return fn(*args)
+
+    return call
+
+
+class KernelBench:
+    """The timing rows of one config's shapes in one dtype: each kernel against its eager reference,
+    ``torch.compile(reference)`` and (attention) every SDPA backend, on rotated input copies."""
+
+    def __init__(self, shapes: Shapes, dtype, device, ceil, compile_baselines: bool = True):
+        self.shapes, self.dtype, self.device, self.ceil = shapes, dtype, torch.device(device), ceil
+        self.compile_baselines = compile_baselines
+        self.size = torch.tensor([], dtype=dtype).element_size()
+        self.l2 = l2_bytes(self.device)
+        self.rows: List[dict] = []
+
+    def run(self) -> List[dict]:
+        self.content_frame()
+        self.decoder_fusion()
+        self.motion_attention()
+        self.modulated_layernorm()
+        self.dit_attention_half()
+        return self.rows
+
+    def timed(self, name, shape, kernel, reference, inputs, nbytes=None, flops=None, extra=None):
+        """Time ``kernel(*inputs)`` and its baselines (``reference``, its compile, ``extra``: label ->
+        callable on the inputs) on the same rotated input copies; append the row and print it."""
+        working = nbytes or sum(t.numel() * t.element_size() for t in inputs if torch.is_tensor(t))
+        n, resident = rotation_copies(working, self.l2)
+        copies = [tuple(inputs)] + [tuple(t.clone() if torch.is_tensor(t) else t for t in inputs) for _ in range(n - 1)]
+        baselines = {"eager": _maybe_time(rotating(reference, copies))}
+        if self.compile_baselines:
             compiled = _compiled(reference)
-            baselines["compile"] = _maybe_time(None if compiled is None else (lambda: compiled(*inputs)))
-        baselines.update(extra or {})
-        ms = time_ms(lambda: kernel(*inputs))
-        rows.append(_row(name, shapes.config, shape, dtype, ms, ceil, nbytes=nbytes, flops=flops, baselines=baselines))
-        speedups = [f"x{v:.2f} vs {k[len('speedup_vs_'):]}" for k, v in rows[-1].items()
-                    if k.startswith("speedup_vs_") and v]
-        rate = f"{rows[-1]['pct_bw']:5.1f}% bw" if nbytes else f"{rows[-1]['pct_peak']:5.1f}% peak"
-        print(f"  {name:24s} {str(tuple(shape)):24s} {ms * 1e3:9.1f} us {rate}  " + "  ".join(speedups), flush=True)
+            baselines["compile"] = _maybe_time(None if compiled is None else rotating(compiled, copies))
+        for label, fn in (extra or {}).items():
+            baselines[label] = _maybe_time(rotating(fn, copies))
+        if extra:
+            best = [baselines[k] for k in extra if baselines[k] is not None]
+            baselines["sdpa_best"] = min(best) if best else None
+        ms = time_ms(rotating(kernel, copies))
+        row = _row(name, self.shapes.config, shape, self.dtype, ms, self.ceil, nbytes=nbytes, flops=flops,
+                   baselines=baselines)
+        row.update(rotated_copies=n, l2_resident=resident, l2_bytes=self.l2)
+        self.rows.append(row)
+        _print_row(row, shape, ms, nbytes)
 
-    # content_frame: read frames + logits once, write one frame.
-    s = shapes.content_frame
-    inputs = content_frame_inputs(s, dtype, device)
-    numel = torch.Size(s).numel()
-    timed("content_frame", s, lambda f, x: cmd_kernels.content_frame(f, x, impl="triton"), content_frame_reference,
-          inputs, nbytes=(2 * numel + numel // s[1]) * size)
-    # Backward: read frames, logits, grad; write both gradients.
-    grad = torch.randn(s[:1] + s[2:], device=device, dtype=dtype)
-    from cmd_kernels.ops.content_frame import _launch_backward, content_frame_backward_reference
-    timed("content_frame_backward", s, lambda f, x: _launch_backward(grad, f, x),
-          lambda f, x: content_frame_backward_reference(grad, f, x), inputs, nbytes=(4 * numel + numel // s[1]) * size)
+    def content_frame(self):
+        """Forward: read frames + logits once, write one frame. Backward: read frames, logits, grad; write
+        both gradients."""
+        import cmd_kernels
+        from cmd_kernels.ops.content_frame import (_launch_backward, content_frame_backward_reference,
+                                                   content_frame_reference)
 
-    # decoder_fusion: write the cube and its normalised copy; the planes are small.
-    s = shapes.decoder_fusion
-    inputs = decoder_fusion_inputs(s, dtype, device)
-    cube = torch.Size(s).numel()
-    planes = sum(t.numel() for t in inputs)
-    timed("decoder_fusion", s, lambda *a: cmd_kernels.decoder_fusion(*a, impl="triton"), decoder_fusion_reference,
-          inputs, nbytes=(2 * cube + planes) * size)
-    from cmd_kernels.ops.decoder_fusion import _launch_backward as fusion_backward, decoder_fusion_backward_reference
-    g_cube, g_normed = (torch.randn(s, device=device, dtype=dtype) for _ in range(2))
-    timed("decoder_fusion_backward", s, lambda *a: fusion_backward(g_cube, g_normed, *a, 1e-5),
-          lambda *a: decoder_fusion_backward_reference(g_cube, g_normed, *a, 1e-5), inputs,
-          nbytes=(2 * cube + 2 * planes) * size)
+        s = self.shapes.content_frame
+        inputs = content_frame_inputs(s, self.dtype, self.device)
+        numel = torch.Size(s).numel()
+        self.timed("content_frame", s, lambda f, x: cmd_kernels.content_frame(f, x, impl="triton"),
+                   content_frame_reference, inputs, nbytes=(2 * numel + numel // s[1]) * self.size)
+        grad = torch.randn(s[:1] + s[2:], device=self.device, dtype=self.dtype)
+        self.timed("content_frame_backward", s, lambda f, x, g: _launch_backward(g, f, x),
+                   lambda f, x, g: content_frame_backward_reference(g, f, x), (*inputs, grad),
+                   nbytes=(4 * numel + numel // s[1]) * self.size)
 
-    # motion attention: against every SDPA backend.
-    s = shapes.attention
-    q, k, v = attention_inputs(s, dtype, device)
-    b, heads, n, d = s
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    def decoder_fusion(self):
+        """Write the cube and its normalised copy; the planes are small."""
+        import cmd_kernels
+        from cmd_kernels.ops.decoder_fusion import _launch_backward, decoder_fusion_backward_reference, \
+            decoder_fusion_reference
 
-    backends = {}
-    for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                           ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
-                           ("sdpa_cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)),
-                           ("sdpa_math", SDPBackend.MATH)):
-        if backend is None:
-            continue
+        s = self.shapes.decoder_fusion
+        inputs = decoder_fusion_inputs(s, self.dtype, self.device)
+        cube, planes = torch.Size(s).numel(), sum(t.numel() for t in inputs)
+        self.timed("decoder_fusion", s, lambda *a: cmd_kernels.decoder_fusion(*a, impl="triton"),
+                   decoder_fusion_reference, inputs, nbytes=(2 * cube + planes) * self.size)
+        grads = tuple(torch.randn(s, device=self.device, dtype=self.dtype) for _ in range(2))
+        self.timed("decoder_fusion_backward", s, lambda gc, gn, *a: _launch_backward(gc, gn, *a, 1e-5),
+                   lambda gc, gn, *a: decoder_fusion_backward_reference(gc, gn, *a, 1e-5), (*grads, *inputs),
+                   nbytes=(2 * cube + 2 * planes) * self.size)
 
-        def sdpa(backend=backend):
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v)
+    def motion_attention(self):
+        """Against every SDPA backend (the best of them is ``sdpa_best``)."""
+        import cmd_kernels
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        backends[label] = _maybe_time(sdpa)
-    best = [t for t in backends.values() if t is not None]
-    backends["sdpa_best"] = min(best) if best else None
-    timed("motion_attention", s, lambda q, k, v: cmd_kernels.motion_attention(q, k, v, impl="triton"),
-          F.scaled_dot_product_attention, (q, k, v), flops=4 * b * heads * n * n * d, extra=backends)
+        s = self.shapes.attention
+        b, heads, n, d = s
+        extra = {}
+        for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                               ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+                               ("sdpa_cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)),
+                               ("sdpa_math", SDPBackend.MATH)):
+            if backend is not None:
+                extra[label] = _sdpa_with(backend, sdpa_kernel)
+        self.timed("motion_attention", s, lambda q, k, v: cmd_kernels.motion_attention(q, k, v, impl="triton"),
+                   F.scaled_dot_product_attention, attention_inputs(s, self.dtype, self.device),
+                   flops=4 * b * heads * n * n * d, extra=extra)
 
-    # modulated LayerNorm: read x, write y.
-    s = shapes.modulated_layernorm
-    inputs = modulated_layernorm_inputs(s, dtype, device)
-    timed("modulated_layernorm", s, lambda *a: cmd_kernels.modulated_layernorm(*a, impl="triton"),
-          modulated_layernorm_reference, inputs, nbytes=2 * torch.Size(s).numel() * size)
+    def modulated_layernorm(self):
+        """Read x, write y."""
+        import cmd_kernels
+        from cmd_kernels.ops.modulated_layernorm import modulated_layernorm_reference
 
-    # The attention half of a DiT block: prologue + qkv + attention + proj, ours against eager ops.
-    bsz, n, hidden = s
-    qkv_proj = torch.nn.Linear(hidden, 3 * hidden, device=device, dtype=dtype)
-    out_proj = torch.nn.Linear(hidden, hidden, device=device, dtype=dtype)
-    x, shift, scale = inputs
+        s = self.shapes.modulated_layernorm
+        self.timed("modulated_layernorm", s, lambda *a: cmd_kernels.modulated_layernorm(*a, impl="triton"),
+                   modulated_layernorm_reference, modulated_layernorm_inputs(s, self.dtype, self.device),
+                   nbytes=2 * torch.Size(s).numel() * self.size)
 
-    def block(x, shift, scale, impl):
-        h = cmd_kernels.modulated_layernorm(x, shift, scale, impl=impl)
-        q, k, v = qkv_proj(h).reshape(bsz, n, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
-        return out_proj(cmd_kernels.motion_attention(q, k, v, impl=impl).transpose(1, 2).reshape(bsz, n, hidden))
+    def dit_attention_half(self):
+        """The attention half of a DiT block: prologue + qkv + attention + proj, ours against eager ops."""
+        import cmd_kernels
 
-    with torch.no_grad():
-        timed("dit_attention_half", s, lambda *a: block(*a, "triton"), lambda *a: block(*a, "reference"), inputs,
-              flops=4 * bsz * heads * n * n * (hidden // heads) + 2 * bsz * n * hidden * 4 * hidden)
-    return rows
+        s = self.shapes.modulated_layernorm
+        bsz, n, hidden = s
+        heads = self.shapes.attention[1]
+        qkv_proj = torch.nn.Linear(hidden, 3 * hidden, device=self.device, dtype=self.dtype)
+        out_proj = torch.nn.Linear(hidden, hidden, device=self.device, dtype=self.dtype)
+
+        def block(x, shift, scale, impl):
+            h = cmd_kernels.modulated_layernorm(x, shift, scale, impl=impl)
+            q, k, v = qkv_proj(h).reshape(bsz, n, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+            return out_proj(cmd_kernels.motion_attention(q, k, v, impl=impl).transpose(1, 2).reshape(bsz, n, hidden))
+
+        with torch.no_grad():
+            self.timed("dit_attention_half", s, lambda *a: block(*a, "triton"), lambda *a: block(*a, "reference"),
+                       modulated_layernorm_inputs(s, self.dtype, self.device),
+                       flops=4 * bsz * heads * n * n * (hidden // heads) + 2 * bsz * n * hidden * 4 * hidden)
+
+
+def _sdpa_with(backend, sdpa_kernel):
+    def sdpa(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return sdpa
+
+
+def _print_row(row: dict, shape, ms: float, nbytes) -> None:
+    speedups = [f"x{v:.2f} vs {k[len('speedup_vs_'):]}" for k, v in row.items() if k.startswith("speedup_vs_") and v]
+    rate = f"{row['pct_bw']:5.1f}% bw" if nbytes else f"{row['pct_peak']:5.1f}% peak"
+    l2 = " (L2-resident: % of DRAM bandwidth overstated)" if row["l2_resident"] else ""
+    print(f"  {row['name']:24s} {str(tuple(shape)):24s} {ms * 1e3:9.1f} us {rate}  " + "  ".join(speedups) + l2,
+          flush=True)
+
+
+def benchmark(shapes: Shapes, dtype, device, ceil, compile_baselines: bool = True) -> List[dict]:
+    """Timing rows of every kernel at ``shapes`` in ``dtype`` (needs a GPU): see :class:`KernelBench`."""
+    return KernelBench(shapes, dtype, device, ceil, compile_baselines).run()
 
 
 # -------------------------------------------------------------------------------------------- main

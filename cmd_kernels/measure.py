@@ -8,6 +8,7 @@ here. Picture quality (PSNR, SSIM) is ``engine.quality``.
 """
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -29,8 +30,13 @@ def package_version(name: str) -> Optional[str]:
         return None
 
 
-def git_rev(root: str = ROOT) -> Optional[str]:
-    """The checkout's commit, with ``+dirty`` when tracked files differ from it; None outside a git checkout."""
+# What ``bash benchmarks/gpu_lease.sh --prepare`` records of the checkout: the device machine gets the working
+# tree without .git, so this file is where its results find their revision.
+LEASE_REVISION = os.path.join(ROOT, ".lease", "revision.json")
+
+
+def _git_checkout_rev(root: str) -> Optional[Dict[str, Any]]:
+    """``{"rev", "dirty"}`` of a git checkout at ``root``; None outside one (or without git)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -40,7 +46,42 @@ def git_rev(root: str = ROOT) -> Optional[str]:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return rev + ("+dirty" if dirty else "")
+    return {"rev": rev, "dirty": bool(dirty)}
+
+
+def write_revision(path: str = LEASE_REVISION, root: str = ROOT) -> Dict[str, Any]:
+    """Record the checkout's revision and dirtiness in ``path`` (atomically) for a machine without .git;
+    a RuntimeError outside a git checkout. Returns the record."""
+    found = _git_checkout_rev(root)
+    if found is None:
+        raise RuntimeError(f"{root} is not a git checkout: no revision to record")
+    record = {**found, "recorded_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+    return record
+
+
+def recorded_revision(path: str = LEASE_REVISION) -> Optional[Dict[str, Any]]:
+    """The record :func:`write_revision` left, or None (no file, or not a record)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("rev"), str) and record["rev"] else None
+
+
+def git_rev(root: str = ROOT, recorded: str = LEASE_REVISION) -> Optional[str]:
+    """The checkout's commit, with ``+dirty`` when tracked files differed from it: from git where ``root`` is
+    a checkout, else from the record ``--prepare`` left in ``.lease/`` (the device machine has no .git);
+    None when neither exists."""
+    found = _git_checkout_rev(root) or recorded_revision(recorded)
+    if found is None:
+        return None
+    return found["rev"] + ("+dirty" if found.get("dirty") else "")
 
 
 def device_name(device) -> str:

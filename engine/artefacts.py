@@ -30,6 +30,7 @@ runs (:func:`check_files`).
 import hashlib
 import json
 import os
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -52,10 +53,29 @@ def cache_root() -> str:
 HASH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# module -> {dtype: (fingerprint, digest)}: the hash of unchanged weights is computed once (a graph backend
+# checks it each time it opens; at SD scale copying every parameter to the CPU and hashing it takes seconds).
+_HASHES: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    """What identifies the weights' current values without reading them: per tensor its name, storage
+    address, dtype, shape and version counter (bumped by every in-place change: optimizer steps,
+    load_state_dict, ``with torch.no_grad(): p.copy_(...)``; not by writes through ``.data``)."""
+    return tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t._version, str(t.device))
+                 for name, t in sorted(module.state_dict(keep_vars=True).items()))
+
+
 def weights_hash(module: nn.Module, dtype: Optional[torch.dtype] = None) -> str:
     """sha256 (64 hex digits) over the names, dtypes, shapes and bytes of a module's parameters and
     buffers: the same weights give the same hash on every machine, any change gives another. ``dtype``:
-    hash the floating-point tensors as cast to it (what a model moved to that dtype would hash to)."""
+    hash the floating-point tensors as cast to it (what a model moved to that dtype would hash to).
+    Computed once per module, dtype and weight values (:func:`_fingerprint`); a change made through
+    ``.data`` is not seen: call :func:`forget_weights_hash` after one."""
+    fingerprint = _fingerprint(module)
+    known = _HASHES.setdefault(module, {}).get(dtype)
+    if known is not None and known[0] == fingerprint:
+        return known[1]
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach()
@@ -64,7 +84,13 @@ def weights_hash(module: nn.Module, dtype: Optional[torch.dtype] = None) -> str:
         t = t.cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _HASHES[module][dtype] = (fingerprint, h.hexdigest())
     return h.hexdigest()
+
+
+def forget_weights_hash(module: nn.Module) -> None:
+    """Drop the remembered hashes of ``module`` (after changing weights through ``.data``)."""
+    _HASHES.pop(module, None)
 
 
 def weights_hashes(module: nn.Module) -> Dict[str, str]:

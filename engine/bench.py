@@ -13,8 +13,9 @@ reported as medians, with each backend's speed-up and PSNR against eager (same s
 With random weights the PSNR says little beyond a few steps: an untrained model's sampling is chaotic
 and amplifies float noise (compile vs eager on ``random:default``: 1e-4 apart after one step, apart
 entirely after 25); judge it on trained weights or with ``--steps 2``.
-``memory`` reports each backend's peak CUDA memory of one call after warm-up, or the process's peak
-RSS on a CPU (which only grows: read it per backend in its own run for absolute numbers). ``flops``
+``memory`` reports each backend's peak CUDA memory of one call after warm-up as peak *reserved* memory
+(:mod:`engine.memory`: it counts CUDA graphs' private pools, which allocated memory leaves out), with
+allocated and graph-pool figures beside it, or the process's peak RSS on a CPU (which only grows: read it per backend in its own run for absolute numbers). ``flops``
 is :mod:`engine.flops` (meta-device FLOP counts for any config). ``cache`` compares step-caching
 settings (:mod:`engine.cache`) side by side on the same prompts and seeds (see :func:`bench_cache`):
 denoiser evaluations, wall time per video, PSNR/SSIM against the uncached videos, and the FLOPs the
@@ -146,20 +147,22 @@ def bench_memory(pipe, names: List[str], call: dict, warmup: int) -> Dict[str, d
 
     import torch
 
+    from engine.memory import BASIS as MEMORY_BASIS, GB, peak_memory, reset_peak
+
     results = {}
     for name in names:
         pipe.set_backend(name)
         for _ in range(warmup):
             pipe.run(**call)
         if pipe.device.type == "cuda":
-            sync(pipe.device)
-            torch.cuda.reset_peak_memory_stats(pipe.device)
-            before = torch.cuda.memory_allocated(pipe.device)
+            reset_peak(pipe.device)
+            before = torch.cuda.memory_reserved(pipe.device)
             pipe.run(**call)
-            sync(pipe.device)
-            results[name] = {"weights_and_cache_mb": before / 2**20,
-                             "peak_allocated_mb": torch.cuda.max_memory_allocated(pipe.device) / 2**20,
-                             "peak_reserved_mb": torch.cuda.max_memory_reserved(pipe.device) / 2**20}
+            peak = peak_memory(pipe.device)  # reserved: CUDA graphs' pools counted as eager's activations are
+            results[name] = {"basis": MEMORY_BASIS, "reserved_before_mb": before / 2**20,
+                             "peak_reserved_mb": peak["peak_reserved_gb"] * GB / 2**20,
+                             "peak_allocated_mb": peak["peak_allocated_gb"] * GB / 2**20,
+                             "graph_pools_mb": peak["graph_pools_gb"] * GB / 2**20}
         else:
             pipe.run(**call)
             # ru_maxrss is in KiB on Linux; it is the process's peak so far (it never goes down).
@@ -334,9 +337,12 @@ def _table(kind: str, results: Dict[str, dict]) -> str:
             rows.append(f"{name:<12}{cells}{r['total_s'] * 1e3:>12.2f}{r['speedup_vs_eager']:>9.2f}x"
                         f"{r['psnr_vs_eager_db']:>10.1f}")
         return "\n".join(rows)
-    keys = list(next(iter(results.values())))
+    first = next(iter(results.values()))
+    keys = [k for k, v in first.items() if isinstance(v, (int, float))]
     rows = [f"{'backend':<12}" + "".join(f"{k:>22}" for k in keys)]
     rows += [f"{name:<12}" + "".join(f"{r[k]:>22.1f}" for k in keys) for name, r in results.items()]
+    if "basis" in first:
+        rows.append(f"memory: {first['basis']}")
     return "\n".join(rows)
 
 

@@ -1,8 +1,11 @@
 """NVTX ranges and per-stage timers.
 
-``nvtx_range(name)`` marks a region for Nsight Systems (the ``nvtx`` package: safe and nearly free
-without a GPU or without a profiler attached) and for ``torch.profiler`` traces (``record_function``),
-so one annotation shows up in both tools. ``torch.cuda.nvtx`` is not used: it raises on CPU builds.
+``nvtx_range(name)`` marks a region for Nsight Systems and for ``torch.profiler`` traces
+(``record_function``), so one annotation shows up in both tools. The NVTX range comes from the ``nvtx``
+package where it is installed (safe and nearly free without a GPU or a profiler; ranges in domain
+``cmd`` with colours per stage), else from ``torch.cuda.nvtx`` on a CUDA build of torch with a GPU (the
+GPU image has no ``nvtx`` package; plain ranges, no domain or colour); a CPU torch without the package
+gets the ``torch.profiler`` range only (``torch.cuda.nvtx`` raises there). :func:`nvtx_backend` says which.
 
 ``StageTimer`` times pipeline stages with CUDA events on a GPU (no sync until the result is read)
 and with the wall clock on a CPU.
@@ -24,13 +27,35 @@ _COLORS = {"text": "green", "content": "blue", "motion": "purple", "decode": "or
            "write": "grey"}
 
 
+def nvtx_backend() -> Optional[str]:
+    """Where NVTX ranges come from here: ``"nvtx"`` (the package), ``"torch.cuda.nvtx"`` (a CUDA torch with a
+    GPU, no package) or None (ranges only in torch.profiler traces)."""
+    if _nvtx is not None:
+        return "nvtx"
+    if torch.cuda.is_available():
+        return "torch.cuda.nvtx"
+    return None
+
+
+@contextlib.contextmanager
+def _torch_nvtx_range(name: str) -> Iterator[None]:
+    torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
+
+
 @contextlib.contextmanager
 def nvtx_range(name: str, color: Optional[str] = None) -> Iterator[None]:
-    """An NVTX range plus a torch.profiler range around the block."""
+    """An NVTX range (see :func:`nvtx_backend`) plus a torch.profiler range around the block."""
     with contextlib.ExitStack() as stack:
-        if _nvtx is not None:
+        backend = nvtx_backend()
+        if backend == "nvtx":
             stack.enter_context(_nvtx.annotate(name, color=color or _COLORS.get(name.split()[0], "white"),
                                                domain="cmd"))
+        elif backend == "torch.cuda.nvtx":
+            stack.enter_context(_torch_nvtx_range(name))
         stack.enter_context(torch.profiler.record_function(name))
         yield
 

@@ -3,7 +3,7 @@
     python -m export onnx --model MODEL [--out DIR] [--precision float32|float16] [--opset N]
         [--network NAME ...] [--bucket FxHxW ...] [--max-batch N] [--external-data auto|always|never]
     python -m export check --onnx DIR [DIR ...] [--model MODEL] [--network NAME ...] [--json PATH]
-    python -m export tensorrt --onnx DIR --out DIR [--precision fp16|bf16|fp32] [--fp8]
+    python -m export tensorrt --onnx DIR --out DIR [--precision fp16|bf16|fp32] [--fp8]   # precision: the export's
         [--timing-cache PATH] [--workspace-gb N] [--network NAME ...] [--force] [--check-only]
 
 MODEL: ``default`` (the shipped weights), a CMD model folder, or ``random:<config>``. Exit codes:
@@ -44,10 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     trt = sub.add_parser("tensorrt", help="build TensorRT plans from an export folder")
     trt.add_argument("--onnx", required=True, help="an export folder (python -m export onnx)")
     trt.add_argument("--out", help="plan folder (the plan cache); required unless --check-only")
-    trt.add_argument("--precision", default="fp16", help="fp16, bf16 or fp32")
-    trt.add_argument("--fp8", action="store_true", help="allow FP8 kernels (compute capability 8.9+; needs Q/DQ graphs)")
-    trt.add_argument("--timing-cache", help="timing cache file (default: OUT/timing.cache)")
-    trt.add_argument("--workspace-gb", type=Number(above=0.0), default=None, help="builder workspace limit in GiB (default 8)")
+    trt.add_argument("--precision", default=None,
+                     help="fp16, bf16 or fp32: must be the export's (plans are strongly typed); default: the export's")
+    trt.add_argument("--fp8", action="store_true", help="FP8 from the graphs' FP8 Q/DQ nodes (compute capability 8.9+)")
+    trt.add_argument("--timing-cache", help="timing cache file (default: OUT/timing-<TensorRT>-<GPU>-sm<CC>.cache)")
+    trt.add_argument("--workspace-gb", type=Number(above=0.0), default=None,
+                     help="builder workspace limit in GiB (default 8)")
     trt.add_argument("--network", action="append", help="only this network (repeatable)")
     trt.add_argument("--force", action="store_true", help="rebuild even where the plan cache has the plan")
     trt.add_argument("--check-only", action="store_true",
@@ -116,7 +118,7 @@ def _cmd_check(args) -> int:
 def _cmd_tensorrt(args) -> int:
     from export.tensorrt_build import DEFAULT_WORKSPACE_GB, PRECISIONS, build_plans, check_graphs
 
-    if args.precision not in PRECISIONS:
+    if args.precision is not None and args.precision not in PRECISIONS:
         raise ValueError(f"unknown --precision {args.precision!r}; choose from {', '.join(PRECISIONS)}")
     if not args.check_only and not args.out:
         raise ValueError("--out DIR is required (the plan folder), unless --check-only")

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from cmd_kernels._dispatch import use_triton
-from cmd_kernels._triton import (INTERPRETED, MAX, SUM, Launch, autotune, check_same_device, empty,
-                             grid_configs, interpret_block, launch_context, next_pow2, pick)
+from cmd_kernels._triton import (GRID_BUCKET, INTERPRETED, MAX, SUM, Launch, autotune, check_same_device, empty,
+                             grid_bucket, grid_configs, interpret_block, launch_context, next_pow2, pick)
 
 MAX_BLOCK_L = 16  # time steps per tile; longer videos loop with an online softmax
 
@@ -72,11 +72,12 @@ _FWD_SPACE = {"full": _FWD_CONFIGS,
               "off": pick(_FWD_CONFIGS, _cfg(512, 4, 1))}
 
 
-@autotune(key=["L", "P", "BLOCK_L", "FLAT"], configs=_FWD_CONFIGS, space=lambda args, mode: _FWD_SPACE[mode])
-@triton.jit
+@autotune(key=["L", "P", "BLOCK_L", "FLAT", GRID_BUCKET], configs=_FWD_CONFIGS,
+          space=lambda args, mode: _FWD_SPACE[mode])
+@triton.jit(do_not_specialize=[GRID_BUCKET])
 def _content_frame_fwd_kernel(
     f_ptr, x_ptr, out_ptr,
-    L, P, H, W,
+    L, P, H, W, GRID_BUCKET,
     f_sb, f_sl, f_sc, f_sh, f_sw,
     x_sb, x_sl, x_sc, x_sh, x_sw,
     FLAT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -119,11 +120,12 @@ _BWD_SPACE = {"full": _BWD_CONFIGS,
               "off": pick(_BWD_CONFIGS, _cfg(256, 4, 1))}
 
 
-@autotune(key=["L", "P", "BLOCK_L", "FLAT"], configs=_BWD_CONFIGS, space=lambda args, mode: _BWD_SPACE[mode])
-@triton.jit
+@autotune(key=["L", "P", "BLOCK_L", "FLAT", GRID_BUCKET], configs=_BWD_CONFIGS,
+          space=lambda args, mode: _BWD_SPACE[mode])
+@triton.jit(do_not_specialize=[GRID_BUCKET])
 def _content_frame_bwd_kernel(
     f_ptr, x_ptr, g_ptr, df_ptr, dx_ptr,
-    L, P, H, W,
+    L, P, H, W, GRID_BUCKET,
     f_sb, f_sl, f_sc, f_sh, f_sw,
     x_sb, x_sl, x_sc, x_sh, x_sw,
     g_sb, g_sc, g_sh, g_sw,
@@ -216,7 +218,8 @@ def _forward_launch(frames: torch.Tensor, logits: torch.Tensor) -> Tuple[Launch,
     P = C * H * W
     out = empty((B, C, H, W), frames.dtype, frames.device)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
-    return Launch(_content_frame_fwd_kernel, grid, (frames, logits, out, L, P, H, W, *frames.stride(), *logits.stride()),
+    return Launch(_content_frame_fwd_kernel, grid, (frames, logits, out, L, P, H, W, grid_bucket(B),
+                                                *frames.stride(), *logits.stride()),
                   dict(FLAT=_flat(frames, logits), BLOCK_L=_block_l(L), **_meta(P))), out
 
 
@@ -236,7 +239,7 @@ def _backward_launch(grad: torch.Tensor, frames: torch.Tensor, logits: torch.Ten
     d_logits = empty((B, L, C, H, W), logits.dtype, logits.device)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]), B)  # noqa: E731
     return Launch(_content_frame_bwd_kernel, grid,
-                  (frames, logits, grad, d_frames, d_logits, L, P, H, W,
+                  (frames, logits, grad, d_frames, d_logits, L, P, H, W, grid_bucket(B),
                    *frames.stride(), *logits.stride(), *grad.stride()),
                   dict(FLAT=_flat(frames, logits, grad), BLOCK_L=_block_l(L), **_meta(P))), d_frames, d_logits
 

@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from cmd_kernels._dispatch import use_triton
-from cmd_kernels._triton import (INTERPRETED, LOG2E, MAX, SUM, Launch, Target, autotune, check_same_device,
-                             empty, grid_configs, interpret_block, launch_context, next_pow2, pick)
+from cmd_kernels._triton import (GRID_BUCKET, INTERPRETED, LOG2E, MAX, SUM, Launch, Target, autotune,
+                             check_same_device, empty, grid_bucket, grid_configs, interpret_block, launch_context,
+                             next_pow2, pick)
 
 MAX_HEAD_DIM = 128
 
@@ -94,15 +95,15 @@ def _attn_align(a) -> int:
     return vec if all(s % vec == 0 for s in strides) else 1
 
 
-@autotune(key=["N", "HEAD_DIM", "IS_FP32"], configs=_ATTN_CONFIGS + _ATTN_FP32, space=_attn_space, fits=_attn_fits)
+@autotune(key=["N", "HEAD_DIM", "IS_FP32", GRID_BUCKET], configs=_ATTN_CONFIGS + _ATTN_FP32, space=_attn_space, fits=_attn_fits)
 # EVEN_M / EVEN_N: loads and stores of that axis need no mask (N a multiple of the block, and no head
 # dims padded in the main part: head_dim < 16 pads D1 to 16). ALIGN: see _attn_align.
 @triton.heuristics({"EVEN_M": lambda a: a["N"] % a["BLOCK_M"] == 0 and a["D1"] <= a["HEAD_DIM"],
                     "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["D1"] <= a["HEAD_DIM"],
                     "ALIGN": _attn_align})
-@triton.jit
+@triton.jit(do_not_specialize=[GRID_BUCKET])
 def _attention_fwd_kernel(
-    Q, K, V, O, qk_scale, N, HEADS,
+    Q, K, V, O, qk_scale, N, HEADS, GRID_BUCKET,
     q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn,
     HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, TAIL: tl.constexpr,
     UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
@@ -235,7 +236,7 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     # Interpreter: a DiT-tiny sequence (up to 256 tokens) in one program per head.
     meta = {"BLOCK_M": interpret_block(N, 256, 16), "BLOCK_N": interpret_block(N, 256, 16)} if INTERPRETED else {}
-    args = (q, k, v, out, scale * LOG2E, N, H,
+    args = (q, k, v, out, scale * LOG2E, N, H, grid_bucket(B * H),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
     return Launch(_attention_fwd_kernel, grid, args, dict(

@@ -16,13 +16,16 @@ stays eager.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
 from engine.backends import register_backend
 from engine.backends.base import Backend
 from engine.backends.eager import EagerBackend
+
+
+BUCKET_MODES = ("pow2", "exact")
 
 
 @dataclass
@@ -34,22 +37,24 @@ class _Captured:
 
 @register_backend("cudagraph")
 class CUDAGraphBackend(EagerBackend):
-    """``warmup_iters``: eager runs before each capture; ``batch_buckets``: optional batch sizes
-    (e.g. ``(2, 4, 8, 16)``) that each batch is padded up to, so fewer graphs serve more batch sizes;
-    without it every batch size is its own bucket."""
+    """``warmup_iters``: eager runs before each capture; ``batch_buckets``: the batch sizes a batch is
+    padded up to, so fewer graphs serve more batch sizes: ``"pow2"`` (the default: the next power of two,
+    so batches 1, 2, 3-4, 5-8, ... take one graph each, and a guidance interval's B and 2B stay unpadded
+    at B = 1, 2, 4), a sequence of sizes (e.g. ``(2, 4, 8, 16)``; a larger batch is its own bucket), or
+    ``"exact"`` (every batch size its own graph: no padded work, more captures)."""
 
     device_scheduler = True
     cache_modes = ("static",)  # whole captured graphs: the static schedule picks which to replay
     network_parts = Backend.network_parts  # no pieces: the dynamic mode decides on the host
 
     def __init__(self, model, device=None, dtype=None, warmup_iters: int = 3,
-                 batch_buckets: Optional[Sequence[int]] = None):
+                 batch_buckets: Union[str, Sequence[int]] = "pow2"):
         super().__init__(model, device, dtype)
         self.check_ready(self.device, self.dtype)
         if warmup_iters < 1:
             raise ValueError(f"warmup_iters must be >= 1 before a capture, got {warmup_iters}")
         self.warmup_iters = warmup_iters
-        self.batch_buckets = tuple(sorted(batch_buckets)) if batch_buckets else None
+        self.batch_buckets = self._check_buckets(batch_buckets)
         self.captures = 0  # how many graphs were captured (tests check the cache with it)
         self.reset()
 
@@ -73,9 +78,23 @@ class CUDAGraphBackend(EagerBackend):
     def dit_step(self, motion, timestep, content, text):
         return self._replay("dit", super().dit_step, (motion, timestep, content, text))
 
+    @staticmethod
+    def _check_buckets(batch_buckets) -> Union[str, Tuple[int, ...]]:
+        if isinstance(batch_buckets, str):
+            if batch_buckets not in BUCKET_MODES:
+                raise ValueError(f"batch_buckets must be one of {', '.join(BUCKET_MODES)} or batch sizes, "
+                                 f"got {batch_buckets!r}")
+            return batch_buckets
+        sizes = tuple(sorted(batch_buckets))
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"batch_buckets must be positive batch sizes, got {batch_buckets!r}")
+        return sizes
+
     def _bucket(self, n: int) -> int:
-        if self.batch_buckets is None:
+        if self.batch_buckets == "exact":
             return n
+        if self.batch_buckets == "pow2":
+            return 1 << (n - 1).bit_length()
         for size in self.batch_buckets:
             if size >= n:
                 return size

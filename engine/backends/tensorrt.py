@@ -27,18 +27,49 @@ from engine.backends import register_backend
 from engine.backends.graph import GraphBackend
 from engine.networks import Network, NetworkCall, check_calls
 
-MISSING = ("TensorRT is not importable here: install NVIDIA's wheel on a Linux machine with an NVIDIA GPU and "
-           "driver (pip install tensorrt, which pulls the tensorrt-cu12 libraries from pypi.nvidia.com) or use "
-           "the NGC container nvcr.io/nvidia/tensorrt; the ONNX side (python -m export onnx/check, backend "
-           "onnxruntime) works without it")
+# The TensorRT majors this engine builds and runs plans with (setup.py's "tensorrt" extra says the same).
+TENSORRT_RANGE = (10, 11)
+
+
+def install_hint(cuda_version: Optional[str] = None) -> str:
+    """How to install a supported TensorRT whose CUDA major matches torch's (``torch.version.cuda``): a
+    ``tensorrt-cu12`` beside a CUDA 13 torch loads a second CUDA runtime, or fails to."""
+    cuda_version = torch.version.cuda if cuda_version is None else cuda_version
+    lo, hi = TENSORRT_RANGE
+    if not cuda_version:
+        return (f"on a Linux machine with an NVIDIA GPU and a CUDA build of torch, pip install 'tensorrt-cuNN>={lo},"
+                f"<{hi + 1}' with NN torch's CUDA major (torch.version.cuda), or use the NGC container "
+                "nvcr.io/nvidia/tensorrt")
+    major = cuda_version.split(".")[0]
+    return (f"pip install 'tensorrt-cu{major}>={lo},<{hi + 1}' (this torch is built for CUDA {cuda_version}), "
+            "or use the NGC container nvcr.io/nvidia/tensorrt")
+
+
+def missing_message(cuda_version: Optional[str] = None) -> str:
+    return (f"TensorRT is not importable here: {install_hint(cuda_version)}; the ONNX side (python -m export "
+            "onnx/check, backend onnxruntime) works without it")
+
+
+def tensorrt_major(version: str) -> int:
+    """The major version of a TensorRT version string; a one-line ValueError outside :data:`TENSORRT_RANGE`."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise ValueError(f"cannot read the TensorRT version {version!r}") from None
+    lo, hi = TENSORRT_RANGE
+    if not lo <= major <= hi:
+        raise ValueError(f"TensorRT {version} is not supported: this engine builds and runs plans with TensorRT "
+                         f"{lo}.x to {hi}.x ({install_hint()})")
+    return major
 
 
 def import_tensorrt():
-    """The ``tensorrt`` module, or a ValueError saying what is missing and how to get it."""
+    """The ``tensorrt`` module (a supported version), or a ValueError saying what is missing and how to get it."""
     try:
         import tensorrt
     except ImportError as e:
-        raise ValueError(f"{MISSING} ({e})") from None
+        raise ValueError(f"{missing_message()} ({e})") from None
+    tensorrt_major(tensorrt.__version__)
     return tensorrt
 
 
@@ -60,17 +91,83 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
 
 class _Slot:
-    """Static buffers (and maybe a captured CUDA graph) of one (profile, batch)."""
+    """Static buffers, an execution context bound to them, and maybe a captured CUDA graph, of one
+    (profile, batch)."""
 
-    def __init__(self, profile: int, inputs: Dict[str, torch.Tensor], outputs: List[torch.Tensor]):
+    def __init__(self, profile: int, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]):
         self.profile = profile
         self.inputs = inputs
         self.outputs = outputs
+        self.context = None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
 
 
+class SlotContexts:
+    """Execution contexts for the slots of one engine: one context (with its own device memory) per slot,
+    bound once to the slot's profile, shapes and buffer addresses, so a CUDA graph captured for a slot
+    replays against exactly the state it was captured with, whatever other slots ran in between (a
+    guidance interval's batch B then 2B, a smaller last batch, two buckets).
+
+    Without CUDA graphs (``per_slot=False``) one context serves every slot and is rebound when the slot
+    changes (one activation memory instead of one per slot). Where TensorRT refuses a second context the
+    slot's profile (one profile per context in some
+    versions), the slot shares that profile's first context instead; then binding the shared context to
+    another slot drops the graphs captured on it, and the next call of those slots re-captures.
+    Needs only the engine's context API, no CUDA (the runtime passes the stream handle)."""
+
+    def __init__(self, engine, stream_handle: int, per_slot: bool = True):
+        self.engine = engine
+        self.stream_handle = stream_handle
+        self.per_slot = per_slot  # False (no CUDA graphs): one context for all slots, rebound on a change
+        self.bound: Dict[int, tuple] = {}  # id(context) -> the slot key it is bound to
+        self.by_profile: Dict[int, object] = {}  # profile -> the first context that took it
+        self.slots: Dict[tuple, _Slot] = {}
+
+    def bind(self, key: tuple, slot: _Slot) -> None:
+        """Give ``slot`` a context bound to its profile, shapes and addresses (only when another slot holds
+        it, or on first use); rebinding a shared context invalidates the graphs captured on it."""
+        self.slots[key] = slot
+        if slot.context is None:
+            slot.context = self._context_for(slot.profile)
+        context = slot.context
+        if self.bound.get(id(context)) == key:
+            return
+        for other in self.slots.values():
+            if other.context is context:
+                other.graph = None  # captured against the context's former binding
+        if id(context) in self.bound:  # a shared context bound to another slot: select again, then rebind
+            self._select_profile(context, slot.profile)
+        for name, t in slot.inputs.items():
+            if not context.set_input_shape(name, tuple(t.shape)):
+                raise RuntimeError(f"TensorRT refused the shape {tuple(t.shape)} for input {name!r}")
+            context.set_tensor_address(name, t.data_ptr())
+        for name, t in slot.outputs.items():
+            context.set_tensor_address(name, t.data_ptr())
+        self.bound[id(context)] = key
+
+    def _context_for(self, profile: int):
+        if not self.per_slot and self.by_profile:  # nothing captured: one context (one device memory) serves all
+            return next(iter(self.by_profile.values()))
+        context = self.engine.create_execution_context()
+        if context is not None and self._try_profile(context, profile):
+            self.by_profile.setdefault(profile, context)
+            return context
+        if profile in self.by_profile:  # TensorRT lets one context at a time use a profile: share it
+            return self.by_profile[profile]
+        raise RuntimeError(f"TensorRT could not create an execution context for optimisation profile {profile} "
+                           "(out of device memory?)")
+
+    def _try_profile(self, context, profile: int) -> bool:
+        return bool(context.set_optimization_profile_async(profile, self.stream_handle))
+
+    def _select_profile(self, context, profile: int) -> None:
+        if not self._try_profile(context, profile):
+            raise RuntimeError(f"TensorRT refused optimisation profile {profile} for an execution context")
+
+
 class TrtNetwork:
-    """One plan: its engine, one execution context, and static buffers per (profile, batch)."""
+    """One plan: its engine, and per (profile, batch) static buffers and an execution context bound to them
+    (:class:`SlotContexts`), and with ``cuda_graph`` a CUDA graph of the slot's enqueue."""
 
     def __init__(self, plan_path: str, network: Network, device: torch.device, stream: torch.cuda.Stream,
                  cuda_graph: bool = False):
@@ -86,14 +183,14 @@ class TrtNetwork:
         if self.engine is None:
             raise ValueError(f"TensorRT could not load {plan_path!r} (built for another GPU or TensorRT version?); "
                              "rebuild it with python -m export tensorrt")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         expected = set(network.input_names + network.output_names)
         if set(names) != expected:
             raise ValueError(f"plan {plan_path!r} has tensors {sorted(names)}, the declaration {sorted(expected)}")
+        # Per-slot contexts only where graphs are captured: each holds its own activation memory.
+        self.contexts = SlotContexts(self.engine, stream.cuda_stream, per_slot=cuda_graph)
         self.slots: Dict[Tuple[int, int], _Slot] = {}
-        self.active: Optional[Tuple[int, int]] = None
 
     def _slot(self, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Tuple[int, int], _Slot]:
         profile = self.network.find_profile(shapes)  # a clear error for shapes outside every profile
@@ -103,23 +200,10 @@ class TrtNetwork:
             bucket = self.network.buckets[profile]
             inputs = {n: torch.empty(s, dtype=self.dtypes[n], device=self.device)
                       for n, s in self.network.input_shapes(bucket, batch).items()}
-            outputs = [torch.empty(s, dtype=self.dtypes[n], device=self.device)
-                       for n, s in self.network.output_shapes(bucket, batch).items()]
+            outputs = {n: torch.empty(s, dtype=self.dtypes[n], device=self.device)
+                       for n, s in self.network.output_shapes(bucket, batch).items()}
             self.slots[key] = _Slot(profile, inputs, outputs)
         return key, self.slots[key]
-
-    def _bind(self, key: Tuple[int, int], slot: _Slot) -> None:
-        """Select the slot's profile, shapes and addresses (only when another slot ran last)."""
-        if self.active == key:
-            return
-        handle = self.stream.cuda_stream
-        self.context.set_optimization_profile_async(slot.profile, handle)
-        for name, t in slot.inputs.items():
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        for name, t in zip(self.network.output_names, slot.outputs):
-            self.context.set_tensor_address(name, t.data_ptr())
-        self.active = key
 
     def __call__(self, *tensors: torch.Tensor) -> List[torch.Tensor]:
         names = self.network.input_names
@@ -129,23 +213,23 @@ class TrtNetwork:
             slot.inputs[name].copy_(t)  # on the caller's stream, into the static buffer
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            self._bind(key, slot)
+            self.contexts.bind(key, slot)
             if not self.cuda_graph:
-                self._enqueue()
+                self._enqueue(slot)
             elif slot.graph is None:
-                self._enqueue()  # first run outside capture: TensorRT allocates and initialises lazily
+                self._enqueue(slot)  # first run outside capture: TensorRT allocates and initialises lazily
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=self.stream):
-                    self._enqueue()
+                    self._enqueue(slot)
                 slot.graph = graph
                 graph.replay()
             else:
                 slot.graph.replay()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        return slot.outputs
+        return list(slot.outputs.values())
 
-    def _enqueue(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+    def _enqueue(self, slot: _Slot) -> None:
+        if not slot.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.network.name} (see its log above)")
 
 

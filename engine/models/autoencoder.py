@@ -98,9 +98,12 @@ class CMDAutoencoder(ModelMixin, ConfigMixin):
         frames = motion.shape[2]
         planes = motion.permute(0, 2, 3, 1)  # (B, L, H'+W', D)
         # Split at H': the first H' positions are the time-height plane (the official code split at H'
-        # when decoding but W' when encoding, wrong for non-square inputs).
-        v_height = self.motion_embed_height(planes[:, :, :hp])  # (B, L, H', C')
-        v_width = self.motion_embed_width(planes[:, :, hp:])  # (B, L, W', C')
+        # when decoding but W' when encoding, wrong for non-square inputs). One split, not two slices: under
+        # torch 2.11's ONNX export the slices' sizes become data-dependent symbols that decoder_fusion's
+        # shape check cannot guard on (GuardOnDataDependentSymNode); split's sizes stay hp and wp.
+        plane_height, plane_width = planes.split([hp, wp], dim=2)
+        v_height = self.motion_embed_height(plane_height)  # (B, L, H', C')
+        v_width = self.motion_embed_width(plane_width)  # (B, L, W', C')
         v_content = self.content_embed(patchify(content, p))  # (B, H', W', C')
         pos_t, pos_hw = self._positions(frames, hp, wp, v_content)
         # The sum of per-axis positions folds into the planes, so the fused op reads only small planes.

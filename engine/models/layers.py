@@ -9,24 +9,55 @@ import torch.nn.functional as F
 import cmd_kernels
 
 
-def sincos_1d(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Fixed sin-cos embedding of positions 0..length-1: (length, dim)."""
-    if dim % 2:
-        raise ValueError(f"sin-cos embedding needs an even dim, got {dim}")
+_SINCOS_CACHE: dict = {}  # (kind, sizes, device, dtype) -> table; a few entries per model and clip size
+_SINCOS_CACHE_MAX = 64
+
+
+def _cached(key: tuple, build):
+    """``build()``, kept per ``key`` when every size in it is a plain int and nothing traces or captures:
+    the tables are constants, so eager calls (every DiT step) reuse them instead of rebuilding them in fp64;
+    under torch.compile / export (sizes may be symbols) and CUDA-graph capture they are built in place."""
+    tracing = (torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
+               or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+    if tracing or not all(type(v) is int for v in key[1]):
+        return build()
+    table = _SINCOS_CACHE.get(key)
+    if table is None:
+        if len(_SINCOS_CACHE) >= _SINCOS_CACHE_MAX:
+            _SINCOS_CACHE.clear()
+        table = _SINCOS_CACHE[key] = build()
+    return table
+
+
+def _sincos_1d(length: int, dim: int, device, dtype) -> torch.Tensor:
     pos = torch.arange(length, device=device, dtype=torch.float64)
     freq = 1.0 / (10000 ** (torch.arange(dim // 2, device=device, dtype=torch.float64) / (dim / 2)))
     angles = pos[:, None] * freq[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1).to(dtype)
 
 
+def sincos_1d(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed sin-cos embedding of positions 0..length-1: (length, dim), computed in fp64 once per
+    (length, dim, device, dtype) and reused (treat it as read-only)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dim, got {dim}")
+    return _cached(("1d", (length, dim), str(torch.device(device or "cpu")), dtype),
+                   lambda: _sincos_1d(length, dim, device, dtype))
+
+
 def sincos_2d(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding, half the channels for rows and half for columns: (height, width, dim).
-    Works for any grid, square or not (the official code assumed sqrt(N) x sqrt(N))."""
+    """Fixed 2-D sin-cos embedding, half the channels for rows and half for columns: (height, width, dim),
+    reused like :func:`sincos_1d`'s. Works for any grid, square or not (the official code assumed
+    sqrt(N) x sqrt(N))."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
-    rows = sincos_1d(height, dim // 2, device, dtype)
-    cols = sincos_1d(width, dim // 2, device, dtype)
-    return torch.cat([rows[:, None, :].expand(height, width, -1), cols[None, :, :].expand(height, width, -1)], -1)
+
+    def build():
+        rows = sincos_1d(height, dim // 2, device, dtype)
+        cols = sincos_1d(width, dim // 2, device, dtype)
+        return torch.cat([rows[:, None, :].expand(height, width, -1), cols[None, :, :].expand(height, width, -1)], -1)
+
+    return _cached(("2d", (height, width, dim), str(torch.device(device or "cpu")), dtype), build)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

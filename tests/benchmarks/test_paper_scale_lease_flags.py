@@ -44,8 +44,11 @@ def test_check_targets_follows_the_rules_and_stays_off_cpu_runs(paper_scale):
     rng = random.Random()
     lat, eager, base, peak = rng.uniform(0.5, 1.5), rng.uniform(1, 4), rng.uniform(5, 30), rng.uniform(2, 6)
     report = {"environment": {"device_type": "cuda"}, "config": {"num_frames": 16}, "best_backend": "cudagraph",
-              "runs": [{"backend": "cudagraph", "batch": 1, "latency_s": lat, "peak_allocated_gb": peak},
-                       {"backend": "cudagraph", "batch": 4, "latency_s": 4 * lat, "peak_allocated_gb": 2 * peak}],
+              # judged on reserved (CUDA graphs' pools count); allocated, lower, must not be what is judged
+              "runs": [{"backend": "cudagraph", "batch": 1, "latency_s": lat, "peak_reserved_gb": peak,
+                        "peak_allocated_gb": peak / 4},
+                       {"backend": "cudagraph", "batch": 4, "latency_s": 4 * lat, "peak_reserved_gb": 2 * peak,
+                        "peak_allocated_gb": peak / 2}],
               "speedup": {"vs_eager": eager, "vs_baseline": base}}
     targets = paper_scale.check_targets(report)
     assert targets == dict(check_paper(report), frames=16)

@@ -24,6 +24,7 @@ from cmd_kernels._triton import AUTOTUNE_MODES, KNOWN_TARGETS, Target, autotune_
 from cmd_kernels.ops import content_frame, decoder_fusion as fusion, motion_attention as attention
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.aot  # CPU-side compile checks: the GPU lease skips them (-m "not aot")
 
 
 def _compiled_env() -> dict:

@@ -17,6 +17,28 @@ def test_environment_record_on_a_cpu():
     assert measure.package_version("no-such-distribution-cmd") is None
 
 
+def test_revision_recorded_for_a_tree_without_git(tmp_path):
+    """--prepare records the revision in .lease/ (the device machine gets the tree without .git); git_rev
+    reads it where there is no checkout, and git itself where there is one."""
+    record_path = str(tmp_path / ".lease" / "revision.json")
+    record = measure.write_revision(record_path)
+    assert len(record["rev"]) == 40 and isinstance(record["dirty"], bool)
+    no_git = tmp_path / "tree"
+    no_git.mkdir()
+    expected = record["rev"] + ("+dirty" if record["dirty"] else "")
+    assert measure.git_rev(str(no_git), record_path) == expected
+    assert measure.git_rev(str(no_git), str(tmp_path / "missing.json")) is None
+    (tmp_path / "bad.json").write_text("[1]")
+    assert measure.git_rev(str(no_git), str(tmp_path / "bad.json")) is None
+    assert measure.git_rev(recorded=str(tmp_path / "missing.json")) == measure.git_rev()  # git first
+    try:
+        measure.write_revision(str(tmp_path / "x.json"), str(no_git))
+    except RuntimeError as e:
+        assert "not a git checkout" in str(e) and not (tmp_path / "x.json").exists()
+    else:
+        raise AssertionError("no revision outside a checkout")
+
+
 def test_wall_times_runs_warmup_then_repeats_and_keeps_results():
     calls = []
     repeats, warmup = random.randint(2, 5), random.randint(0, 3)

@@ -156,6 +156,27 @@ def test_cudagraph_graphs_are_cached_per_shape_bucket():
     assert backend.captures == 5  # fewer frames: a new DiT shape; the UNet graph is reused
 
 
+def test_cudagraph_batch_buckets_default_to_powers_of_two():
+    """Fewer captures by default: batches 3-4 share a graph, 5-8 another; a guidance interval's B and 2B at
+    B = 1 stay unpadded (1 and 2). Checked without a GPU (the bucket rule is plain arithmetic)."""
+    from types import SimpleNamespace
+
+    from engine.backends.cudagraph import CUDAGraphBackend
+
+    def buckets(mode, sizes):
+        backend = SimpleNamespace(batch_buckets=CUDAGraphBackend._check_buckets(mode))
+        return [CUDAGraphBackend._bucket(backend, n) for n in sizes]
+
+    import inspect
+    assert inspect.signature(CUDAGraphBackend).parameters["batch_buckets"].default == "pow2"
+    assert buckets("pow2", [1, 2, 3, 4, 5, 8, 9]) == [1, 2, 4, 4, 8, 8, 16]
+    assert buckets("exact", [1, 3, 5]) == [1, 3, 5]
+    assert buckets((8, 2), [1, 3, 8, 9]) == [2, 8, 8, 9]
+    for bad in ("powers", (), (0, 2), (2.5,), (True,)):
+        with pytest.raises(ValueError, match="batch_buckets"):
+            CUDAGraphBackend._check_buckets(bad)
+
+
 @pytest.mark.gpu
 def test_cudagraph_batch_buckets_pad_and_match():
     pipe = _gpu_pipe(batch_buckets=(8,))
@@ -163,7 +184,7 @@ def test_cudagraph_batch_buckets_pad_and_match():
     padded = pipe("a circle", **call)
     pipe(["a", "b", "c"], **call)
     assert pipe.backend.captures == 2  # batch 2 and 6 (CFG) share the bucket of 8
-    pipe.set_backend("cudagraph")
+    pipe.set_backend("cudagraph", batch_buckets="exact")
     exact = pipe("a circle", **call)
     assert psnr(padded.frames, exact.frames) >= 60
 

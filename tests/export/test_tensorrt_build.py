@@ -116,10 +116,10 @@ def test_missing_tensorrt_says_what_and_how(default_export, default_model, tmp_p
     from export.__main__ import main
     from export.tensorrt_build import build_plans
 
-    with pytest.raises(ValueError, match="pip install tensorrt"):
+    with pytest.raises(ValueError, match="pip install 'tensorrt-cu"):
         build_plans(default_export[0], str(tmp_path / "plans"))
     backend = get_backend("tensorrt")  # the module imports anywhere; using it needs TensorRT
-    with pytest.raises(ValueError, match="TensorRT is not importable.*pip install tensorrt"):
+    with pytest.raises(ValueError, match="TensorRT is not importable.*pip install 'tensorrt-cu"):
         backend(default_model[0])
     # the parser-compatibility check needs no TensorRT, and passes for the default model's graphs
     assert main(["tensorrt", "--onnx", default_export[0], "--check-only"]) == 0
@@ -149,7 +149,10 @@ def test_build_plans_cache_and_run(tiny_latent, tiny_latent_export, tmp_path):
     again = build_plans(onnx_dir, out, precision="fp32", workspace_gb=1.0, log=log.append)
     assert again["networks"] == plans["networks"] and all("cache hit" in line for line in log)
     assert stamps == {n: os.path.getmtime(os.path.join(out, e["plan"])) for n, e in again["networks"].items()}
-    assert os.path.isfile(os.path.join(out, "timing.cache"))
+    from engine.artefacts import gpu_identity
+    from export.tensorrt_build import timing_cache_path
+
+    assert os.path.isfile(timing_cache_path(out, plans["tensorrt"], gpu_identity()))
 
     cuda_model = model.to("cuda")
     try:
@@ -196,3 +199,35 @@ def test_build_plans_cache_and_run(tiny_latent, tiny_latent_export, tmp_path):
     finally:
         model.to("cpu")
         text_encoder.to("cpu")
+
+
+@pytest.mark.tensorrt
+def test_captured_slots_interleaved(tiny_latent, tiny_latent_export, tmp_path):
+    """CUDA graphs of several slots of one plan replayed interleaved (batch B then 2B as a guidance interval
+    does, a smaller last batch, two buckets): each replay matches PyTorch, so no slot runs with another's
+    binding."""
+    if not torch.cuda.is_available():
+        pytest.skip("tensorrt imports here, but there is no CUDA device to build plans on")
+    from engine.backends.tensorrt import TensorRTBackend
+    from export.tensorrt_build import build_plans
+
+    model, _ = tiny_latent
+    out = str(tmp_path / "plans")
+    build_plans(tiny_latent_export[0], out, workspace_gb=1.0, names=["motion_dit"])
+    cuda_model = model.to("cuda")
+    try:
+        backend = TensorRTBackend(cuda_model, plan_dir=out, cuda_graph=True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        inputs = {}
+        for frames, batch in ((4, 1), (4, 2), (2, 1), (4, 1), (2, 2), (4, 2), (2, 1)):
+            if (frames, batch) not in inputs:
+                inputs[frames, batch] = (
+                    torch.rand(batch, *model.config.motion_shape(frames), device="cuda", generator=gen) * 2 - 1,
+                    torch.randint(0, 1000, (batch,), device="cuda", generator=gen),
+                    torch.randn(batch, 4, 16, 16, device="cuda", generator=gen),
+                    torch.randn(batch, 32, device="cuda", generator=gen))
+            with torch.no_grad():
+                got = backend.dit_step(*inputs[frames, batch]).clone()
+                torch.testing.assert_close(got, cuda_model.motion_dit(*inputs[frames, batch]), atol=1e-4, rtol=1e-3)
+    finally:
+        model.to("cpu")
