@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from engine.cli import Parser, print_error, read_prompts, run_main
+from engine.cli import Parser, add_lora_argument, print_error, read_prompts, run_main
 from cmd_kernels.measure import environment, sync, wall_times
 
 TIMED_STAGES = ("text", "content", "motion", "decode", "vae")
@@ -57,6 +57,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--motion-steps", type=int, default=None, help="motion steps (default: the config's)")
     p.add_argument("--scheduler", default=None, help="ddim or dpm")
     p.add_argument("--seed", type=int, default=0)
+    add_lora_argument(p)
 
 
 def request_kwargs(args) -> dict:
@@ -78,6 +79,9 @@ def resolve_run(args):
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     spec = resolve_model(args.model)
+    from engine.adapters import check_lora_args
+
+    args.loras = check_lora_args(getattr(args, "lora", []))  # the adapter files, before any weights load
     return spec, device, dtype, check_request(spec.load_config(), **request_kwargs(args))
 
 
@@ -395,6 +399,9 @@ def _run_cache(args) -> int:
         check_request(config, backend=get_backend(backend), **kwargs, **setting)
     _backends(backend, device, dtype)  # then what the backend needs besides the weights (graphs, plans)
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
+    from engine.adapters import load_lora_args
+
+    load_lora_args(pipe, args.loras)
     results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
     flops = cache_flops(args.flops_config, results) if args.flops_config else None
     report = {"kind": "cache", "model": args.model, "backend": backend, "environment": environment(device, dtype),
@@ -440,6 +447,9 @@ def _run_backends(args) -> int:
     from engine.pipeline import CMDPipeline
 
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)
+    from engine.adapters import load_lora_args
+
+    load_lora_args(pipe, args.loras)
     pipe.check_backend(req, args.batch)
     call = call_kwargs(args, req)
     if args.kind == "latency":

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.adapters import LoraMixin, remember_base_hashes
 from engine.backends import Backend, check_backend_ready, get_backend
 from engine.cache import DynamicStep, Evaluations, OutputHistory, StagePlan, guide, plan_cache
 from engine.configs import CMDConfig
@@ -144,9 +145,11 @@ class _Progress:
             self.bar.close()
 
 
-class CMDPipeline:
+class CMDPipeline(LoraMixin):
     """``CMDPipeline(model, text_encoder, backend="eager")``: the model's networks run through the
     named backend (or a :class:`~engine.backends.Backend` instance) on the model's device and dtype.
+    Adapters (LoRA): ``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``unfuse_lora``,
+    ``unload_lora_weights`` (:class:`engine.adapters.LoraMixin`).
     ``text_encoder``: anything with the ``TextEncoder`` interface."""
 
     def __init__(self, model: CMDModel, text_encoder, backend: Union[str, Backend] = "eager",
@@ -178,6 +181,8 @@ class CMDPipeline:
                 net = CMDModel.from_config(spec.random_config)
         else:
             net = CMDModel.from_pretrained(spec.path)
+        if dt != torch.float32:  # what an adapter records of its base: the float32 weights' hash
+            remember_base_hashes(net)
         net = net.to(device=dev, dtype=dt)
         if text_encoder is None:
             text_encoder = load_text_encoder(net.config, random_weights=spec.is_random)

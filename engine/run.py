@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Dict, List, Optional
 
-from engine.cli import Parser, one_line, read_prompts, run_ranks
+from engine.cli import Parser, add_lora_argument, one_line, read_prompts, run_ranks
 
 DEVICES_HELP = "cpu, cuda or cuda:N"
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CFG only on the steps in this fraction of each loop, e.g. 0.2 0.8")
     eng = p.add_argument_group("engine")
     eng.add_argument("--model", default=None, help="'default' (shipped weights), a model folder, or random:<config>")
+    add_lora_argument(eng)
     eng.add_argument("--backend", default="eager", help="eager, compile, cudagraph, onnxruntime or tensorrt")
     eng.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     eng.add_argument("--device", default="cpu", help=DEVICES_HELP)
@@ -130,6 +131,9 @@ def _plan(args):
     numbered = [(None, args.prompt)] if args.prompt is not None else read_prompts(args.prompts_file)
     prompts = [p for _, p in numbered]
     spec = resolve_model(args.model)
+    from engine.adapters import check_lora_args
+
+    loras = check_lora_args(args.lora)  # the files, before any weights load
     config = spec.load_config()
     request = check_request(config, num_frames=args.frames, height=args.height, width=args.width,
                             num_inference_steps=steps, motion_steps=motion_steps, guidance_scale=args.guidance,
@@ -148,7 +152,7 @@ def _plan(args):
         image = read_image(args.image)
     outputs = _outputs(args, len(prompts), request.num_videos * request.motion_variations)
     fps = args.fps if args.fps is not None else float(config.sampling.fps)
-    return dict(spec=spec, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
+    return dict(spec=spec, loras=loras, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
                 request=request, image=image, outputs=outputs, fps=fps)
 
 
@@ -179,6 +183,9 @@ def _prepare(args):
 
     pipe = CMDPipeline.from_pretrained(plan["spec"], device=plan["device"], dtype=plan["dtype"],
                                        backend=args.backend)
+    from engine.adapters import load_lora_args
+
+    load_lora_args(pipe, plan["loras"])
     _check_prompt_lengths(pipe.text_encoder, plan, args)
     # The backend's limits (exported graphs' sizes and batches) for the largest batch, before any work.
     pipe.check_backend(plan["request"], min(args.batch_size, len(plan["prompts"])))
