@@ -22,6 +22,7 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.40",
         "safetensors",
+        "peft>=0.13,<1",  # adapter training (trainer/lora.py); tested with 0.22.0
         "nvtx",
         "imageio",
         "imageio-ffmpeg",

@@ -79,7 +79,7 @@ class Adapter:
 
     networks: Dict[str, NetworkLora]
     data: str = ""
-    steps: int = 0
+    steps: str = ""  # training steps ("300"; a joined file: per part, "content_unet:300,autoencoder:300")
     path: str = ""
 
     def num_bytes(self) -> int:
@@ -111,7 +111,7 @@ def remember_base_hashes(model: nn.Module) -> None:
             net._cmd_base_hash = network_hash(net)
 
 
-def save_adapter(path: str, parts: Sequence[NetworkLora], data: str = "", steps: int = 0) -> int:
+def save_adapter(path: str, parts: Sequence[NetworkLora], data: str = "", steps: Union[int, str] = 0) -> int:
     """Write an adapter file atomically (a temporary file renamed over ``path``); returns its size in bytes.
     ``parts``: the networks' layers (float tensors, stored in their own dtype)."""
     from safetensors.torch import save_file
@@ -128,7 +128,7 @@ def save_adapter(path: str, parts: Sequence[NetworkLora], data: str = "", steps:
         networks[part.network] = {"prefix": prefix, "rank": part.rank, "alpha": part.alpha,
                                   "target_modules": part.targets, "base_hash": part.base_hash}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "networks": json.dumps(networks),
-                "data": str(data), "steps": str(int(steps))}
+                "data": str(data), "steps": str(steps)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -158,7 +158,24 @@ def read_adapter(path: str) -> Adapter:
     except (KeyError, ValueError, TypeError) as e:
         raise AdapterError(f"adapter {path!r}: unreadable 'networks' metadata ({e})") from None
     _fill_layers(path, parts, tensors)
-    return Adapter(parts, metadata.get("data", ""), int(metadata.get("steps", "0") or 0), path)
+    return Adapter(parts, metadata.get("data", ""), metadata.get("steps", ""), path)
+
+
+def join_adapters(paths: Sequence[str], out: str) -> Adapter:
+    """One adapter file ``out`` from the files ``paths``, each adapting other networks (e.g. the content UNet's
+    and the decoder's parts of one concept); ``data`` and ``steps`` list every part's. A one-line AdapterError
+    when two files adapt the same network. Returns the joined adapter."""
+    adapters = [read_adapter(p) for p in paths]
+    parts: Dict[str, NetworkLora] = {}
+    for adapter in adapters:
+        for network, part in adapter.networks.items():
+            if network in parts:
+                raise AdapterError(f"{adapter.path!r} and another file both adapt the {network}")
+            parts[network] = part
+    data = ";".join(a.data for a in adapters)
+    steps = ",".join(f"{'+'.join(a.networks)}:{a.steps}" for a in adapters)
+    save_adapter(out, list(parts.values()), data=data, steps=steps)
+    return read_adapter(out)
 
 
 _KEY = re.compile(r"^(?P<prefix>[A-Za-z_]+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")

@@ -5,10 +5,17 @@ from them (the format of :mod:`engine.adapters`).
 injected ``lora_A`` / ``lora_B`` weights; the base network's weights stay as loaded (and the --init folder is
 never written). The adapter (EMA of the LoRA weights) is written atomically to ``<out>/adapter.safetensors``
 at every checkpoint and at the end.
+
+Adapters of one concept trained per network (the content UNet's and the decoder's parts of cyan) become one
+file with::
+
+    python -m trainer.lora join --out cyan.safetensors runs/cyan-content/adapter.safetensors \
+        runs/cyan-decoder/adapter.safetensors
 """
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -101,3 +108,23 @@ def prepare_lora(net: nn.Module, spec: LoraSpec) -> str:
 
 def adapter_path(out: str) -> str:
     return os.path.join(out, ADAPTER_FILE)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from engine.adapters import join_adapters
+    from engine.cli import Parser, run_main
+
+    def body():
+        p = Parser(prog="python -m trainer.lora", description="Join adapter files (one per network) into one.")
+        p.add_argument("command", choices=["join"])
+        p.add_argument("inputs", nargs="+", help="adapter files, each adapting other networks")
+        p.add_argument("--out", required=True, help="the joined adapter file (written atomically)")
+        args = p.parse_args(argv)
+        joined = join_adapters(args.inputs, args.out)
+        print(f"adapter: {args.out} ({', '.join(joined.networks)}; {os.path.getsize(args.out) / 1024:.1f} KiB)")
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -202,3 +202,17 @@ def test_run_cli_with_lora_and_its_bad_input(tmp_path, adapter_file, capsys, fas
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
         assert not bad.exists()
+
+
+def test_join_puts_networks_of_several_files_in_one(pipe, tmp_path):
+    from engine.adapters import join_adapters
+
+    a, b, out = (str(tmp_path / f"{n}.safetensors") for n in ("a", "b", "ab"))
+    save_adapter(a, [random_lora(pipe.model.content_unet, "content_unet")], steps=3)
+    save_adapter(b, [random_lora(pipe.model.autoencoder, "autoencoder", modules={"output_head"})], steps=4)
+    joined = join_adapters([a, b], out)
+    assert set(joined.networks) == {"content_unet", "autoencoder"}
+    assert joined.steps == "content_unet:3,autoencoder:4"
+    with pytest.raises(AdapterError, match="both adapt the content_unet"):
+        join_adapters([a, out], str(tmp_path / "bad.safetensors"))
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -79,6 +79,31 @@ def test_csv_items_windows_and_skips(csv_folder):
     assert len(starts) > 1, "windows should move between epochs"
 
 
+def test_decoded_videos_are_cached_within_the_budget(csv_folder, monkeypatch):
+    """A video is decoded once per process (not once per epoch) while the cache has room; the items are the same
+    with and without the cache."""
+    import trainer.data.videos as videos
+
+    calls = []
+    real = videos.read_video
+    monkeypatch.setattr(videos, "read_video", lambda path, n=None: calls.append(path) or real(path, n))
+    cached = open_video_folder(str(csv_folder), num_frames=4, height=16, width=16, seed=0)
+    uncached = open_video_folder(str(csv_folder), num_frames=4, height=16, width=16, seed=0).subset(cached.entries)
+    uncached.cache_bytes = 0
+    first = [cached[i] for i in range(len(cached))]
+    cached.set_epoch(1)
+    again = [cached[i] for i in range(len(cached))]
+    good = [p for p, _ in cached.entries if os.path.basename(p) in ("a.mp4", "b.mp4", "c.mp4")]
+    assert all(calls.count(p) == 1 for p in good)  # decoded once across two epochs
+    uncached.set_epoch(1)
+    for i, item in enumerate(again):
+        other = uncached[i]
+        assert (item is None) == (other is None)
+        if item is not None:
+            assert torch.equal(item["video"], other["video"])
+    assert first[0] is not None
+
+
 def test_resize_crop_covers_and_centres():
     frames = torch.arange(20 * 24, dtype=torch.float32).reshape(1, 1, 20, 24).expand(2, 3, 20, 24)
     out = resize_crop(frames, 16, 16)

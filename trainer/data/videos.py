@@ -117,7 +117,7 @@ class VideoClips(Dataset):
 
     def __init__(self, entries: Sequence[Tuple[str, str]], num_frames: int = 16, height: int = 32, width: int = 32,
                  frame_stride: int = 1, random_crop: bool = False, seed: int = 0, max_frames: int = 1024,
-                 root: Optional[str] = None):
+                 root: Optional[str] = None, cache_mb: float = 1024.0):
         if not entries:
             raise ValueError(f"no videos to train on{f' in {root!r}' if root else ''}")
         if num_frames < 1 or height < 1 or width < 1 or frame_stride < 1:
@@ -129,6 +129,11 @@ class VideoClips(Dataset):
         self.seed = seed
         self.epoch = 0
         self.max_frames = max_frames  # decode at most this many frames of a long video
+        # Decoded videos kept in memory (per process), up to cache_mb: a small folder (a user's few hundred
+        # clips) is decoded once, not once per epoch (an ffmpeg process per clip was most of a step's time).
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._decoded: Dict[str, np.ndarray] = {}
+        self._cached_bytes = 0
         self.root = root or os.path.dirname(os.path.abspath(self.entries[0][0]))
         if self.span > max_frames:
             raise ValueError(f"a window of {num_frames} frames at stride {frame_stride} spans {self.span} frames, "
@@ -175,13 +180,23 @@ class VideoClips(Dataset):
     def subset(self, entries: Sequence[Tuple[str, str]]) -> "VideoClips":
         """The same clip geometry, seed and root over other entries."""
         return VideoClips(entries, self.num_frames, self.height, self.width, self.frame_stride, self.random_crop,
-                          self.seed, self.max_frames, self.root)
+                          self.seed, self.max_frames, self.root, self.cache_bytes / 2**20)
+
+    def _read(self, path: str) -> np.ndarray:
+        """The decoded frames of ``path``, from the memory cache when it holds them."""
+        frames = self._decoded.get(path)
+        if frames is None:
+            frames = read_video(path, self.max_frames)
+            if self._cached_bytes + frames.nbytes <= self.cache_bytes:
+                self._decoded[path] = frames
+                self._cached_bytes += frames.nbytes
+        return frames
 
     def __getitem__(self, index: int):
         path, caption = self.entries[index]
         span = self.span
         try:
-            frames = read_video(path, self.max_frames)
+            frames = self._read(path)
         except Exception:  # corrupt, truncated or not a video: skipped, never fatal
             return None
         if len(frames) < span:
