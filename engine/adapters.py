@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -337,12 +338,12 @@ class AdapterSet:
             self.active.pop(name, None)
 
     @torch.no_grad()
-    def apply(self) -> Dict[str, List[str]]:
+    def apply(self) -> Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
         """Write ``base + fused + active mix`` into every adapted weight, in place (same storage); the weights
-        no longer adapted get their base bytes back. Returns network -> names of the parameters written
-        (``<module>.weight``), for backends that hold their own copy."""
+        no longer adapted get their base bytes back. Returns network -> parameter name (``<module>.weight``)
+        -> (its base value, the parameter), for backends that hold their own copy of the weights."""
         mix = self._mix(self.active)
-        changed: Dict[str, List[str]] = {}
+        changed: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {}
         for key in sorted(set(mix) | set(self.fused) | set(self.base)):
             network, module = key
             weight = self.model.get_submodule(network).get_submodule(module).weight
@@ -352,14 +353,41 @@ class AdapterSet:
             for part in (mix.get(key), self.fused.get(key)):
                 if part is not None:
                     delta = part if delta is None else delta + part
+            base = self.base[key]
             if delta is None:
-                weight.copy_(self.base[key])
+                weight.copy_(base)
                 del self.base[key]  # back to the base bytes: nothing to restore any more
             else:
-                base = self.base[key]
                 weight.copy_(base.float() + delta.to(base.device))  # copy_ casts to the weight's dtype
-            changed.setdefault(network, []).append(f"{module}.weight")
+            changed.setdefault(network, {})[f"{module}.weight"] = (base, weight)
         return changed
+
+    def adapted(self) -> Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+        """Every weight that differs from its base now, as :meth:`apply` reports them (for a new backend)."""
+        out: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {}
+        for (network, module), base in self.base.items():
+            weight = self.model.get_submodule(network).get_submodule(module).weight
+            out.setdefault(network, {})[f"{module}.weight"] = (base, weight)
+        return out
+
+    @contextmanager
+    def base_weights(self):
+        """The base weights (plus nothing) in the model for the duration (a backend that checks or copies the
+        weights is made in it), then the adapters' again."""
+        if not self.base:
+            yield
+            return
+        saved = {key: self.model.get_submodule(key[0]).get_submodule(key[1]).weight.detach().clone()
+                 for key in self.base}
+        try:
+            with torch.no_grad():
+                for key, base in self.base.items():
+                    self.model.get_submodule(key[0]).get_submodule(key[1]).weight.copy_(base)
+            yield
+        finally:
+            with torch.no_grad():
+                for key, value in saved.items():
+                    self.model.get_submodule(key[0]).get_submodule(key[1]).weight.copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline API
@@ -374,6 +402,17 @@ class LoraMixin:
         if getattr(self, "_adapters", None) is None:
             self._adapters = AdapterSet(self.model)
         return self._adapters
+
+    def _make_backend(self, make):
+        """``make()``'s backend, made while the model holds its base weights (a backend may check their hash or
+        copy them), then told of the adapted ones."""
+        adapters = getattr(self, "_adapters", None)
+        if adapters is None:
+            return make()
+        with adapters.base_weights():
+            backend = make()
+        backend.update_weights(adapters.adapted())
+        return backend
 
     def _apply_adapters(self) -> None:
         changed = self.adapters.apply()

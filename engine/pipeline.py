@@ -194,7 +194,8 @@ class CMDPipeline(LoraMixin):
         if isinstance(backend, Backend):
             self.backend = backend
         else:
-            self.backend = get_backend(backend)(self.model, self.device, self.dtype, **options)
+            self.backend = self._make_backend(lambda: get_backend(backend)(self.model, self.device, self.dtype,
+                                                                          **options))
         # A backend that runs the text encoder itself (onnxruntime: the exported graph and its saved
         # tokenizer) replaces the PyTorch one while it is in use.
         self.backend_text_encoder = self.backend.text_encoder()

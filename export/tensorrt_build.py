@@ -70,8 +70,10 @@ def check_graphs(onnx_dir: str, names: Optional[Sequence[str]] = None) -> Dict[s
 
 def build_plan(onnx_path: str, network: Network, plan_path: str, precision: str = "fp16", fp8: bool = False,
                timing_cache: Optional[str] = None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
-               log: Callable[[str], None] = print) -> None:
-    """Parse one graph, build its plan with one profile per bucket, write it (and the timing cache)."""
+               log: Callable[[str], None] = print, refit: bool = False) -> None:
+    """Parse one graph, build its plan with one profile per bucket, write it (and the timing cache).
+    ``refit``: a refittable plan (``BuilderFlag.REFIT``): adapters then refit its weights with ``trt.Refitter``
+    instead of a rebuild (engine/backends/tensorrt.py)."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -88,6 +90,8 @@ def build_plan(onnx_path: str, network: Network, plan_path: str, precision: str 
         config.set_flag(trt.BuilderFlag.BF16)
     if fp8:
         config.set_flag(trt.BuilderFlag.FP8)
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
     cache_bytes = b""
     if timing_cache and os.path.isfile(timing_cache):
         with open(timing_cache, "rb") as f:
@@ -111,7 +115,7 @@ def build_plan(onnx_path: str, network: Network, plan_path: str, precision: str 
 def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool = False,
                 timing_cache: Optional[str] = None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
                 names: Optional[Sequence[str]] = None, device=None, force: bool = False,
-                log: Callable[[str], None] = print) -> Dict:
+                log: Callable[[str], None] = print, refit: bool = False) -> Dict:
     """Plans for the graphs of ``onnx_dir`` into ``out_dir`` (reusing those whose key is unchanged);
     returns the written ``plans.json``."""
     manifest = read_manifest(onnx_dir)
@@ -125,7 +129,7 @@ def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool 
     check_precision(precision, fp8, target["compute_capability"])
     os.makedirs(out_dir, exist_ok=True)
     timing_cache = timing_cache or os.path.join(out_dir, TIMING_CACHE)
-    options = {"fp8": fp8, "workspace_gb": workspace_gb}
+    options = {"fp8": fp8, "workspace_gb": workspace_gb, **({"refit": True} if refit else {})}
     plans = {"onnx_dir": os.path.abspath(onnx_dir), "tensorrt": trt.__version__, "target": target,
              "precision": precision, "options": options, "weights_sha256": manifest["model"]["weights_sha256"],
              "onnx_manifest": manifest, "networks": {}}
@@ -146,7 +150,7 @@ def build_plans(onnx_dir: str, out_dir: str, precision: str = "fp16", fp8: bool 
         else:
             log(f"{name}: building ({precision}{' + fp8' if fp8 else ''}, {len(profiles)} profile(s))")
             build_plan(os.path.join(onnx_dir, entry["file"]), network, path, precision, fp8, timing_cache,
-                       workspace_gb, log)
+                       workspace_gb, log, refit)
         plans["networks"][name] = {"plan": os.path.basename(path), "key": key, "profiles": profiles}
     write_json(os.path.join(out_dir, PLANS_MANIFEST), plans)
     return plans

@@ -216,3 +216,62 @@ def test_join_puts_networks_of_several_files_in_one(pipe, tmp_path):
     with pytest.raises(AdapterError, match="both adapt the content_unet"):
         join_adapters([a, out], str(tmp_path / "bad.safetensors"))
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_compile_backend_switches_without_recompiling(pipe, adapter_file):
+    """torch.compile sees the parameters as graph inputs: an adapter loaded, rescaled or unloaded after
+    compilation changes the next call's output without a new graph, and the output is eager's with the same
+    adapter. (The motion DiT alone: compiling on a shared 2-core CPU is slow.)"""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(0)
+    cfg = pipe.config
+    motion = torch.randn(2, *cfg.motion_shape(cfg.num_frames), generator=g)
+    content = torch.randn(2, cfg.channels, cfg.height, cfg.width, generator=g)
+    t, text = torch.tensor([999, 10]), torch.randn(2, cfg.text_encoder.hidden_size, generator=g)
+
+    def step():
+        with torch.no_grad():
+            return pipe.backend.dit_step(motion, t, content, text)
+
+    eager_base = step()
+    pipe.load_lora_weights(adapter_file)
+    eager_adapted = step()
+    pipe.unload_lora_weights()
+    pipe.set_backend("compile")
+    torch.testing.assert_close(step(), eager_base, atol=1e-5, rtol=1e-4)  # compiles here
+    graphs = counters["stats"]["unique_graphs"]
+    pipe.load_lora_weights(adapter_file)
+    torch.testing.assert_close(step(), eager_adapted, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(step(), eager_base, atol=1e-4)
+    pipe.set_adapters("both", 0.0)
+    torch.testing.assert_close(step(), eager_base, atol=1e-5, rtol=1e-4)
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(step(), eager_base, atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
+
+
+@pytest.mark.gpu
+def test_cudagraph_backend_sees_adapters_after_capture(tmp_path):
+    """Captured graphs read the parameters' storage, which the adapters rewrite in place: a switch after
+    capture takes effect on the next replay, with no new capture."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pipe = CMDPipeline.from_pretrained(TINY, device="cuda", dtype="float32")
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(path, [random_lora(pipe.model.content_unet, "content_unet"),
+                        random_lora(pipe.model.motion_dit, "motion_dit")])
+    base = frames(pipe)
+    pipe.load_lora_weights(path)
+    adapted = frames(pipe)
+    pipe.unload_lora_weights()
+    pipe.set_backend("cudagraph")
+    np.testing.assert_allclose(frames(pipe), base, atol=1e-4)
+    captures = pipe.backend.captures
+    pipe.load_lora_weights(path)
+    np.testing.assert_allclose(frames(pipe), adapted, atol=1e-4)
+    pipe.set_adapters("a", 0.0)
+    np.testing.assert_allclose(frames(pipe), base, atol=1e-4)
+    pipe.unload_lora_weights()
+    np.testing.assert_allclose(frames(pipe), base, atol=1e-4)
+    assert pipe.backend.captures == captures
