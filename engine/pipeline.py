@@ -109,6 +109,17 @@ def _randn(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
 
+def _initial_noise(req: Request, gens: List[Optional[torch.Generator]]):
+    """(content noise, motion noise) of a request: per prompt, its content noise, then its motion noise, from
+    its own generator (so a prompt's video does not depend on its batch)."""
+    v, m, geo = req.num_videos, req.motion_variations, req.geometry
+    content_noise, motion_noise = [], []
+    for g in gens:
+        content_noise.append(_randn((v, *geo.content_shape), g))
+        motion_noise.append(_randn((v * m, *geo.motion_shape), g))
+    return torch.cat(content_noise), torch.cat(motion_noise)
+
+
 class _Progress:
     """A tqdm bar per loop. On CUDA it is kept honest without stalling the device: after enqueuing
     step i it waits for step i - 1 to finish, so the device always has one step queued."""
@@ -544,13 +555,8 @@ class CMDPipeline(LoraMixin):
         need_negative = image is None and req.guidance > 1.0
         negatives = _prompt_list("negative_prompt", negative_prompt or "", len(prompts)) if need_negative else None
 
-        v, m, geo = req.num_videos, req.motion_variations, req.geometry
-        # Per prompt: its content noise, then its motion noise, from its own generator.
-        content_noise, motion_noise = [], []
-        for g in gens:
-            content_noise.append(_randn((v, *geo.content_shape), g))
-            motion_noise.append(_randn((v * m, *geo.motion_shape), g))
-        content_noise, motion_noise = torch.cat(content_noise), torch.cat(motion_noise)
+        v, m = req.num_videos, req.motion_variations
+        content_noise, motion_noise = _initial_noise(req, gens)
 
         timer = StageTimer(self.device)
         counts = {"content": Evaluations(), "motion": Evaluations()}

@@ -275,3 +275,17 @@ def test_cudagraph_backend_sees_adapters_after_capture(tmp_path):
     pipe.unload_lora_weights()
     np.testing.assert_allclose(frames(pipe), base, atol=1e-4)
     assert pipe.backend.captures == captures
+
+
+def test_shipped_adapters_load_by_name_into_the_default_model():
+    from engine.adapters import shipped_adapters
+
+    assert {"cyan", "diagonal"} <= set(shipped_adapters())
+    pipe = CMDPipeline.from_pretrained("default")
+    before = weights(pipe)
+    loaded = [pipe.load_lora_weights(name) for name in ("cyan", "diagonal")]
+    assert loaded == ["cyan", "diagonal"] and pipe.get_active_adapters() == loaded
+    assert os.path.getsize(read_adapter(os.path.join(os.path.dirname(__file__), "..", "..", "engine", "weights",
+                                                     "adapters", "cyan.safetensors")).path) < 1_000_000
+    pipe.unload_lora_weights()
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
