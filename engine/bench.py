@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from engine.cli import Int, Parser, Seed, check_seed, print_error, read_prompts, run_main
+from engine.cli import Int, Parser, Seed, add_lora_argument, check_seed, print_error, read_prompts, run_main
 from cmd_kernels.measure import environment, sync, wall_times
 
 TIMED_STAGES = ("text", "content", "motion", "decode", "vae")
@@ -63,6 +63,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--motion-steps", type=Int(), default=None, help="motion steps (default: the config's)")
     p.add_argument("--scheduler", default=None, help="ddim or dpm")
     p.add_argument("--seed", type=Seed, default=0, help="prompt k of a call is seeded --seed + k")
+    add_lora_argument(p)
 
 
 def request_kwargs(args) -> dict:
@@ -83,6 +84,9 @@ def resolve_run(args):
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     check_seed("--seed", args.seed, getattr(args, "num_prompts", None) or args.batch)
     spec = resolve_model(args.model)
+    from engine.adapters import check_lora_args
+
+    args.loras = check_lora_args(getattr(args, "lora", []))  # the adapter files, before any weights load
     return spec, device, dtype, check_request(spec.load_config(), **request_kwargs(args))
 
 
@@ -404,6 +408,9 @@ def _run_cache(args) -> int:
         check_request(config, backend=get_backend(backend), **kwargs, **setting)
     _backends(backend, device, dtype)  # then what the backend needs besides the weights (graphs, plans)
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=backend)
+    from engine.adapters import load_lora_args
+
+    load_lora_args(pipe, args.loras)
     results = bench_cache(pipe, prompts, settings, args.seed, args.batch, **kwargs)
     flops = cache_flops(args.flops_config, results) if args.flops_config else None
     report = {"kind": "cache", "model": args.model, "backend": backend, "environment": environment(device, dtype),
@@ -581,6 +588,9 @@ def _run_backends(args) -> int:
     from engine.pipeline import CMDPipeline
 
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype)  # quiet by itself (engine.logs)
+    from engine.adapters import load_lora_args
+
+    load_lora_args(pipe, args.loras)
     pipe.check_backend(req, args.batch)
     call = call_kwargs(args, req)
     if args.kind == "latency":

@@ -231,3 +231,13 @@ def read_prompts(path: str) -> List[Tuple[int, str]]:
     if not prompts:
         raise ValueError(f"no prompts in {path!r}")
     return prompts
+
+
+LORA_HELP = ("an adapter file or the name of a shipped one (engine/weights/adapters/), with an optional weight "
+             "after a colon (cyan:0.5); repeatable, all active at once (engine.adapters)")
+
+
+def add_lora_argument(parser) -> None:
+    """``--lora NAME_OR_PATH[:SCALE]``, repeatable (engine.run, engine.bench, engine.profile, trainer.evaluate);
+    :func:`engine.adapters.check_lora_args` checks the values, :func:`engine.adapters.load_lora_args` loads."""
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME_OR_PATH[:SCALE]", help=LORA_HELP)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.adapters import LoraMixin, remember_base_hashes
 from engine.backends import Backend, check_backend_ready, get_backend
 from engine.cache import DynamicStep, Evaluations, OutputHistory, StagePlan, guide, plan_cache
 from engine.cli import check_seed
@@ -110,6 +111,17 @@ def _randn(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
 
+def _initial_noise(req: Request, gens: List[Optional[torch.Generator]]):
+    """(content noise, motion noise) of a request: per prompt, its content noise, then its motion noise, from
+    its own generator (so a prompt's video does not depend on its batch)."""
+    v, m, geo = req.num_videos, req.motion_variations, req.geometry
+    content_noise, motion_noise = [], []
+    for g in gens:
+        content_noise.append(_randn((v, *geo.content_shape), g))
+        motion_noise.append(_randn((v * m, *geo.motion_shape), g))
+    return torch.cat(content_noise), torch.cat(motion_noise)
+
+
 class _Progress:
     """A tqdm bar per loop. On CUDA it is kept honest without stalling the device: after enqueuing
     step i it waits for step i - 1 to finish, so the device always has one step queued."""
@@ -146,9 +158,11 @@ class _Progress:
             self.bar.close()
 
 
-class CMDPipeline:
+class CMDPipeline(LoraMixin):
     """``CMDPipeline(model, text_encoder, backend="eager")``: the model's networks run through the
     named backend (or a :class:`~engine.backends.Backend` instance) on the model's device and dtype.
+    Adapters (LoRA): ``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``unfuse_lora``,
+    ``unload_lora_weights`` (:class:`engine.adapters.LoraMixin`).
     ``text_encoder``: anything with the ``TextEncoder`` interface."""
 
     def __init__(self, model: CMDModel, text_encoder, backend: Union[str, Backend] = "eager",
@@ -180,6 +194,8 @@ class CMDPipeline:
                 net = CMDModel.from_config(spec.random_config)
         else:
             net = CMDModel.from_pretrained(spec.path)
+        if dt != torch.float32:  # what an adapter records of its base: the float32 weights' hash
+            remember_base_hashes(net)
         net = net.to(device=dev, dtype=dt)
         if text_encoder is None:
             text_encoder = load_text_encoder(net.config, random_weights=spec.is_random)
@@ -191,7 +207,8 @@ class CMDPipeline:
         if isinstance(backend, Backend):
             self.backend = backend
         else:
-            self.backend = get_backend(backend)(self.model, self.device, self.dtype, **options)
+            self.backend = self._make_backend(lambda: get_backend(backend)(self.model, self.device, self.dtype,
+                                                                          **options))
         # A backend that runs the text encoder itself (onnxruntime: the exported graph and its saved
         # tokenizer) replaces the PyTorch one while it is in use.
         self.backend_text_encoder = self.backend.text_encoder()
@@ -549,13 +566,8 @@ class CMDPipeline:
         need_negative = image is None and req.guidance > 1.0
         negatives = _prompt_list("negative_prompt", negative_prompt or "", len(prompts)) if need_negative else None
 
-        v, m, geo = req.num_videos, req.motion_variations, req.geometry
-        # Per prompt: its content noise, then its motion noise, from its own generator.
-        content_noise, motion_noise = [], []
-        for g in gens:
-            content_noise.append(_randn((v, *geo.content_shape), g))
-            motion_noise.append(_randn((v * m, *geo.motion_shape), g))
-        content_noise, motion_noise = torch.cat(content_noise), torch.cat(motion_noise)
+        v, m = req.num_videos, req.motion_variations
+        content_noise, motion_noise = _initial_noise(req, gens)
 
         timer = StageTimer(self.device)
         counts = {"content": Evaluations(), "motion": Evaluations()}

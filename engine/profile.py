@@ -96,6 +96,9 @@ def _profile(args, argv) -> int:
     from engine.pipeline import CMDPipeline
 
     pipe = CMDPipeline.from_pretrained(spec, device=device, dtype=dtype, backend=args.backend)
+    from engine.adapters import load_lora_args
+
+    load_lora_args(pipe, args.loras)
     pipe.check_backend(req, args.batch)
     call = call_kwargs(args, req)
     for _ in range(args.warmup):

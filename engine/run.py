@@ -20,7 +20,8 @@ import signal
 import sys
 from typing import Dict, List
 
-from engine.cli import Int, Number, Parser, Seed, check_number, check_seed, one_line, read_prompts, run_ranks
+from engine.cli import (Int, Number, Parser, Seed, add_lora_argument, check_number, check_seed, one_line,
+                        read_prompts, run_ranks)
 from engine.video_io import FPS_MAX, FPS_MIN
 
 DEVICES_HELP = "cpu, cuda or cuda:N"
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = p.add_argument_group("engine")
     eng.add_argument("--model", default=None, help="'default' (shipped weights; the default), a model folder, or "
                      "random:<config>")
+    add_lora_argument(eng)
     eng.add_argument("--backend", default="eager", help="eager (default), compile, cudagraph, onnxruntime or tensorrt")
     eng.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     eng.add_argument("--device", default="cpu", help=DEVICES_HELP + " (default cpu)")
@@ -145,6 +147,9 @@ def _plan(args):
     prompts = [p for _, p in numbered]
     check_seed("--seed", args.seed, len(prompts))  # prompt i uses --seed + i
     spec = resolve_model(args.model)
+    from engine.adapters import check_lora_args
+
+    loras = check_lora_args(args.lora)  # the files, before any weights load
     config = spec.load_config()
     if args.image is not None:
         _check_image_flags(args, config)
@@ -167,7 +172,7 @@ def _plan(args):
     # The config's frame rate too, before any work: the writer would refuse it only after generating.
     fps = args.fps if args.fps is not None else check_number("the config's sampling.fps", config.sampling.fps,
                                                              FPS_MIN, FPS_MAX)
-    return dict(spec=spec, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
+    return dict(spec=spec, loras=loras, device=device, dtype=dtype, prompts=prompts, lines=[n for n, _ in numbered],
                 request=request, image=image, outputs=outputs, fps=fps)
 
 
@@ -197,6 +202,9 @@ def _prepare(args):
 
     pipe = CMDPipeline.from_pretrained(plan["spec"], device=plan["device"], dtype=plan["dtype"],
                                        backend=args.backend)
+    from engine.adapters import load_lora_args
+
+    load_lora_args(pipe, plan["loras"])
     _check_prompt_lengths(pipe.text_encoder, plan, args)
     # The backend's limits (exported graphs' sizes and batches) for the largest batch, before any work.
     if args.batch_size is None:

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="builder workspace limit in GiB (default 8)")
     trt.add_argument("--network", action="append", help="only this network (repeatable)")
     trt.add_argument("--force", action="store_true", help="rebuild even where the plan cache has the plan")
+    trt.add_argument("--refit", action="store_true",
+                     help="refittable plans: adapters (--lora) refit their weights instead of a rebuild")
     trt.add_argument("--check-only", action="store_true",
                      help="only check the graphs against TensorRT's ONNX operator table (no TensorRT needed)")
     return parser
@@ -137,7 +139,7 @@ def _cmd_tensorrt(args) -> int:
     if args.check_only:
         return 0
     build_plans(args.onnx, args.out, args.precision, args.fp8, args.timing_cache,
-                args.workspace_gb or DEFAULT_WORKSPACE_GB, args.network, force=args.force)
+                args.workspace_gb or DEFAULT_WORKSPACE_GB, args.network, force=args.force, refit=args.refit)
     print(f"plans in {args.out}")
     return 0
 

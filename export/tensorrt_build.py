@@ -198,15 +198,20 @@ def add_profiles(builder, config, network: Network) -> None:
 
 
 def build_plan(onnx_path: str, network: Network, plan_path: str, timing_cache: Optional[str] = None,
-               workspace_gb: float = DEFAULT_WORKSPACE_GB, log: Callable[[str], None] = print) -> None:
+               workspace_gb: float = DEFAULT_WORKSPACE_GB, log: Callable[[str], None] = print,
+               refit: bool = False) -> None:
     """Parse one graph as a strongly typed network, build its plan with one profile per bucket, write it,
-    then save the timing cache (a failure there is a warning: the plan is kept)."""
+    then save the timing cache (a failure there is a warning: the plan is kept). ``refit``: a refittable plan
+    (``BuilderFlag.REFIT``), whose weights adapters then refit with ``trt.Refitter`` instead of a rebuild
+    (engine/backends/tensorrt.py)."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     graph, _parser = parse_graph(trt, builder, logger, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2 ** 30))
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
     attach_timing_cache(config, timing_cache, log)
     add_profiles(builder, config, network)
     start = time.perf_counter()
@@ -222,7 +227,7 @@ def build_plan(onnx_path: str, network: Network, plan_path: str, timing_cache: O
 def build_plans(onnx_dir: str, out_dir: str, precision: Optional[str] = None, fp8: bool = False,
                 timing_cache: Optional[str] = None, workspace_gb: float = DEFAULT_WORKSPACE_GB,
                 names: Optional[Sequence[str]] = None, device=None, force: bool = False,
-                log: Callable[[str], None] = print) -> Dict:
+                log: Callable[[str], None] = print, refit: bool = False) -> Dict:
     """Plans for the graphs of ``onnx_dir`` into ``out_dir`` (reusing those whose key is unchanged);
     returns the written ``plans.json``. ``precision`` (None: the export's) must be the graphs' own, as
     plans are strongly typed; ``fp8`` needs FP8 Q/DQ graphs. ``timing_cache`` defaults to
@@ -241,7 +246,8 @@ def build_plans(onnx_dir: str, out_dir: str, precision: Optional[str] = None, fp
     with output_lock(out_dir, "--out"):  # one builder at a time in a plan folder
         os.makedirs(out_dir, exist_ok=True)
         timing_cache = timing_cache or timing_cache_path(out_dir, trt.__version__, target)
-        options = {"fp8": fp8, "workspace_gb": workspace_gb, "typing": TYPING}
+        options = {"fp8": fp8, "workspace_gb": workspace_gb, "typing": TYPING,
+                   **({"refit": True} if refit else {})}
         plans = {"onnx_dir": os.path.abspath(onnx_dir), "tensorrt": trt.__version__, "target": target,
                  "precision": precision, "options": options, "weights_sha256": manifest["model"]["weights_sha256"],
                  "onnx_manifest": manifest, "networks": {}}
@@ -260,7 +266,7 @@ def build_plans(onnx_dir: str, out_dir: str, precision: Optional[str] = None, fp
                 log(f"{name}: building ({precision}{' + fp8' if fp8 else ''}, strongly typed, "
                     f"{len(profiles)} profile(s))")
                 build_plan(os.path.join(onnx_dir, entry["file"]), networks[name], path, timing_cache, workspace_gb,
-                           log)
+                           log, refit)
             plans["networks"][name] = {"plan": os.path.basename(path), "plan_sha256": file_hash(path), "key": key,
                                        "profiles": profiles}
         write_json(os.path.join(out_dir, PLANS_MANIFEST), plans)

@@ -21,7 +21,7 @@ nothing but the frames is used. The pipeline is
 """
 
 import math
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -166,7 +166,8 @@ def box_statistics(mask: np.ndarray):
     return float(fill), float(centroid_height), bool(inside)
 
 
-def measure_attributes(video, motions: Sequence[str] = MOTIONS, min_displacement: float = 1.0) -> Dict[str, object]:
+def measure_attributes(video, motions: Sequence[str] = MOTIONS, min_displacement: float = 1.0,
+                       colours: Mapping[str, Sequence[int]] = COLOURS) -> Dict[str, object]:
     """Measures the attributes of a single-object clip from its pixels.
 
     Args:
@@ -174,6 +175,8 @@ def measure_attributes(video, motions: Sequence[str] = MOTIONS, min_displacement
         motions: candidate motion names (keys of ``MOTION_VECTORS``).
         min_displacement: fitted displacement over the clip (pixels) below which
             no motion is reported (always the case for a single frame).
+        colours: the palette the colour is named from (name -> RGB); default the
+            training colours, :data:`~trainer.data.synthetic.ALL_COLOURS` adds cyan.
 
     Returns:
         dict with ``colour``, ``shape``, ``motion`` (None when not measurable),
@@ -208,7 +211,7 @@ def measure_attributes(video, motions: Sequence[str] = MOTIONS, min_displacement
     core = mask & (dist_bg >= np.median(dist_bg[mask]))
     rgb = np.median(frames[core].astype(np.float32), axis=0)
     result["object_rgb"] = tuple(float(v) for v in rgb)
-    result["colour"], result["colour_distance"] = nearest_name(rgb, COLOURS)
+    result["colour"], result["colour_distance"] = nearest_name(rgb, colours)
 
     # Shape: box statistics over the frames where the object is fully inside.
     stats = np.array([box_statistics(mask[t]) for t in present])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from engine.atomic import check_output, output_lock, write_json
-from engine.cli import DataSeed, Int, Number, Parser, check_seed, run_ranks
+from engine.cli import DataSeed, Int, Number, Parser, add_lora_argument, check_seed, run_ranks
 from engine.distributed import DistInfo, gather_objects, init_distributed, shard_batches
 from trainer.metrics import CLIPSimilarity, FeatureStats, frechet_from_stats, psnr, ssim
 
@@ -43,23 +43,30 @@ METRICS = ("recon", "attributes", "fvd", "clipsim")
 # ------------------------------------------------------------------------------------------ attributes
 
 
-def attribute_row(video: torch.Tensor, truth) -> Dict[str, Any]:
+def attribute_row(video: torch.Tensor, truth, wide: bool = False) -> Dict[str, Any]:
     """Measured vs true attributes of one clip. ``video``: (L, 3, H, W) in [-1, 1]; ``truth``: a ClipSpec or
-    a dict with colour, shape and motion."""
+    a dict with colour, shape and motion. ``wide``: name colours and motions from every one the synthetic
+    vocabulary has (cyan, the diagonals), not only the base model's training ones."""
     from trainer.attributes import measure_attributes
 
     want = truth if isinstance(truth, dict) else {"colour": truth.colour, "shape": truth.shape,
                                                    "motion": truth.motion}
-    got = measure_attributes(video)
+    got = measure_attributes(video, **_palette(wide))
     row = {key: got[key] == want[key] for key in ("colour", "shape", "motion")}
     row["all"] = all(row.values())
-    row["stability"] = content_stability(video, got)
+    row["stability"] = content_stability(video, got, wide)
     row["measured"] = {key: got[key] for key in ("colour", "shape", "motion")}
     row["expected"] = {key: want[key] for key in ("colour", "shape", "motion")}
     return row
 
 
-def content_stability(video: torch.Tensor, clip: Dict[str, Any]) -> float:
+def _palette(wide: bool) -> Dict[str, Any]:
+    from trainer.data.synthetic import ALL_COLOURS, ALL_MOTIONS, COLOURS, MOTIONS
+
+    return {"colours": ALL_COLOURS, "motions": ALL_MOTIONS} if wide else {"colours": COLOURS, "motions": MOTIONS}
+
+
+def content_stability(video: torch.Tensor, clip: Dict[str, Any], wide: bool = False) -> float:
     """Fraction of frames whose own colour and shape (measured frame by frame) are the clip's: the object
     keeps its appearance while it moves. 0 when the clip has no measurable object."""
     from trainer.attributes import measure_attributes
@@ -68,7 +75,7 @@ def content_stability(video: torch.Tensor, clip: Dict[str, Any]) -> float:
         return 0.0
     same = []
     for frame in video:
-        got = measure_attributes(frame[None])
+        got = measure_attributes(frame[None], **_palette(wide))
         same.append(got["colour"] == clip["colour"] and got["shape"] == clip["shape"])
     return float(np.mean(same))
 
@@ -136,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--concept", help="synthetic prompts of an adapter's concept (trainer/data/concepts.py: base, "
+                   "cyan, diagonal), measured naming every colour and motion (cyan and the diagonals included)")
+    add_lora_argument(p)
     return p
 
 
@@ -160,10 +170,11 @@ def _items(args, cfg):
     """(captions, truths or None, a function index -> real video (L, 3, H, W)) for all ranks alike."""
     if args.data == "synthetic":
         from trainer.data import frames_to_tensor, prompts_for, render_clip
+        from trainer.data.concepts import concept_prompts
 
-        pairs = prompts_for(args.split, args.num_clips, seed=args.seed, paraphrase=args.paraphrase,
-                            num_frames=cfg.num_frames,
-                            height=cfg.height, width=cfg.width)
+        make = (lambda *a, **k: concept_prompts(args.concept, *a, **k)) if args.concept else prompts_for
+        pairs = make(args.split, args.num_clips, seed=args.seed, paraphrase=args.paraphrase,
+                     num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
         captions = [c for c, _ in pairs]
         specs = [s for _, s in pairs]
         return captions, specs, lambda i: frames_to_tensor(render_clip(specs[i], cfg.num_frames, cfg.height, cfg.width))
@@ -198,7 +209,15 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     check_seed("--seed", args.seed, args.num_clips, low=0)  # clip i is seeded --seed + i
     device = info.device
     size = eval_size(args.model, args.size)  # before loading any weights
+    if args.concept:
+        from trainer.data.concepts import get_concept
+
+        get_concept(args.concept)
+    from engine.adapters import check_lora_args, load_lora_args
+
+    loras = check_lora_args(args.lora)
     pipe = CMDPipeline.from_pretrained(args.model, device=str(device), dtype=args.dtype)
+    load_lora_args(pipe, loras)
     served = size in pipe.config.served_sizes
     if size != pipe.config.default_size:
         # Data, generation and reconstruction at this size: the config's own size becomes it for this run
@@ -222,7 +241,8 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     model = os.path.abspath(spec.path) if spec.path else args.model  # "default" -> the shipped folder
     results: Dict[str, Any] = {"model": model, "data": args.data, "clips": len(captions),
                                "split": args.split, "paraphrase": args.paraphrase, "size": str(size),
-                               "served": served, "world_size": info.world_size,
+                               "served": served, "world_size": info.world_size, "concept": args.concept,
+                               "lora": list(args.lora),
                                **({"sampling_cache": cache} if cache else {})}
     t0 = time.perf_counter()
 
@@ -255,7 +275,8 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
         fake = generate(pipe, [captions[i] for i in mine], mine, args.seed, args.batch_size, **kwargs)
 
     if "attributes" in metrics:
-        rows = [dict(attribute_row(fake[k], truths[i]), caption=captions[i], index=i) for k, i in enumerate(mine)]
+        wide = args.concept is not None
+        rows = [dict(attribute_row(fake[k], truths[i], wide), caption=captions[i], index=i) for k, i in enumerate(mine)]
         rows = sorted(gather_objects(rows, info), key=lambda r: r["index"])
         results["attributes"] = summarize_attributes(rows)
         results["attribute_rows"] = [{k: r[k] for k in ("index", "caption", "measured", "expected")} for r in rows]

@@ -29,7 +29,7 @@ Video folders are checked before training (every video probed, without decoding)
 and on stderr; with none left, or fewer than one batch, the run stops with one line ``error: ...`` naming
 the folder and the counts (exit code 2).
 
-``--sizes`` trains at several clip sizes (synthetic data): each batch holds clips of one size, the sizes taken
+``--sizes`` trains at several clip sizes (synthetic data, or a video folder's videos resized): each batch holds clips of one size, the sizes taken
 in turn batch by batch (``--sizes 16x32x32,16x64x64,16x64x64`` gives 64x64 two batches in three); clip i is
 the same scene at every size (the synthetic spec scales with the frame), and the (xbar, z) cache holds it
 per size. The config's ``train.<stage>.sizes`` gives the default, else the config's own size alone.
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=Number(above=0.0), help="peak learning rate (config: train.<stage>.lr)")
     p.add_argument("--sizes", help="comma-separated clip sizes FxHxW, one per batch in turn, a size repeated to "
                                    "weight it (config: train.<stage>.sizes; default: the config's own size); "
-                                   "other sizes than the own need --data synthetic")
+                                   "video folders are resized to each (pixel space)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
     p.add_argument("--overwrite", action="store_true",
                    help="--out holds a run of this stage: delete its checkpoints, log and samples (autoencoder "
@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-stride", type=Int(), default=1, help="video folders: take every N-th frame")
     p.add_argument("--random-crop", action="store_true", help="video folders: random instead of centre crops")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lora", type=int, metavar="RANK", help="train a LoRA adapter of this rank on the frozen "
+                   "--init network of the stage (written to <out>/adapter.safetensors; trainer/lora.py)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling alpha/rank; default: the rank)")
+    p.add_argument("--lora-targets", help="comma-separated module-name suffixes, or re:REGEX of whole module "
+                   "names (default: engine.adapters.DEFAULT_TARGETS of the stage's network)")
     return p
 
 
@@ -134,9 +139,9 @@ def hyperparams(cfg: CMDConfig, args) -> Dict[str, Any]:
     hp["betas"] = tuple(hp["betas"])
     sizes = getattr(args, "sizes", None)
     hp["sizes"] = train_sizes(cfg, sizes if sizes is not None else hp.get("sizes"))
-    if hp["sizes"] != [str(cfg.default_size)] and getattr(args, "data", "synthetic") != "synthetic":
-        raise UsageError(f"--sizes {','.join(hp['sizes'])}: sizes other than the config's own "
-                         f"({cfg.default_size}) need --data synthetic")
+    if hp["sizes"] != [str(cfg.default_size)] and cfg.space == "latent" and getattr(args, "data", "synthetic") != "synthetic":
+        raise UsageError(f"--sizes {','.join(hp['sizes'])}: in latent space, sizes other than the config's own "
+                         f"({cfg.default_size}) need --data synthetic (the latent cache holds one size)")
     check_flags(args)
     if getattr(args, "freeze_encoder", False):
         hp["freeze_encoder"] = True
@@ -150,6 +155,15 @@ def check_flags(args) -> None:
         raise UsageError("--resume continues the run in --out, --overwrite starts it again: give one")
     if getattr(args, "freeze_encoder", False) and args.stage != "autoencoder":
         raise UsageError("--freeze-encoder applies to the autoencoder stage only")
+    if getattr(args, "lora", None) is not None:
+        for flag in ("finetune", "freeze_encoder", "pretrained_unet"):
+            if getattr(args, flag, None):
+                raise UsageError(f"--lora trains an adapter on the --init network: --{flag.replace('_', '-')} "
+                                 "does not apply")
+        if not getattr(args, "init", None):
+            raise UsageError("--lora needs --init MODEL (the base model the adapter is for)")
+    elif getattr(args, "lora_alpha", None) is not None or getattr(args, "lora_targets", None) is not None:
+        raise UsageError("--lora-alpha and --lora-targets need --lora RANK")
     if getattr(args, "finetune", False):
         if args.stage == "autoencoder":
             raise UsageError("--finetune applies to the content and motion stages (the autoencoder stage "
@@ -246,6 +260,10 @@ def stage_model(args, stage: str, out: str) -> CMDModel:
     stage's folder and put a freshly initialised (or --pretrained-unet) network in their slot. Every folder
     it reads is checked before any weights load (one line naming a missing or truncated file)."""
     init = args.init if stage == "autoencoder" else args.init or run_model_dir(out)
+    if init == "default":  # the shipped model, as engine.run's --model default
+        from engine.default_model import default_model_dir
+
+        init = default_model_dir()
     if stage == "autoencoder" and not init:
         check_stage_one_out(out)
     if stage != "autoencoder" and not os.path.isfile(os.path.join(init, CONFIG_FILE)):
@@ -276,7 +294,7 @@ def stage_model(args, stage: str, out: str) -> CMDModel:
     model.config = cfg
     _fill_clip_path(cfg, args)
     torch.manual_seed(args.seed)
-    if getattr(args, "finetune", False):
+    if getattr(args, "finetune", False) or getattr(args, "lora", None) is not None:
         return _finetuned(model, stage, init, cfg)
     if stage == "content":
         if args.pretrained_unet:
@@ -393,7 +411,8 @@ def make_dataset(args, cfg: CMDConfig, model: CMDModel, info: DistInfo, size=Non
         raise UsageError(f"--data must be 'synthetic' or a folder, got {args.data!r}")
     from trainer.data.videos import open_video_folder
 
-    clips = open_video_folder(args.data, cfg.num_frames, cfg.height, cfg.width, seed=args.seed,
+    size = size or cfg.default_size  # each video resized to cover the size, then cropped
+    clips = open_video_folder(args.data, size.frames, size.height, size.width, seed=args.seed,
                               frame_stride=args.frame_stride, random_crop=args.random_crop)
     problems: Dict[int, Any] = {}
     for part in gather_objects([clips.check(range(info.rank, len(clips), info.world_size))], info):
@@ -599,6 +618,8 @@ class _Run:
     bar: Any = None  # tqdm progress bar (rank 0, unless --no-progress)
     preview_batches: Optional[List[Dict[str, Any]]] = None  # the sample grids' clips, made at the first samples
     skipped: int = 0  # clips that failed to load so far
+    lora: Optional[Tuple[Any, str]] = None  # --lora: (trainer.lora.LoraSpec, the base network's weight hash)
+    adapter_bytes: int = 0  # --lora: the size of the adapter file last written
 
     @property
     def name(self) -> str:
@@ -618,6 +639,10 @@ class _Run:
 
     @property
     def model_dir(self) -> str:
+        if self.lora is not None:
+            from trainer.lora import adapter_path
+
+            return adapter_path(self.out)
         return run_model_dir(self.out)
 
     @property
@@ -688,12 +713,26 @@ def _setup(args, info: DistInfo) -> _Run:
             text.load(args.text_cache)
     stage = make_stage(args.stage, model, hp, device, text, amp=hp["precision"] == "bf16",
                        cache_encodings=args.data == "synthetic" and not args.no_encoding_cache)
+    lora = _inject_lora(args, stage)
     net = stage.network
     ema = EMA(net, float(hp["ema_decay"]))
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=hp["lr"], betas=hp["betas"],
                                   weight_decay=float(hp["weight_decay"]))
     generator = torch.Generator().manual_seed(args.seed + 100_003 * info.rank)  # per-rank draws
-    return _Run(args, info, out, model, hp, stage, ema, optimizer, generator)
+    return _Run(args, info, out, model, hp, stage, ema, optimizer, generator, lora=lora)
+
+
+def _inject_lora(args, stage) -> Optional[Tuple[Any, str]]:
+    """--lora: peft LoRA layers in the stage's (frozen) network; (spec, the base weights' hash) or None."""
+    if args.lora is None:
+        return None
+    from trainer.lora import lora_spec, prepare_lora
+
+    try:
+        spec = lora_spec(stage.network_name, args.lora, args.lora_alpha, args.lora_targets)
+        return spec, prepare_lora(stage.network, spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _resume(run: _Run) -> None:
@@ -746,7 +785,7 @@ def _build_data(run: _Run) -> None:
     if run.sizes == [str(cfg.default_size)]:
         dataset, run.counts = make_dataset(args, cfg, run.model, info)
         run.dataset = Indexed(dataset)
-    else:  # synthetic only (hyperparams checked): the same clips rendered at each size
+    else:  # the same clips at each size (synthetic: rendered at it; videos: resized to it)
         run.dataset = Indexed([make_dataset(args, cfg, run.model, info, ClipSize.parse(s))[0] for s in run.sizes])
     cycle = [run.sizes.index(s) for s in hp["sizes"]]
     workers = args.workers if args.workers is not None else (0 if args.data == "synthetic" else 2)
@@ -842,9 +881,24 @@ def _checkpoint(run: _Run, done: int) -> None:
              "batch_size": int(hp["batch_size"]), "world_size": info.world_size, "data_batches": taken,
              "sizes": hp["sizes"]},
             keep=run.args.keep)
-        write_model_folder(run.model, run.name, run.ema, run.model_dir)
-        run.log.write({"event": "checkpoint", "step": done, "path": path, "model": run.model_dir})
+        written = _write_result(run, done)
+        run.log.write({"event": "checkpoint", "step": done, "path": path, "model": written})
     barrier(info)
+
+
+def _write_result(run: _Run, done: int) -> str:
+    """The run's result from the EMA weights: the model folder, or with --lora the adapter file (the --init
+    folder is never written). Returns its path."""
+    if run.lora is None:
+        write_model_folder(run.model, run.name, run.ema, run.model_dir)
+        return run.model_dir
+    from trainer.lora import adapter_path, write_adapter
+
+    spec, base_hash = run.lora
+    path = adapter_path(run.out)
+    run.adapter_bytes = write_adapter(path, run.stage.network_name, run.ema.model, spec, base_hash,
+                                      os.path.abspath(run.args.data), done)
+    return path
 
 
 def _samples(run: _Run, done: int) -> None:
@@ -897,7 +951,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         info = joined(init_distributed(args.device))
         result = train(args, info)
-        if info.is_main:
+        if info.is_main and args.lora is not None:
+            print(f"adapter: {result.model_dir} ({os.path.getsize(result.model_dir) / 1024:.1f} KiB)")
+        elif info.is_main:
             print(f"model folder: {result.model_dir}")
         return 0
 

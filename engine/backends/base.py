@@ -34,7 +34,7 @@ the guidance interval turns CFG off: the batch axis of every backend is dynamic)
 graph backends (cudagraph, onnxruntime, tensorrt) do not.
 """
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -107,6 +107,13 @@ class Backend:
     def reset(self) -> None:
         """Drop anything cached from the weights (compiled graphs, captured CUDA graphs). Call it after
         replacing parameters (e.g. loading other weights), which cached graphs would not see."""
+
+    def update_weights(self, changed: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Weights of the model were rewritten in place (adapters: :mod:`engine.adapters`); ``changed`` maps a
+        network ("content_unet", "motion_dit", "autoencoder") to its parameters written: name -> (the base
+        value, the parameter now). The
+        PyTorch backends run the model's own parameters (same storage, so compiled code and captured CUDA
+        graphs see the new values) and need nothing; backends with their own copy of the weights refresh it."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, dtype={self.dtype})"

@@ -25,6 +25,7 @@ from engine.artefacts import (EXPORT_AGAIN, ONNX_DIR_ENV, PRECISIONS, check_expo
                               load_tokenizer, locate_export, networks_from_manifest, read_manifest, weights_hash)
 from engine.backends import register_backend
 from engine.backends.graph import GraphBackend
+from engine.backends.graph_weights import GraphWeights
 from engine.models.text import TextEncoder
 from engine.networks import Network
 
@@ -56,7 +57,8 @@ class OrtNetwork:
     """One exported network in an onnxruntime session, called with torch tensors in declaration order."""
 
     def __init__(self, onnx_dir: str, network: Network, entry: Dict, device="cpu",
-                 providers: Optional[Sequence] = None, threads: Optional[int] = None):
+                 providers: Optional[Sequence] = None, threads: Optional[int] = None,
+                 overrides: Optional[Dict] = None):
         ort = _ort()
         self.network = network
         self.device = torch.device(device)
@@ -69,6 +71,10 @@ class OrtNetwork:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: ORT warns about every node it leaves to the CPU
+        # Adapted weights (engine.backends.graph_weights): initializers overridden in this session only.
+        self._override_values = [ort.OrtValue.ortvalue_from_numpy(v) for v in (overrides or {}).values()]
+        for name, value in zip(overrides or {}, self._override_values):
+            options.add_initializer(name, value)
         self.session = ort.InferenceSession(self.path, options, providers=list(providers or providers_for(device)))
         self.in_dtypes = {t.name: t.torch_dtype(self.precision) for t in network.inputs}
         self.out_dtypes = [t.torch_dtype(self.precision) for t in network.outputs]
@@ -122,6 +128,7 @@ class OnnxRuntimeBackend(GraphBackend):
         if verify_weights:
             check_weights(self.manifest["model"]["weights_sha256"], model, self.source, EXPORT_AGAIN, digest)
         self.providers = list(providers) if providers is not None else providers_for(self.device)
+        self.graph_weights = GraphWeights()
         self.threads = threads
         self.check_required("export all networks: python -m export onnx --model MODEL --out DIR")
 
@@ -143,7 +150,20 @@ class OnnxRuntimeBackend(GraphBackend):
 
     def open(self, name: str) -> OrtNetwork:
         return OrtNetwork(self.folder, self.networks[name], self.manifest["networks"][name], self.device,
-                          self.providers, self.threads)
+                          self.providers, self.threads, self.graph_weights.overrides.get(name))
+
+    def update_weights(self, changed) -> None:
+        """Adapters: the changed weights become overriding initializers of new sessions of the graphs they are
+        in (opened on their next use); no export."""
+        for graph in self.graph_weights.update(changed, self._onnx_path, self._precision):
+            self._sessions.pop(graph, None)
+
+    def _onnx_path(self, graph: str) -> Optional[str]:
+        entry = self.manifest["networks"].get(graph)
+        return os.path.join(self.folder, entry["file"]) if entry else None
+
+    def _precision(self, graph: str):
+        return PRECISIONS[self.manifest["networks"][graph]["precision"]]
 
     def text_encoder(self) -> Optional["OnnxTextEncoder"]:
         """The exported text encoder, or None where the export folder has none (the pipeline then keeps

@@ -21,10 +21,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from engine.artefacts import (BUILD_PLANS, PLAN_DIR_ENV, check_files, check_plans_runnable, check_weights,
-                              gpu_identity, plan_files, plan_networks, read_plans)
+from engine.artefacts import (BUILD_PLANS, PLAN_DIR_ENV, PRECISIONS, check_files, check_plans_runnable,
+                              check_weights, gpu_identity, plan_files, plan_networks, read_plans)
 from engine.backends import register_backend
 from engine.backends.graph import GraphBackend
+from engine.backends.graph_weights import GraphWeights
 from engine.networks import Network, NetworkCall, check_calls
 
 # The TensorRT majors this engine builds and runs plans with (setup.py's "tensorrt" extra says the same).
@@ -247,6 +248,8 @@ class TensorRTBackend(GraphBackend):
         super().__init__(model, device, dtype)
         plan_dir, self.plans = self._plans(self.device, plan_dir)
         self.cuda_graph = cuda_graph
+        self.graph_weights = GraphWeights()  # adapters: the initializers overridden, per graph
+        self.refits = 0
         self.stream = torch.cuda.Stream(self.device)
         self.attach(plan_dir, plan_networks(self.plans), "plans")  # the networks that have a plan
         check_files(plan_dir, plan_files(self.plans), self.source, f"build them again: {BUILD_PLANS}")
@@ -280,4 +283,38 @@ class TensorRTBackend(GraphBackend):
 
     def open(self, name: str) -> TrtNetwork:
         path = os.path.join(self.folder, self.plans["networks"][name]["plan"])
-        return TrtNetwork(path, self.networks[name], self.device, self.stream, self.cuda_graph)
+        net = TrtNetwork(path, self.networks[name], self.device, self.stream, self.cuda_graph)
+        overrides = self.graph_weights.overrides.get(name)
+        if overrides:  # adapters loaded before this plan opened
+            self._refit(net, overrides)
+        return net
+
+    def update_weights(self, changed) -> None:
+        """Adapters: refit the open engines whose weights changed (``trt.Refitter``, TensorRT 10.x); plans
+        opened later are refitted when they open. Needs refittable plans (``python -m export tensorrt
+        --refit``): a one-line ValueError otherwise."""
+        if changed and not self.plans.get("options", {}).get("refit"):
+            raise ValueError(f"the plans in {self.folder!r} are not refittable: build them with python -m export "
+                             "tensorrt --refit to switch adapters without a rebuild")
+        onnx_dir = self.plans["onnx_dir"]
+        manifest = self.plans["onnx_manifest"]["networks"]
+        updates = self.graph_weights.update(
+            changed, lambda g: os.path.join(onnx_dir, manifest[g]["file"]) if g in manifest else None,
+            lambda g: PRECISIONS[manifest[g]["precision"]])
+        for graph, values in updates.items():
+            if graph in self._sessions:
+                self._refit(self._sessions[graph], values)
+
+    def _refit(self, net: "TrtNetwork", values) -> None:
+        """Set the named weights (ONNX initializer names, which TensorRT's ONNX parser keeps) and refit."""
+        trt = net.trt
+        refitter = trt.Refitter(net.engine, net.logger)
+        for name, value in values.items():
+            if not refitter.set_named_weights(name, trt.Weights(value)):
+                raise ValueError(f"TensorRT refused new weights for {name!r} (not refittable in this plan)")
+        torch.cuda.current_stream(self.device).synchronize()
+        if not refitter.refit_cuda_engine():
+            raise RuntimeError("TensorRT could not refit the engine (see its log)")
+        self.refits += 1
+        for slot in net.slots.values():  # captured graphs hold the old weights' launch: capture again
+            slot.graph = None

@@ -76,16 +76,6 @@ def test_bad_sizes_are_one_line_exit_2(tmp_path, capsys, sizes, needle):
     assert not (tmp_path / "o" / "model").exists()
 
 
-def test_other_sizes_need_synthetic_data(tmp_path, capsys):
-    config = tiny_config(tmp_path / "tiny.json")
-    (tmp_path / "videos").mkdir()
-    code = main(["--stage", "autoencoder", "--config", config, "--data", str(tmp_path / "videos"), "--out",
-                 str(tmp_path / "o"), "--sizes", SIZES, "--no-progress"])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--data synthetic" in err[0], err
-
-
 @pytest.mark.parametrize("stage,network", [("content", "content_unet"), ("motion", "motion_dit")])
 def test_finetune_starts_from_the_init_folders_network(tmp_path, stage_one, stage, network):
     """--finetune continues the --init folder's network (here at a learning rate too small to move it);

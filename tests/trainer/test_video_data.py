@@ -79,6 +79,8 @@ def test_csv_items_windows_and_skips(csv_folder):
     assert len(starts) > 1, "windows should move between epochs"
 
 
+
+
 def test_resize_crop_covers_and_centres():
     frames = torch.arange(20 * 24, dtype=torch.float32).reshape(1, 1, 20, 24).expand(2, 3, 20, 24)
     out = resize_crop(frames, 16, 16)

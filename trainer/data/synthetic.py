@@ -40,6 +40,13 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "purple": (150, 40, 200),
 }
 
+# Colours outside the default training mix: the adapters' worked example (trainer/recipes/cyan.md) teaches
+# cyan. Kept apart so that the synthetic data set, its held-out split and its random draws stay as they were.
+EXTRA_COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "cyan": (0, 230, 230),
+}
+ALL_COLOURS: Dict[str, Tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS}
+
 # Cardinal motions form the default training mix; diagonal ones only on request.
 MOTIONS = ("left", "right", "up", "down")
 DIAGONAL_MOTIONS = ("up-left", "up-right", "down-left", "down-right")
@@ -78,6 +85,7 @@ COLOUR_SYNONYMS: Dict[str, Tuple[str, ...]] = {
     "white": ("white", "snowy"),
     "orange": ("orange", "amber"),
     "purple": ("purple", "violet"),
+    "cyan": ("cyan", "aqua", "turquoise"),
 }
 
 SHAPE_SYNONYMS: Dict[str, Tuple[str, ...]] = {
@@ -305,7 +313,7 @@ def render_clip(spec: ClipSpec, num_frames: int = 16, height: int = 32, width: i
     centres = spec.centres(num_frames)
     cov = shape_coverage(spec.shape, centres[:, 0], centres[:, 1], spec.size, height, width)[..., None]
     bg = np.asarray(BACKGROUNDS[spec.background], np.float32)
-    fg = np.asarray(COLOURS[spec.colour], np.float32)
+    fg = np.asarray(ALL_COLOURS[spec.colour], np.float32)
     frames = bg * (1.0 - cov) + fg * cov
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
@@ -441,7 +449,9 @@ def prompts_for(
 
 
 __all__ = [
+    "ALL_COLOURS",
     "ALL_MOTIONS",
+    "EXTRA_COLOURS",
     "BACKGROUNDS",
     "BACKGROUND_NAMES",
     "COLOURS",
