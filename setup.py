@@ -28,7 +28,7 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.40",
         "safetensors",
-        "peft>=0.13,<1",  # adapter training (trainer/lora.py); tested with 0.22.0
+        "peft>=0.13",  # adapters: LoRA layers for training (trainer/lora.py)
         "nvtx",
         "imageio",
         "pillow>=9.1",  # engine/images.py: images decoded as a viewer shows them (ImageOps.exif_transpose)
