@@ -11,11 +11,13 @@ Two measures, both off where the user chose for themselves (``OMP_NUM_THREADS``,
   OpenMP reads it once, when torch's OpenMP runtime loads: it takes effect only if ``engine`` is imported
   before ``torch`` (every ``python -m engine.*``, ``export``, ``trainer`` command is);
 - :func:`threads_for_now` / :func:`cpu_threads`: the pipeline's CPU work runs on as many threads as there are
-  cores this process may use (its CPU affinity) that no other runnable process occupies right now (the
-  kernel's count of runnable tasks, ``/proc/loadavg``), at least one.
+  cores this process may use (its CPU affinity), a count fixed for the machine, so that a seed gives the same
+  video bytes however busy the machine is (PyTorch's CPU reductions split work by thread count).
 
-``CMD_CPU_THREADS``: ``auto`` (the default: the above), a number (that many threads), or ``torch`` (leave
-PyTorch's and OpenMP's own defaults: what the engine did before).
+``CMD_CPU_THREADS``: ``auto`` (the default: the above), ``load`` (as many threads as usable cores no other
+runnable process occupies right now, ``/proc/loadavg``, at least one: a little faster on an overloaded machine,
+but the video bytes then depend on the load), a number (that many threads), or ``torch`` (leave PyTorch's and
+OpenMP's own defaults: what the engine did before).
 """
 
 import os
@@ -60,17 +62,17 @@ def runnable_others(path: str = "/proc/loadavg") -> Optional[int]:
 def threads_for_now(default: int) -> Optional[int]:
     """The thread count the pipeline's CPU work should run with now, or None to leave torch's as it is
     (``CMD_CPU_THREADS=torch``, or ``OMP_NUM_THREADS`` set). ``default``: torch's current count (the most
-    used). ValueError for a ``CMD_CPU_THREADS`` that is neither auto, torch nor a whole number >= 1."""
+    used). ValueError for a ``CMD_CPU_THREADS`` that is neither auto, load, torch nor a whole number >= 1."""
     mode = _mode()
-    if mode == "torch" or (mode == "auto" and "OMP_NUM_THREADS" in os.environ):
+    if mode == "torch" or (mode in ("auto", "load") and "OMP_NUM_THREADS" in os.environ):
         return None
-    if mode != "auto":
-        if not mode.isdigit() or int(mode) < 1:
-            raise ValueError(f"{ENV} must be auto, torch or a whole number >= 1, got {os.environ[ENV]!r}")
-        return int(mode)
-    others = runnable_others()
-    free = usable_cores() - (others or 0)
-    return max(1, min(default, free))
+    if mode == "auto":
+        return max(1, min(default, usable_cores()))
+    if mode == "load":
+        return max(1, min(default, usable_cores() - (runnable_others() or 0)))
+    if not mode.isdigit() or int(mode) < 1:
+        raise ValueError(f"{ENV} must be auto, load, torch or a whole number >= 1, got {os.environ[ENV]!r}")
+    return int(mode)
 
 
 @contextmanager

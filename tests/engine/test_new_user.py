@@ -30,23 +30,34 @@ def clean_env(monkeypatch):
 
 @pytest.mark.parametrize("cores, others, default, want", [(2, 0, 2, 2), (2, 1, 2, 1), (2, 3, 2, 1), (8, 2, 8, 6),
                                                            (8, 0, 4, 4), (1, 0, 1, 1)])
-def test_threads_follow_the_cores_no_other_process_holds(clean_env, cores, others, default, want):
+def test_load_mode_follows_the_cores_no_other_process_holds(clean_env, cores, others, default, want):
     clean_env.setattr(cpu, "usable_cores", lambda: cores)
     clean_env.setattr(cpu, "runnable_others", lambda: others)
+    clean_env.setenv(cpu.ENV, "load")
     assert cpu.threads_for_now(default) == want
+
+
+@pytest.mark.parametrize("cores, default, want", [(2, 2, 2), (8, 4, 4), (4, 8, 4), (1, 2, 1)])
+def test_the_default_is_the_usable_cores_whatever_the_load(clean_env, cores, default, want):
+    """The default count is fixed for the machine (a seed gives the same bytes on a busy machine)."""
+    clean_env.setattr(cpu, "usable_cores", lambda: cores)
+    for others in (0, 1, 5, None):
+        clean_env.setattr(cpu, "runnable_others", lambda: others)
+        assert cpu.threads_for_now(default) == want
 
 
 def test_the_users_choice_wins(clean_env):
     clean_env.setattr(cpu, "runnable_others", lambda: 5)
+    clean_env.setattr(cpu, "usable_cores", lambda: 2)
     clean_env.setenv("OMP_NUM_THREADS", "2")
     assert cpu.threads_for_now(2) is None  # left as the user set it
     clean_env.delenv("OMP_NUM_THREADS")
-    for value, want in (("torch", None), ("3", 3), ("auto", 1)):
+    for value, want in (("torch", None), ("3", 3), ("auto", 2), ("load", 1)):
         clean_env.setenv(cpu.ENV, value)
         assert cpu.threads_for_now(2) == want, value
     for bad in ("0", "-1", "many"):
         clean_env.setenv(cpu.ENV, bad)
-        with pytest.raises(ValueError, match=f"{cpu.ENV} must be auto, torch or a whole number >= 1, got '{bad}'"):
+        with pytest.raises(ValueError, match=f"{cpu.ENV} must be auto, load, torch or a whole number >= 1, got '{bad}'"):
             cpu.threads_for_now(2)
 
 
