@@ -72,7 +72,10 @@ TINY_BASELINE = {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8, "
 
 def _int_list(text: str) -> List[int]:
     positive = Int()
-    values = [positive(v.strip()) for v in text.split(",") if v.strip()]
+    try:
+        values = [positive(v.strip()) for v in text.split(",") if v.strip()]
+    except (ValueError, argparse.ArgumentTypeError):  # name the whole list, not one item of it
+        values = []
     if not values:
         raise argparse.ArgumentTypeError(f"must be a comma-separated list of whole numbers >= 1, got {text!r}")
     return values

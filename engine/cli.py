@@ -234,7 +234,7 @@ def read_prompts(path: str) -> List[Tuple[int, str]]:
 
 
 LORA_HELP = ("an adapter file or the name of a shipped one (engine/weights/adapters/), with an optional weight "
-             "after a colon (cyan:0.5); repeatable, all active at once (engine.adapters)")
+             "after a colon (cyan:0.5); repeatable, all active at once (engine.adapters); default: none")
 
 
 def add_lora_argument(parser) -> None:
