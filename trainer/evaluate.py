@@ -247,23 +247,7 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
     t0 = time.perf_counter()
 
     if "recon" in metrics:
-        rows = []
-        ae = pipe.model.autoencoder
-        for start in range(0, len(mine), args.batch_size):
-            idx = mine[start:start + args.batch_size]
-            video = torch.stack([real_video(i) for i in idx]).to(device)
-            with torch.no_grad():
-                x = video
-                if cfg.space == "latent":
-                    from engine.models.vae import encode_frames
-
-                    x = encode_frames(pipe.model.vae, video.to(pipe.dtype))
-                recon = pipe.decode_latents(*ae.encode(x.to(pipe.dtype))).clamp(-1, 1).cpu()
-            video = video.float().cpu()
-            rows += list(zip(psnr(recon, video).tolist(), ssim(recon, video).tolist()))
-        rows = gather_objects(rows, info)
-        results["recon_psnr"] = float(np.mean([r[0] for r in rows]))
-        results["recon_ssim"] = float(np.mean([r[1] for r in rows]))
+        results.update(_reconstruction(pipe, mine, real_video, args.batch_size, info))
 
     need_generation = any(m in metrics for m in ("attributes", "fvd", "clipsim"))
     if need_generation:
@@ -282,30 +266,59 @@ def evaluate(args, info: DistInfo) -> Dict[str, Any]:
         results["attribute_rows"] = [{k: r[k] for k in ("index", "caption", "measured", "expected")} for r in rows]
 
     if "fvd" in metrics:
-        from trainer.i3d import I3DFeatures
-
-        features = I3DFeatures(args.i3d, size=args.i3d_size, device=device)
-        real_stats, fake_stats = FeatureStats(), FeatureStats()
-        for start in range(0, len(mine), args.batch_size):
-            idx = mine[start:start + args.batch_size]
-            real_stats.add(features(torch.stack([real_video(i) for i in idx])))
-            fake_stats.add(features(fake[start:start + args.batch_size]))
-        merged = [FeatureStats(), FeatureStats()]
-        for real_part, fake_part in gather_objects([(real_stats, fake_stats)], info):
-            merged[0].merge(real_part)
-            merged[1].merge(fake_part)
-        results["fvd"] = frechet_from_stats(*merged)
-
+        results["fvd"] = _fvd(args, mine, real_video, fake, info)
     if "clipsim" in metrics:
-        scorer = CLIPSimilarity(args.clip, device=device)
-        scores = []
-        for start in range(0, len(mine), args.batch_size):
-            idx = mine[start:start + args.batch_size]
-            scores += scorer(fake[start:start + args.batch_size], [captions[i] for i in idx]).tolist()
-        results["clipsim"] = float(np.mean(gather_objects(scores, info)))
+        results["clipsim"] = _clipsim(args, mine, captions, fake, info)
 
     results["seconds"] = time.perf_counter() - t0
     return results
+
+
+def _reconstruction(pipe, mine, real_video, batch_size: int, info: DistInfo) -> Dict[str, float]:
+    """Mean PSNR / SSIM of the autoencoder's encode-decode of this rank's real clips, merged over ranks."""
+    rows = []
+    ae, cfg, device = pipe.model.autoencoder, pipe.config, info.device
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        video = torch.stack([real_video(i) for i in idx]).to(device)
+        with torch.no_grad():
+            x = video
+            if cfg.space == "latent":
+                from engine.models.vae import encode_frames
+
+                x = encode_frames(pipe.model.vae, video.to(pipe.dtype))
+            recon = pipe.decode_latents(*ae.encode(x.to(pipe.dtype))).clamp(-1, 1).cpu()
+        video = video.float().cpu()
+        rows += list(zip(psnr(recon, video).tolist(), ssim(recon, video).tolist()))
+    rows = gather_objects(rows, info)
+    return {"recon_psnr": float(np.mean([r[0] for r in rows])), "recon_ssim": float(np.mean([r[1] for r in rows]))}
+
+
+def _fvd(args, mine, real_video, fake, info: DistInfo) -> float:
+    """FVD between this run's real and generated clips (I3D features from ``--i3d``), merged over ranks."""
+    from trainer.i3d import I3DFeatures
+
+    features = I3DFeatures(args.i3d, size=args.i3d_size, device=info.device)
+    real_stats, fake_stats = FeatureStats(), FeatureStats()
+    for start in range(0, len(mine), args.batch_size):
+        idx = mine[start:start + args.batch_size]
+        real_stats.add(features(torch.stack([real_video(i) for i in idx])))
+        fake_stats.add(features(fake[start:start + args.batch_size]))
+    merged = [FeatureStats(), FeatureStats()]
+    for real_part, fake_part in gather_objects([(real_stats, fake_stats)], info):
+        merged[0].merge(real_part)
+        merged[1].merge(fake_part)
+    return frechet_from_stats(*merged)
+
+
+def _clipsim(args, mine, captions, fake, info: DistInfo) -> float:
+    """Mean CLIP similarity of generated clips and their captions (``--clip`` weights), merged over ranks."""
+    scorer = CLIPSimilarity(args.clip, device=info.device)
+    scores = []
+    for start in range(0, len(mine), args.batch_size):
+        idx = mine[start:start + args.batch_size]
+        scores += scorer(fake[start:start + args.batch_size], [captions[i] for i in idx]).tolist()
+    return float(np.mean(gather_objects(scores, info)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
