@@ -85,3 +85,18 @@ def test_check_model_reads_files(tmp_path):
 @pytest.mark.parametrize("op", ["NonZero", "Gelu", "GroupNormalization", "Attention"])
 def test_newer_ops_of_tensorrt_10_are_supported(op):
     assert op in operator_table()["supported"]
+
+
+def test_table_covers_the_tensorrt_range_setup_py_allows():
+    """The table says which releases it answers for; the 11.x releases setup.py allows are among them."""
+    import re
+    from pathlib import Path
+
+    table = operator_table()
+    setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    upper = re.search(r'"tensorrt>=[\d.]+,<(\d+)"', setup).group(1)
+    assert table["applies_to"].endswith(f",<{upper}")
+    majors = {key.split(".")[0] for key in table["later_releases"] if key[0].isdigit()}
+    assert majors == {str(m) for m in range(int(table["tensorrt_version"].split(".")[0]) + 1, int(upper))}
+    for op in ("RotaryEmbedding", "RMSNormalization", "TensorScatter"):  # added in 10.15: older parsers lack them
+        assert op in table["supported"] and op in table["later_releases"]["why"]
