@@ -203,7 +203,8 @@ def build_plan(onnx_path: str, network: Network, plan_path: str, timing_cache: O
     """Parse one graph as a strongly typed network, build its plan with one profile per bucket, write it,
     then save the timing cache (a failure there is a warning: the plan is kept). ``refit``: a refittable plan
     (``BuilderFlag.REFIT``), whose weights adapters then refit with ``trt.Refitter`` instead of a rebuild
-    (engine/backends/tensorrt.py)."""
+    (engine/backends/tensorrt.py). TensorRT 11.3 lists a known issue: a REFIT plan may drop a GEMM bias even
+    before any refit; the ``tensorrt``-marked adapter test compares such a plan with eager before and after."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -290,7 +290,7 @@ class TensorRTBackend(GraphBackend):
         return net
 
     def update_weights(self, changed) -> None:
-        """Adapters: refit the open engines whose weights changed (``trt.Refitter``, TensorRT 10.x); plans
+        """Adapters: refit the open engines whose weights changed (``trt.Refitter``, TensorRT 10.x and 11.x); plans
         opened later are refitted when they open. Needs refittable plans (``python -m export tensorrt
         --refit``): a one-line ValueError otherwise."""
         if changed and not self.plans.get("options", {}).get("refit"):

@@ -86,6 +86,9 @@ def test_tensorrt_refits_instead_of_rebuilding(tiny_latent, tiny_latent_export, 
     path = adapter_for(model, str(tmp_path / "a.safetensors"))
     pipe = CMDPipeline(model, text_encoder.cuda(), backend="tensorrt", backend_options={"plan_dir": plans})
     base = [x.cpu() for x in calls(pipe.backend, model)]
+    # TensorRT 11.3's release notes (known issues): a REFIT plan may drop a GEMM bias even before any refit.
+    for a, b in zip(base, [x.cpu() for x in calls(EagerBackend(model), model)]):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
     pipe.load_lora_weights(path)
     assert pipe.backend.refits > 0
     got = [x.cpu() for x in calls(pipe.backend, model)]
