@@ -338,8 +338,8 @@ print("Python", platform.python_version(), "torch", torch.__version__, "Triton",
         t=$SECONDS
         case $step in
             kernel_tests) HF_HUB_OFFLINE=1 "$vpy" -m pytest -q -p no:cacheprovider tests/cmd_kernels ;;
-            engine_tests) HF_HUB_OFFLINE=1 "$vpy" -m pytest -q -p no:cacheprovider tests/engine ;;
-            export_tests) HF_HUB_OFFLINE=1 "$vpy" -m pytest -q -p no:cacheprovider tests/export ;;
+            engine_tests) HF_HUB_OFFLINE=1 "$vpy" -m pytest -q -p no:cacheprovider --durations=25 tests/engine ;;
+            export_tests) HF_HUB_OFFLINE=1 "$vpy" -m pytest -q -p no:cacheprovider --durations=25 tests/export ;;
             dry_run) LEASE_PYTHON=$vpy bash "$SELF" --dry-run "$out/dry-run" ;;
         esac > "$out/$step.log" 2>&1
         rc=$?

@@ -82,6 +82,7 @@ class Adapter:
     data: str = ""
     steps: str = ""  # training steps ("300"; a joined file: per part, "content_unet:300,autoencoder:300")
     path: str = ""
+    scaled: str = ""  # alphas changed after training (scale_adapter): "x1.5 (content_unet alpha 8 -> 12)"
 
     def num_bytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
@@ -112,9 +113,11 @@ def remember_base_hashes(model: nn.Module) -> None:
             net._cmd_base_hash = network_hash(net)
 
 
-def save_adapter(path: str, parts: Sequence[NetworkLora], data: str = "", steps: Union[int, str] = 0) -> int:
+def save_adapter(path: str, parts: Sequence[NetworkLora], data: str = "", steps: Union[int, str] = 0,
+                 scaled: str = "") -> int:
     """Write an adapter file atomically (a temporary file renamed over ``path``); returns its size in bytes.
-    ``parts``: the networks' layers (float tensors, stored in their own dtype)."""
+    ``parts``: the networks' layers (float tensors, stored in their own dtype). ``scaled``: how the alphas
+    were changed after training (:func:`scale_adapter`), kept in the metadata."""
     from safetensors.torch import save_file
 
     from engine.atomic import atomic_path
@@ -129,7 +132,7 @@ def save_adapter(path: str, parts: Sequence[NetworkLora], data: str = "", steps:
         networks[part.network] = {"prefix": prefix, "rank": part.rank, "alpha": part.alpha,
                                   "target_modules": part.targets, "base_hash": part.base_hash}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "networks": json.dumps(networks),
-                "data": str(data), "steps": str(steps)}
+                "data": str(data), "steps": str(steps), **({"scaled": scaled} if scaled else {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -159,7 +162,7 @@ def read_adapter(path: str) -> Adapter:
     except (KeyError, ValueError, TypeError) as e:
         raise AdapterError(f"adapter {path!r}: unreadable 'networks' metadata ({e})") from None
     _fill_layers(path, parts, tensors)
-    return Adapter(parts, metadata.get("data", ""), metadata.get("steps", ""), path)
+    return Adapter(parts, metadata.get("data", ""), metadata.get("steps", ""), path, metadata.get("scaled", ""))
 
 
 def join_adapters(paths: Sequence[str], out: str) -> Adapter:
@@ -176,6 +179,25 @@ def join_adapters(paths: Sequence[str], out: str) -> Adapter:
     data = ";".join(a.data for a in adapters)
     steps = ",".join(f"{'+'.join(a.networks)}:{a.steps}" for a in adapters)
     save_adapter(out, list(parts.values()), data=data, steps=steps)
+    return read_adapter(out)
+
+
+def scale_adapter(path: str, factor: float, out: str) -> Adapter:
+    """``out``: the adapter ``path`` with every network's alpha times ``factor``, so that weight 1 applies
+    what weight ``factor`` applied before (LoRA's delta is alpha / rank * B @ A); the layers are unchanged and
+    the metadata's ``scaled`` records the change. A one-line AdapterError for a factor that is not finite and
+    positive. Returns the new adapter."""
+    import math
+
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise AdapterError(f"scale factor must be a finite number > 0, got {factor!r}")
+    adapter = read_adapter(path)
+    changes = []
+    for part in adapter.networks.values():
+        changes.append(f"{part.network} alpha {part.alpha:g} -> {part.alpha * factor:g}")
+        part.alpha *= factor
+    scaled = "; ".join(filter(None, [adapter.scaled, f"x{factor:g} ({', '.join(changes)})"]))
+    save_adapter(out, list(adapter.networks.values()), data=adapter.data, steps=adapter.steps, scaled=scaled)
     return read_adapter(out)
 
 

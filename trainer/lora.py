@@ -111,17 +111,27 @@ def adapter_path(out: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from engine.adapters import join_adapters
-    from engine.cli import Parser, run_main
+    from engine.adapters import join_adapters, scale_adapter
+    from engine.cli import Number, Parser, run_main
 
     def body():
-        p = Parser(prog="python -m trainer.lora", description="Join adapter files (one per network) into one.")
-        p.add_argument("command", choices=["join"])
-        p.add_argument("inputs", nargs="+", help="adapter files, each adapting other networks")
-        p.add_argument("--out", required=True, help="the joined adapter file (written atomically)")
+        p = Parser(prog="python -m trainer.lora",
+                   description="Join adapter files (one per network) into one, or bake a weight into an adapter.")
+        p.add_argument("command", choices=["join", "scale"],
+                       help="join: the inputs' networks in one file; scale: the one input's alphas times --factor")
+        p.add_argument("inputs", nargs="+", help="adapter files (join: each adapting other networks; scale: one)")
+        p.add_argument("--out", required=True, help="the adapter file to write (atomically)")
+        p.add_argument("--factor", type=Number(above=0),
+                       help="scale: weight 1 of --out applies what weight FACTOR of the input did")
         args = p.parse_args(argv)
-        joined = join_adapters(args.inputs, args.out)
-        print(f"adapter: {args.out} ({', '.join(joined.networks)}; {os.path.getsize(args.out) / 1024:.1f} KiB)")
+        if args.command == "scale" and (len(args.inputs) != 1 or args.factor is None):
+            p.error("scale takes one adapter file and --factor")
+        if args.command == "join" and args.factor is not None:
+            p.error("--factor belongs to scale, not join")
+        made = (join_adapters(args.inputs, args.out) if args.command == "join"
+                else scale_adapter(args.inputs[0], args.factor, args.out))
+        print(f"adapter: {args.out} ({', '.join(made.networks)}; {os.path.getsize(args.out) / 1024:.1f} KiB"
+              f"{'; ' + made.scaled if made.scaled else ''})")
 
     return run_main(body)
 

@@ -295,3 +295,34 @@ def test_shipped_adapters_load_by_name_into_the_default_model():
                                                      "adapters", "cyan.safetensors")).path) < 1_000_000
     pipe.unload_lora_weights()
     assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+
+
+def test_scale_bakes_a_weight_into_the_alphas(pipe, tmp_path):
+    """scale_adapter(x, f): weight 1 of the new file gives what weight f of the old one gave; the layers are
+    the same, the metadata says what changed; bad factors are one-line errors that write nothing."""
+    from engine.adapters import read_adapter, scale_adapter
+    from trainer.lora import main
+
+    a, out = str(tmp_path / "a.safetensors"), str(tmp_path / "a15.safetensors")
+    save_adapter(a, [random_lora(pipe.model.motion_dit, "motion_dit")], steps=7)
+    scaled = scale_adapter(a, 1.5, out)
+    before = read_adapter(a).networks["motion_dit"]
+    after = scaled.networks["motion_dit"]
+    assert after.alpha == before.alpha * 1.5 and after.rank == before.rank and scaled.steps == "7"
+    assert all(torch.equal(x, y) for k in before.layers for x, y in zip(before.layers[k], after.layers[k]))
+    assert scaled.scaled == f"x1.5 (motion_dit alpha {before.alpha:g} -> {before.alpha * 1.5:g})"
+    pipe.load_lora_weights(a, adapter_name="old")
+    pipe.set_adapters("old", 1.5)
+    old = [p.detach().clone() for p in pipe.model.motion_dit.parameters()]
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, adapter_name="new")
+    new = list(pipe.model.motion_dit.parameters())
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(old, new))
+    pipe.unload_lora_weights()
+    for factor in ("0", "-1", "nan"):
+        bad = tmp_path / f"bad{factor}.safetensors"
+        assert main(["scale", a, "--factor", factor, "--out", str(bad)]) == 2 and not bad.exists()
+    with pytest.raises(AdapterError, match="finite number > 0"):
+        scale_adapter(a, float("inf"), str(tmp_path / "inf.safetensors"))
+    assert main(["scale", a, "--factor", "2", "--out", str(tmp_path / "a2.safetensors")]) == 0
+    assert read_adapter(str(tmp_path / "a2.safetensors")).networks["motion_dit"].alpha == before.alpha * 2
