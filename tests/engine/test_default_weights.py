@@ -23,7 +23,7 @@ from engine.run import main as run_main
 from engine.video_io import read_video
 from trainer.attributes import measure_attributes
 from trainer.data.synthetic import HELDOUT_COMBOS, prompts_for
-from trainer.evaluate import attribute_row, generate
+from trainer.evaluate import attribute_row
 
 # Every size the shipped model serves (read from its config, so a size added there is tested here).
 SERVED_SIZES = [str(s) for s in resolve_model("default").load_config().served_sizes]
@@ -47,6 +47,26 @@ def default_pipe():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def heldout_videos(default_pipe):
+    """``get(size, paraphrase)`` -> (items, the uncached pipeline output) for the held-out prompts, clip i
+    seeded i (as ``trainer.evaluate.generate`` seeds them): made once per module, since the follows-prompts
+    test and the cache-schedule test judge the same uncached videos (the longest calls of the suite)."""
+    made = {}
+
+    def get(size: ClipSize, paraphrase: bool):
+        key = (str(size), paraphrase)
+        if key not in made:
+            dims = dict(num_frames=size.frames, height=size.height, width=size.width)
+            items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=paraphrase, **dims)
+            gens = [torch.Generator().manual_seed(i) for i in range(NUM_CLIPS)]
+            made[key] = items, default_pipe([c for c, _ in items], generator=gens, output_type="pt",
+                                            progress=False, **dims)
+        return made[key]
+
+    return get
+
+
 def test_default_weights_ship_with_the_package():
     folder = engine.default_model.default_model_dir()
     sizes = [os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names]
@@ -56,13 +76,11 @@ def test_default_weights_ship_with_the_package():
 
 @pytest.mark.parametrize("size", SERVED_SIZES)
 @pytest.mark.parametrize("paraphrase", [False, True], ids=["canonical", "paraphrase"])
-def test_default_model_follows_heldout_prompts(default_pipe, paraphrase, size):
+def test_default_model_follows_heldout_prompts(heldout_videos, paraphrase, size):
     size = ClipSize.parse(size)
-    items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=paraphrase, num_frames=size.frames,
-                        height=size.height, width=size.width)
+    items, out = heldout_videos(size, paraphrase)
     captions = [caption for caption, _ in items]
-    videos = generate(default_pipe, captions, range(NUM_CLIPS), seed=0, batch_size=NUM_CLIPS,
-                      num_frames=size.frames, height=size.height, width=size.width)
+    videos = out.frames.float() * 2 - 1
     assert videos.shape == (NUM_CLIPS, size.frames, 3, size.height, size.width)
     rows = [attribute_row(video, spec) for video, (_, spec) in zip(videos, items)]
     colour = np.mean([row["colour"] for row in rows])
@@ -86,7 +104,7 @@ def test_readme_command_writes_the_prompted_video(tmp_path):
 
 
 @pytest.mark.parametrize("size", SERVED_SIZES)
-def test_default_model_static_cache_schedule_keeps_the_prompts(default_pipe, size):
+def test_default_model_static_cache_schedule_keeps_the_prompts(default_pipe, heldout_videos, size):
     """The committed schedule (cmd_config.json, sampling.cache; one per step count, for every served size):
     >= 1.8x fewer full denoiser evaluations, the held-out prompts still followed, the video close to the
     uncached one."""
@@ -94,11 +112,10 @@ def test_default_model_static_cache_schedule_keeps_the_prompts(default_pipe, siz
 
     size = ClipSize.parse(size)
     dims = dict(num_frames=size.frames, height=size.height, width=size.width)
-    items = prompts_for("heldout", n=NUM_CLIPS, seed=0, paraphrase=True, **dims)
+    items, ref = heldout_videos(size, True)
     captions = [caption for caption, _ in items]
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(NUM_CLIPS)]  # noqa: E731
-    ref = default_pipe(captions, generator=gens(), output_type="pt", progress=False, **dims)
-    out = default_pipe(captions, generator=gens(), output_type="pt", progress=False, cache="static", **dims)
+    gens = [torch.Generator().manual_seed(i) for i in range(NUM_CLIPS)]
+    out = default_pipe(captions, generator=gens, output_type="pt", progress=False, cache="static", **dims)
     full = lambda o: o.evaluations["content"] + o.evaluations["motion"]  # noqa: E731
     assert full(ref) == NUM_CLIPS * 2 * 2 * 25
     assert full(ref) / full(out) >= 1.8, out.evaluations
