@@ -178,7 +178,8 @@ def join_adapters(paths: Sequence[str], out: str) -> Adapter:
             parts[network] = part
     data = ";".join(a.data for a in adapters)
     steps = ",".join(f"{'+'.join(a.networks)}:{a.steps}" for a in adapters)
-    save_adapter(out, list(parts.values()), data=data, steps=steps)
+    scaled = "; ".join(a.scaled for a in adapters if a.scaled)
+    save_adapter(out, list(parts.values()), data=data, steps=steps, scaled=scaled)
     return read_adapter(out)
 
 

@@ -300,7 +300,7 @@ def test_shipped_adapters_load_by_name_into_the_default_model():
 def test_scale_bakes_a_weight_into_the_alphas(pipe, tmp_path):
     """scale_adapter(x, f): weight 1 of the new file gives what weight f of the old one gave; the layers are
     the same, the metadata says what changed; bad factors are one-line errors that write nothing."""
-    from engine.adapters import read_adapter, scale_adapter
+    from engine.adapters import join_adapters, read_adapter, scale_adapter
     from trainer.lora import main
 
     a, out = str(tmp_path / "a.safetensors"), str(tmp_path / "a15.safetensors")
@@ -326,3 +326,8 @@ def test_scale_bakes_a_weight_into_the_alphas(pipe, tmp_path):
         scale_adapter(a, float("inf"), str(tmp_path / "inf.safetensors"))
     assert main(["scale", a, "--factor", "2", "--out", str(tmp_path / "a2.safetensors")]) == 0
     assert read_adapter(str(tmp_path / "a2.safetensors")).networks["motion_dit"].alpha == before.alpha * 2
+    # Joined with another network's part, the scaled part keeps its alpha and its note.
+    b = str(tmp_path / "b.safetensors")
+    save_adapter(b, [random_lora(pipe.model.autoencoder, "autoencoder", modules={"output_head"})], steps=4)
+    joined = join_adapters([out, b], str(tmp_path / "joined.safetensors"))
+    assert joined.networks["motion_dit"].alpha == after.alpha and joined.scaled == scaled.scaled
