@@ -207,9 +207,11 @@ def test_real_process_bad_value_has_no_traceback(tmp_path):
 
 def test_ctrl_c_leaves_no_partial_file(tmp_path, model_dir):
     out = tmp_path / "v.npy"
-    proc = subprocess.Popen([sys.executable, "-m", "engine.run", "--prompt", "x", "--model", model_dir,
-                             "--steps", "1000", "--motion-steps", "1000", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=str(tmp_path))
+    # stdout is not read here: a pipe nobody reads could fill and block the child's exit. -X faulthandler: a
+    # child that outlives the wait below is made to print its threads' stacks (SIGABRT) into the failure.
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "engine.run", "--prompt", "x", "--model",
+                             model_dir, "--steps", "1000", "--motion-steps", "1000", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=str(tmp_path))
     err = bytearray()
     started = threading.Event()
 
@@ -224,7 +226,13 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path, model_dir):
     assert started.wait(240), bytes(err).decode(errors="replace")
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=120)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        pytest.fail("the interrupted run did not exit within 120 s; its stderr:\n" + bytes(err).decode(errors="replace")[-6000:])
     reader.join(timeout=10)
     assert code == 130
     assert bytes(err).decode().strip().splitlines()[-1].split("\r")[-1].startswith("error: interrupted")
