@@ -205,13 +205,23 @@ def test_real_process_bad_value_has_no_traceback(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _as_a_shell_starts_it():
+    """In the child before exec: Ctrl-C at its default, no signal blocked. An ignored or blocked SIGINT is
+    inherited (and Python then keeps it ignored); in two full-suite runs the child carried on generating 120 s
+    after the SIGINT (its stacks: still in the motion loop), so something earlier in the suite left the test
+    process that way, while this test passes alone."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_no_partial_file(tmp_path, model_dir):
     out = tmp_path / "v.npy"
     # stdout is not read here: a pipe nobody reads could fill and block the child's exit. -X faulthandler: a
     # child that outlives the wait below is made to print its threads' stacks (SIGABRT) into the failure.
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "engine.run", "--prompt", "x", "--model",
                              model_dir, "--steps", "1000", "--motion-steps", "1000", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=str(tmp_path))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=str(tmp_path),
+                            preexec_fn=_as_a_shell_starts_it)
     err = bytearray()
     started = threading.Event()
 
