@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -205,23 +206,30 @@ def test_real_process_bad_value_has_no_traceback(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@contextmanager
 def _as_a_shell_starts_it():
-    """In the child before exec: Ctrl-C at its default, no signal blocked. An ignored or blocked SIGINT is
-    inherited (and Python then keeps it ignored); in two full-suite runs the child carried on generating 120 s
-    after the SIGINT (its stacks: still in the motion loop), so something earlier in the suite left the test
-    process that way, while this test passes alone."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    """Children started in this block get Ctrl-C at its default and no signal blocked. An ignored or blocked
+    SIGINT is inherited (and Python then keeps it ignored); in two full-suite runs the child carried on
+    generating 120 s after the SIGINT (its stacks: still in the motion loop), so something earlier in the suite
+    left the test process that way, while this test passes alone. Set here, in the parent's main thread, not in
+    a preexec_fn (unsafe with threads)."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    mask = signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
 
 
 def test_ctrl_c_leaves_no_partial_file(tmp_path, model_dir):
     out = tmp_path / "v.npy"
     # stdout is not read here: a pipe nobody reads could fill and block the child's exit. -X faulthandler: a
     # child that outlives the wait below is made to print its threads' stacks (SIGABRT) into the failure.
-    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "engine.run", "--prompt", "x", "--model",
-                             model_dir, "--steps", "1000", "--motion-steps", "1000", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=str(tmp_path),
-                            preexec_fn=_as_a_shell_starts_it)
+    with _as_a_shell_starts_it():
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "engine.run", "--prompt", "x",
+                                 "--model", model_dir, "--steps", "1000", "--motion-steps", "1000", "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=str(tmp_path))
     err = bytearray()
     started = threading.Event()
 
